@@ -1,0 +1,80 @@
+"""The outbox stage: formats, atomic writes, collisions, archive moves and failure records."""
+
+import json
+import os
+
+import pytest
+
+from whisperdrop.daemon import outbox
+
+RESULT = {
+    "job_id": "a" * 64,
+    "text": "Hello there. General Kenobi.",
+    "segments": [
+        {"start": 0.0, "end": 1.5, "text": " Hello there."},
+        {"start": 3661.25, "end": 3662.0, "text": " General Kenobi."},
+    ],
+}
+
+
+def test_srt_vtt_txt_rendering():
+    """SRT uses numbered blocks and commas, VTT a header and dots, TXT one line a segment."""
+    srt = outbox.render_srt(RESULT)
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:01,500\nHello there.\n")
+    assert "2\n01:01:01,250 --> 01:01:02,000\nGeneral Kenobi.\n" in srt
+    vtt = outbox.render_vtt(RESULT)
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\nHello there.\n")
+    assert outbox.render_txt(RESULT) == "Hello there.\nGeneral Kenobi.\n"
+
+
+def test_outputs_written_with_json_last_and_no_temp_left(tmp_path):
+    """write_outputs leaves the four files and no temporary names."""
+    written = outbox.write_outputs(tmp_path / "talk", RESULT, ["srt", "vtt", "txt"])
+    assert [path.name for path in written] == ["talk.srt", "talk.vtt", "talk.txt", "talk.json"]
+    assert sorted(os.listdir(tmp_path)) == ["talk.json", "talk.srt", "talk.txt", "talk.vtt"]
+    assert json.loads((tmp_path / "talk.json").read_text())["job_id"] == "a" * 64
+
+
+def test_collision_gets_a_suffix_and_same_job_is_recognised(tmp_path):
+    """Another job's outputs are never overwritten; this job's existing outputs count as written."""
+    outbox.write_outputs(tmp_path / "talk", RESULT, ["txt"])
+    assert outbox.plan_outputs(tmp_path, "talk", ["txt"], "a" * 64) == (tmp_path / "talk", True)
+    assert outbox.plan_outputs(tmp_path, "talk", ["txt"], "b" * 64) == (tmp_path / "talk-1", False)
+    (tmp_path / "song.srt").write_text("a user's own file")
+    assert outbox.plan_outputs(tmp_path, "song", ["srt"], "b" * 64) == (tmp_path / "song-1", False)
+
+
+def test_move_never_overwrites(tmp_path):
+    """Archiving a source next to one of the same name keeps both."""
+    (tmp_path / "in").mkdir()
+    first = tmp_path / "in" / "a.mp3"
+    first.write_bytes(b"one")
+    archive = tmp_path / "archive" / "a.mp3"
+    assert outbox.move_without_overwrite(first, archive) == archive
+    first.write_bytes(b"two")
+    second = outbox.move_without_overwrite(first, archive)
+    assert second.name == "a-1.mp3" and second.read_bytes() == b"two" and archive.read_bytes() == b"one"
+    assert not first.exists()
+
+
+def test_failure_record_beside_the_source(tmp_path):
+    """A permanent failure leaves the source in failed/ beside <name>.error.json."""
+    source = tmp_path / "in" / "sub" / "bad.mp3"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"not audio")
+    moved = outbox.record_failure(source, tmp_path / "failed", "sub/bad.mp3", {"error": "not media"})
+    assert moved == tmp_path / "failed" / "sub" / "bad.mp3"
+    assert json.loads((tmp_path / "failed" / "sub" / "bad.mp3.error.json").read_text()) == {"error": "not media"}
+    assert not source.exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_unwritable_outbox_raises_and_leaves_nothing(tmp_path):
+    """Writing into a read-only folder raises PermissionError and leaves no partial file."""
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError):
+            outbox.write_outputs(tmp_path / "x", RESULT, ["txt"])
+    finally:
+        tmp_path.chmod(0o700)
+    assert os.listdir(tmp_path) == []

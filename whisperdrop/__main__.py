@@ -1,0 +1,3 @@
+from whisperdrop.cli import main
+
+raise SystemExit(main())

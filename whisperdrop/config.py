@@ -1,0 +1,404 @@
+"""Configuration: one schema with every option's type, default and description.
+
+`load(path)` finds the file, checks it against `SCHEMA` and returns a `Config`. Every problem is
+collected with its key path (`At 'watch.settle_seconds': ...`) and raised at once as `ConfigError`,
+before anything runs. The shipped `config.yaml` is generated from the same schema's defaults (a test
+checks that they agree).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+ENV_VAR = "WHISPERDROP_CONFIG"
+
+
+def search_path() -> list[Path]:
+    """Where a config file is looked for, first match wins (after `-c` and $WHISPERDROP_CONFIG)."""
+    return [
+        Path.cwd() / "config.yaml",
+        Path.home() / ".config" / "whisperdrop" / "config.yaml",
+        Path("/etc/whisperdrop/config.yaml"),
+    ]
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `problems` lists every reason, each with its key path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n{lines}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One leaf of the schema: its type, default, description and an optional extra check."""
+
+    kind: Any  # a type, or a tuple of types
+    default: Any
+    description: str
+    choices: tuple = ()
+    check: Callable[[Any], str | None] | None = None  # returns what was expected, or None
+    nullable: bool = False
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list whose items are each checked against a section schema."""
+
+    item: dict
+    default: list
+    description: str
+
+
+def _positive(value: Any) -> str | None:
+    return None if value > 0 else "a number greater than 0"
+
+
+def _not_negative(value: Any) -> str | None:
+    return None if value >= 0 else "a number of 0 or more"
+
+
+def _port(value: Any) -> str | None:
+    return None if 0 < value < 65536 else "a TCP port from 1 to 65535"
+
+
+def _bitrate(value: Any) -> str | None:
+    return None if 6 <= value <= 256 else "an Opus bitrate in kbit/s from 6 to 256"
+
+
+def _outputs(value: Any) -> str | None:
+    bad = [item for item in value if item not in ("srt", "vtt", "txt")]
+    return f"a list drawn from srt, vtt, txt (not {', '.join(map(str, bad))})" if bad else None
+
+
+def _strings(value: Any) -> str | None:
+    return None if all(isinstance(item, str) for item in value) else "a list of strings"
+
+
+NUMBER = (int, float)
+
+HOST = {
+    "name": Option(str, None, "A short name for the host, used in logs, the Result and `status`."),
+    "host": Option(str, None, "Address or ~/.ssh/config alias of the GPU host."),
+    "port": Option(int, 22, "SSH port.", check=_port),
+    "user": Option(str, None, "SSH user; default from ~/.ssh/config, else the local user.", nullable=True),
+    "key": Option(str, None, "Private key file; default: ssh-agent and the usual ~/.ssh/id_* keys.", nullable=True),
+    "known_hosts": Option(
+        str, None, "known_hosts file used to verify the host key; default ~/.ssh/known_hosts. Never auto-accepted.",
+        nullable=True,
+    ),
+    "spool": Option(str, "spool", "The spool directory as the SFTP session sees it (relative to its home or chroot)."),
+}
+
+SCHEMA: dict[str, Any] = {
+    "inbox": Option(str, "inbox", "Folder watched for new media. Relative paths resolve against the config file's folder."),
+    "outbox": Option(str, "outbox", "Where transcripts are written; subfolders of the inbox are mirrored."),
+    "archive": Option(str, "archive", "Where a source goes once its transcript is safely in the outbox (policy `archive`)."),
+    "failed": Option(str, "failed", "Where a source with a permanent error goes, beside `<name>.error.json`."),
+    "state_dir": Option(str, "state", "The ledger (SQLite) and work files: extracted audio, results not yet written."),
+    "after_success": Option(
+        str, "archive", "What happens to a source once its outputs are written: `archive`, `keep` or `delete`.",
+        choices=("archive", "keep", "delete"),
+    ),
+    "watch": {
+        "settle_seconds": Option(NUMBER, 2.0, "A file is taken once it has not changed for this long.", check=_not_negative),
+        "rescan_seconds": Option(NUMBER, 60.0, "Full rescan of the inbox, behind the inotify events.", check=_positive),
+        "recursive": Option(bool, True, "Watch subfolders too (mirrored into the outbox)."),
+        "ignore": Option(
+            list, ["*.part", "*.tmp", "*~", ".*", "*.crdownload", "*.partial", "*.swp"],
+            "Glob patterns of names that are never taken (temporary names wait until renamed).", check=_strings,
+        ),
+    },
+    "audio": {
+        "bitrate_kbps": Option(int, 24, "Opus bitrate for the extracted 16 kHz mono audio.", check=_bitrate),
+    },
+    "transcription": {
+        "provider": Option(
+            str, "auto", "`auto`: a GPU host, falling back to the local CPU; `remote`: wait for a host; `local`: CPU only.",
+            choices=("auto", "remote", "local"),
+        ),
+        "model": Option(str, "bundled:tiny.en", "Model asked of the GPU host: a faster-whisper name (large-v3), a CTranslate2 folder, or bundled:tiny.en."),
+        "language": Option(str, None, "Language code (en, de, ...); null detects it.", nullable=True),
+        "initial_prompt": Option(str, None, "Text that primes the model with your vocabulary and style.", nullable=True),
+        "hotwords": Option(str, None, "Words to favour (names, jargon), space separated.", nullable=True),
+        "word_timestamps": Option(bool, True, "Timestamps for every word in the Result."),
+        "vad_filter": Option(bool, True, "Skip silence with the Silero VAD before transcribing."),
+        "beam_size": Option(int, 5, "Beam search width.", check=_positive),
+        "outputs": Option(list, ["srt", "vtt", "txt"], "Formats written beside `<stem>.json`.", check=_outputs),
+    },
+    "local": {
+        "model": Option(str, "bundled:tiny.en", "Model for local CPU transcription (the fallback)."),
+        "device": Option(str, "cpu", "Device for local transcription: cpu, cuda or auto.", choices=("cpu", "cuda", "auto")),
+        "compute_type": Option(str, "int8", "CTranslate2 compute type (int8, int8_float32, float32, float16...)."),
+        "threads": Option(int, 0, "CPU threads for the local engine; 0 uses all cores.", check=_not_negative),
+    },
+    "remote": {
+        "hosts": ListOf(HOST, [], "GPU hosts reached over SSH (SFTP only). Empty: everything runs locally."),
+        "connect_timeout": Option(NUMBER, 10.0, "Seconds to open an SSH connection before the host counts as down.", check=_positive),
+        "keepalive_interval": Option(NUMBER, 15.0, "Seconds between SSH keepalives; 3 missed ones drop the connection.", check=_positive),
+        "job_timeout": Option(NUMBER, 1800.0, "Seconds to wait for a submitted job's result before falling back (auto).", check=_positive),
+        "parallel_uploads": Option(int, 2, "Uploads in flight at once, over all hosts.", check=_positive),
+        "local_below_seconds": Option(NUMBER, 0.0, "Audio shorter than this is transcribed locally (0: off).", check=_not_negative),
+        "retry_initial_seconds": Option(NUMBER, 5.0, "First back-off after a host fails; doubles up to the maximum.", check=_positive),
+        "retry_max_seconds": Option(NUMBER, 300.0, "Longest back-off between probes of a failed host.", check=_positive),
+        "heartbeat_max_age": Option(NUMBER, 60.0, "A runner heartbeat older than this counts as no runner.", check=_positive),
+        "poll_interval": Option(NUMBER, 0.5, "First interval between result polls; backs off to 5 s.", check=_positive),
+    },
+    "runner": {
+        "spool": Option(str, "spool", "Spool directory on the GPU host (the same one the SFTP account sees)."),
+        "model": Option(str, "large-v3", "Model loaded at start and kept loaded."),
+        "device": Option(str, "auto", "cuda, cpu or auto.", choices=("cuda", "cpu", "auto")),
+        "device_index": Option(int, 0, "Which GPU.", check=_not_negative),
+        "compute_type": Option(str, "default", "CTranslate2 compute type; default: float16 on CUDA, int8 on CPU."),
+        "batch_size": Option(int, 1, "Greater than 1 uses the BatchedInferencePipeline.", check=_positive),
+        "name": Option(str, None, "Runner name in heartbeats; default: hostname-gpuN.", nullable=True),
+        "heartbeat_seconds": Option(NUMBER, 5.0, "Interval between heartbeats.", check=_positive),
+        "expire_days": Option(NUMBER, 7.0, "Leftover spool files older than this are removed.", check=_positive),
+        "max_models": Option(int, 2, "Loaded models kept in memory at once.", check=_positive),
+    },
+    "logging": {
+        "level": Option(str, "info", "debug, info, warning or error.", choices=("debug", "info", "warning", "error")),
+        "format": Option(str, "auto", "json, console, or auto (console on a terminal, JSON otherwise).", choices=("auto", "json", "console")),
+        "file": Option(str, None, "Also append JSON lines to this file (reopened on SIGHUP).", nullable=True),
+        "metrics_textfile": Option(str, None, "Prometheus textfile-collector file, rewritten atomically.", nullable=True),
+    },
+}
+
+PATH_KEYS = ("inbox", "outbox", "archive", "failed", "state_dir")
+
+
+class Config(dict):
+    """The validated configuration: a dict tree with attribute access and resolved paths.
+
+    `config.inbox` is a `Path`; `config["watch"]["settle_seconds"]` a number. `source` is the file
+    it came from, or None for the embedded default.
+    """
+
+    source: Path | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def path(self, key: str) -> Path:
+        return Path(self[key])
+
+
+def defaults(schema: dict = SCHEMA) -> dict:
+    """The default value of every option, as a plain dict tree."""
+    tree: dict = {}
+    for key, spec in schema.items():
+        if isinstance(spec, dict):
+            tree[key] = defaults(spec)
+        elif isinstance(spec, ListOf):
+            tree[key] = list(spec.default)
+        else:
+            tree[key] = list(spec.default) if isinstance(spec.default, list) else spec.default
+    return tree
+
+
+def _type_name(kind: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
+    if isinstance(kind, tuple):
+        return "a number"
+    return names.get(kind, kind.__name__)
+
+
+def _check_leaf(path: str, spec: Option, value: Any, problems: list[str]) -> Any:
+    if value is None:
+        if spec.nullable or spec.default is None:
+            return None
+        problems.append(f"At '{path}': missing value; expected {_type_name(spec.kind)}")
+        return spec.default
+    kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
+    # bool is an int in Python; a YAML `yes` for a number is a mistake, not a 1.
+    wrong = isinstance(value, bool) and bool not in kinds
+    if wrong or not isinstance(value, kinds):
+        problems.append(f"At '{path}': {value!r} is {type(value).__name__}; expected {_type_name(spec.kind)}")
+        return spec.default
+    if spec.choices and value not in spec.choices:
+        expected = ", ".join(spec.choices)
+        problems.append(f"At '{path}': {value!r} is not one of {expected}")
+        return spec.default
+    if spec.check:
+        expected = spec.check(value)
+        if expected:
+            problems.append(f"At '{path}': {value!r}; expected {expected}")
+            return spec.default
+    return value
+
+
+def _unknown(path: str, key: Any, known: list[str]) -> str:
+    where = f"{path}.{key}" if path else str(key)
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys here: {', '.join(known)}"
+    return f"At '{where}': unknown key{hint}"
+
+
+def _check_section(path: str, schema: dict, data: Any, problems: list[str]) -> dict:
+    if not isinstance(data, dict):
+        problems.append(f"At '{path or '<top>'}': expected a mapping of keys, got {type(data).__name__}")
+        data = {}
+    result: dict = {}
+    for key in data:
+        if key not in schema:
+            problems.append(_unknown(path, key, list(schema)))
+    for key, spec in schema.items():
+        where = f"{path}.{key}" if path else key
+        value = data.get(key)
+        if isinstance(spec, dict):
+            result[key] = _check_section(where, spec, value if value is not None else {}, problems)
+        elif isinstance(spec, ListOf):
+            result[key] = _check_list(where, spec, value if value is not None else [], problems)
+        else:
+            result[key] = _check_leaf(where, spec, value if key in data else spec.default, problems)
+    return result
+
+
+def _check_list(path: str, spec: ListOf, data: Any, problems: list[str]) -> list:
+    if not isinstance(data, list):
+        problems.append(f"At '{path}': expected a list, got {type(data).__name__}")
+        return []
+    items = [_check_section(f"{path}[{index}]", spec.item, item, problems) for index, item in enumerate(data)]
+    for index, item in enumerate(items):
+        for required in ("name", "host"):
+            if not item.get(required):
+                problems.append(f"At '{path}[{index}].{required}': missing; every host needs a {required}")
+    names = [item.get("name") for item in items]
+    for name in {name for name in names if name and names.count(name) > 1}:
+        problems.append(f"At '{path}': the host name {name!r} is used more than once; names must be unique")
+    return items
+
+
+def validate(data: Any, base: Path, source: str = "<embedded default>") -> Config:
+    """Check `data` against SCHEMA, fill defaults, resolve paths against `base`.
+
+    Returns a Config; raises ConfigError listing every problem.
+    """
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    tree = _check_section("", SCHEMA, data, problems)
+    if problems:
+        raise ConfigError(source, problems)
+    for key in PATH_KEYS:
+        tree[key] = (base / os.path.expanduser(tree[key])).resolve()
+    for key in ("file", "metrics_textfile"):
+        if tree["logging"][key]:
+            tree["logging"][key] = str((base / os.path.expanduser(tree["logging"][key])).resolve())
+    tree["runner"]["spool"] = str((base / os.path.expanduser(tree["runner"]["spool"])).resolve())
+    for host in tree["remote"]["hosts"]:
+        for key in ("key", "known_hosts"):
+            if host[key]:
+                host[key] = str((base / os.path.expanduser(host[key])).resolve())
+    config = Config(_wrap(tree))
+    config.source = None if source == "<embedded default>" else Path(source)
+    return config
+
+
+def _wrap(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return Config({key: _wrap(value) for key, value in tree.items()})
+    if isinstance(tree, list):
+        return [_wrap(item) for item in tree]
+    return tree
+
+
+def find(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The config file to use: `explicit`, then $WHISPERDROP_CONFIG, then `search_path()`.
+
+    Returns None when none exists (the embedded default applies). Raises ConfigError when an
+    explicitly named file is missing.
+    """
+    named = explicit or os.environ.get(ENV_VAR)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            how = "-c" if explicit else f"${ENV_VAR}"
+            raise ConfigError(str(path), [f"the config file given by {how} does not exist; check the path"])
+        return path
+    return next((path for path in search_path() if path.is_file()), None)
+
+
+def load(explicit: str | os.PathLike | None = None) -> Config:
+    """Find, parse and validate the configuration. Raises ConfigError with every problem."""
+    path = find(explicit)
+    if path is None:
+        return validate({}, Path.cwd())
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), [f"not valid YAML: {error}"]) from error
+    except OSError as error:
+        raise ConfigError(str(path), [f"cannot be read: {error.strerror}"]) from error
+    return validate(data, path.resolve().parent, str(path))
+
+
+def check_directories(config: Config) -> list[str]:
+    """Problems with the configured folders: a missing inbox, folders that cannot be written."""
+    problems = []
+    if not config.inbox.is_dir():
+        problems.append(
+            f"At 'inbox': {str(config.inbox)!r} does not exist; create it (mkdir -p) or point 'inbox' at your folder"
+        )
+    for key in ("outbox", "archive", "failed", "state_dir"):
+        path = config.path(key)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            problems.append(f"At '{key}': cannot create {str(path)!r}: {error.strerror}")
+            continue
+        if not os.access(path, os.W_OK | os.X_OK):
+            problems.append(f"At '{key}': {str(path)!r} is not writable by this user; fix its owner or permissions")
+    return problems
+
+
+def render_default_yaml() -> str:
+    """The documented default config.yaml, generated from SCHEMA (descriptions become comments)."""
+    lines = [
+        "# whisperdrop configuration. Every option, its default and what it does.",
+        "# Relative paths resolve against this file's folder. Check it with: whisperdrop check-config",
+        "",
+    ]
+
+    def emit(schema: dict, indent: int) -> None:
+        pad = "  " * indent
+        for key, spec in schema.items():
+            if isinstance(spec, dict):
+                lines.append(f"{pad}{key}:")
+                emit(spec, indent + 1)
+                if indent == 0:
+                    lines.append("")
+                continue
+            lines.append(f"{pad}# {spec.description}")
+            if isinstance(spec, ListOf):
+                lines.append(f"{pad}{key}: []")
+                lines.append(f"{pad}# - name: gpu1")
+                for field, field_spec in spec.item.items():
+                    example = {"name": "gpu1", "host": "gpu1.example.org", "user": "whisperdrop",
+                               "key": "~/.ssh/whisperdrop_ed25519", "known_hosts": "~/.ssh/known_hosts"}.get(
+                        field, field_spec.default)
+                    if field != "name":
+                        lines.append(f"{pad}#   {field}: {_yaml_scalar(example)}   # {field_spec.description}")
+                continue
+            lines.append(f"{pad}{key}: {_yaml_scalar(spec.default)}")
+            if indent == 0:
+                lines.append("")
+
+    emit(SCHEMA, 0)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()

@@ -1,0 +1,223 @@
+"""The ledger: SQLite (WAL) in `state_dir`, the daemon's memory across restarts.
+
+Two tables. `jobs`: one row per job id (audio + options), with its stage, attempts, route and the
+figures of each stage. `sources`: one row per file taken from the inbox, pointing at its job; one
+job can serve several identical sources (the same file dropped twice is transcribed once).
+
+Job stages, in order: new -> extracted -> uploaded -> submitted -> transcribed -> done, or failed.
+Source states: pending -> done, or failed. Each change is committed before the next stage starts, so
+a restart resumes every job at its last finished stage.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+JOB_STAGES = ("new", "extracted", "uploaded", "submitted", "transcribed", "done", "failed")
+FINISHED = ("done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    stage TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    source_sha256 TEXT NOT NULL,
+    source_size INTEGER NOT NULL,
+    options TEXT NOT NULL,
+    duration REAL,
+    audio_size INTEGER,
+    audio_sha256 TEXT,
+    route TEXT,
+    host TEXT,
+    fallback_reason TEXT,
+    last_error TEXT,
+    retry_at REAL,
+    progress TEXT,
+    timings TEXT NOT NULL DEFAULT '{}',
+    transfer TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS sources (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    relpath TEXT NOT NULL,
+    job_id TEXT NOT NULL REFERENCES jobs(job_id),
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    settle_s REAL NOT NULL DEFAULT 0,
+    taken_at REAL NOT NULL,
+    finished_at REAL,
+    outputs TEXT,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS sources_job ON sources(job_id);
+CREATE INDEX IF NOT EXISTS sources_path ON sources(relpath, state);
+CREATE INDEX IF NOT EXISTS jobs_stage ON jobs(stage);
+"""
+
+_JSON_COLUMNS = ("timings", "transfer", "progress", "options", "outputs")
+
+
+@dataclass
+class Job:
+    """A row of `jobs` (mutable copy; write changes back with `Ledger.update_job`)."""
+
+    job_id: str
+    stage: str
+    attempts: int
+    created_at: float
+    updated_at: float
+    source_sha256: str
+    source_size: int
+    options: dict
+    finished_at: float | None = None
+    duration: float | None = None
+    audio_size: int | None = None
+    audio_sha256: str | None = None
+    route: str | None = None
+    host: str | None = None
+    fallback_reason: str | None = None
+    last_error: str | None = None
+    retry_at: float | None = None
+    progress: dict | None = None
+    timings: dict = field(default_factory=dict)
+    transfer: dict = field(default_factory=dict)
+
+
+@dataclass
+class Source:
+    """A row of `sources`: one file taken from the inbox."""
+
+    id: int
+    relpath: str
+    job_id: str
+    size: int
+    mtime_ns: int
+    state: str
+    settle_s: float
+    taken_at: float
+    finished_at: float | None = None
+    outputs: dict | None = None
+    last_error: str | None = None
+
+
+def _decode(row: sqlite3.Row) -> dict:
+    data = dict(row)
+    for key in _JSON_COLUMNS:
+        if key in data and data[key] is not None:
+            data[key] = json.loads(data[key])
+    return data
+
+
+class Ledger:
+    """The SQLite ledger. Used from one thread (the daemon's event loop); reads from others open their own."""
+
+    def __init__(self, path: Path, *, readonly: bool = False):
+        self.path = Path(path)
+        if readonly:
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+        self.db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self.db.close()
+
+    # jobs
+
+    def job(self, job_id: str) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return Job(**_decode(row)) if row else None
+
+    def create_job(self, job_id: str, source_sha256: str, source_size: int, options: dict, now: float | None = None) -> Job:
+        """Insert a new job at stage `new`, or return the existing one with that id."""
+        now = time.time() if now is None else now
+        self.db.execute(
+            "INSERT OR IGNORE INTO jobs (job_id, stage, created_at, updated_at, source_sha256, source_size, options)"
+            " VALUES (?, 'new', ?, ?, ?, ?, ?)",
+            (job_id, now, now, source_sha256, source_size, json.dumps(options, sort_keys=True)),
+        )
+        job = self.job(job_id)
+        assert job is not None
+        return job
+
+    def update_job(self, job_id: str, now: float | None = None, **changes: Any) -> None:
+        """Write `changes` (column=value) to a job and stamp updated_at; one committed transaction."""
+        now = time.time() if now is None else now
+        changes["updated_at"] = now
+        if changes.get("stage") in FINISHED:
+            changes.setdefault("finished_at", now)
+        columns = ", ".join(f"{key} = ?" for key in changes)
+        values = [json.dumps(value) if key in _JSON_COLUMNS and value is not None else value
+                  for key, value in changes.items()]
+        self.db.execute(f"UPDATE jobs SET {columns} WHERE job_id = ?", (*values, job_id))
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job and its sources (every source vanished before any work was kept)."""
+        self.db.execute("DELETE FROM sources WHERE job_id = ?", (job_id,))
+        self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
+
+    def unfinished_jobs(self) -> list[Job]:
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE stage NOT IN ('done', 'failed') ORDER BY created_at"
+        ).fetchall()
+        return [Job(**_decode(row)) for row in rows]
+
+    def jobs(self, since: float = 0.0) -> Iterator[Job]:
+        for row in self.db.execute("SELECT * FROM jobs WHERE updated_at >= ? ORDER BY created_at", (since,)):
+            yield Job(**_decode(row))
+
+    # sources
+
+    def add_source(self, relpath: str, job_id: str, size: int, mtime_ns: int, settle_s: float,
+                   now: float | None = None) -> Source:
+        now = time.time() if now is None else now
+        cursor = self.db.execute(
+            "INSERT INTO sources (relpath, job_id, size, mtime_ns, state, settle_s, taken_at)"
+            " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+            (relpath, job_id, size, mtime_ns, settle_s, now),
+        )
+        source = self.source(cursor.lastrowid)
+        assert source is not None
+        return source
+
+    def source(self, source_id: int) -> Source | None:
+        row = self.db.execute("SELECT * FROM sources WHERE id = ?", (source_id,)).fetchone()
+        return Source(**_decode(row)) if row else None
+
+    def pending_source(self, relpath: str) -> Source | None:
+        """The pending row for an inbox path, if it is already taken."""
+        row = self.db.execute(
+            "SELECT * FROM sources WHERE relpath = ? AND state = 'pending' ORDER BY id DESC LIMIT 1", (relpath,)
+        ).fetchone()
+        return Source(**_decode(row)) if row else None
+
+    def sources_of(self, job_id: str, state: str | None = "pending") -> list[Source]:
+        if state is None:
+            rows = self.db.execute("SELECT * FROM sources WHERE job_id = ? ORDER BY id", (job_id,))
+        else:
+            rows = self.db.execute("SELECT * FROM sources WHERE job_id = ? AND state = ? ORDER BY id", (job_id, state))
+        return [Source(**_decode(row)) for row in rows.fetchall()]
+
+    def update_source(self, source_id: int, **changes: Any) -> None:
+        if changes.get("state") in FINISHED:
+            changes.setdefault("finished_at", time.time())
+        columns = ", ".join(f"{key} = ?" for key in changes)
+        values = [json.dumps(value) if key in _JSON_COLUMNS and value is not None else value
+                  for key, value in changes.items()]
+        self.db.execute(f"UPDATE sources SET {columns} WHERE id = ?", (*values, source_id))
+
+    def sources(self, since: float = 0.0) -> Iterator[Source]:
+        for row in self.db.execute("SELECT * FROM sources WHERE taken_at >= ? ORDER BY id", (since,)):
+            yield Source(**_decode(row))

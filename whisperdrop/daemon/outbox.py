@@ -1,0 +1,180 @@
+"""The outbox stage: render a Result to JSON, SRT, VTT and TXT, write each atomically, then move the
+source away (archive) or into `failed/` beside an error record.
+
+Every file is written to a temporary name, fsynced and renamed, and the folder fsynced, so a crash
+leaves either the finished file or none. The JSON is written last: its presence, with this job's
+id, means the outputs are complete. Names that collide get a suffix (`name-1.json`); nothing is
+overwritten, and a source only leaves the inbox after its outputs (or its error record) are on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+FORMATS = ("srt", "vtt", "txt")
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    milliseconds = max(0, round(seconds * 1000))
+    hours, milliseconds = divmod(milliseconds, 3_600_000)
+    minutes, milliseconds = divmod(milliseconds, 60_000)
+    secs, milliseconds = divmod(milliseconds, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{milliseconds:03d}"
+
+
+def render_srt(result: dict) -> str:
+    blocks = []
+    for number, segment in enumerate(result["segments"], start=1):
+        span = f"{_timestamp(segment['start'], ',')} --> {_timestamp(segment['end'], ',')}"
+        blocks.append(f"{number}\n{span}\n{segment['text'].strip()}\n")
+    return "\n".join(blocks)
+
+
+def render_vtt(result: dict) -> str:
+    blocks = ["WEBVTT\n"]
+    for segment in result["segments"]:
+        span = f"{_timestamp(segment['start'], '.')} --> {_timestamp(segment['end'], '.')}"
+        blocks.append(f"{span}\n{segment['text'].strip()}\n")
+    return "\n".join(blocks)
+
+
+def render_txt(result: dict) -> str:
+    lines = [segment["text"].strip() for segment in result["segments"]]
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+RENDERERS = {"srt": render_srt, "vtt": render_vtt, "txt": render_txt}
+
+
+def fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary name, fsync, rename. Raises OSError (the temp is removed)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _json_job_id(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("job_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str) -> tuple[Path, bool]:
+    """Choose the base path (without suffix) for a source's outputs in `folder`.
+
+    Returns (base, already_written): `already_written` is True when `<base>.json` holds this job's
+    Result already (a restart, or the same file dropped again). Otherwise no file of the set exists.
+    """
+    for index in range(10_000):
+        base = folder / (stem if index == 0 else f"{stem}-{index}")
+        json_path = base.with_name(base.name + ".json")
+        if json_path.exists() and _json_job_id(json_path) == job_id:
+            return base, True
+        names = [json_path] + [base.with_name(f"{base.name}.{fmt}") for fmt in formats]
+        if not any(os.path.lexists(name) for name in names):
+            return base, False
+    raise FileExistsError(errno.EEXIST, f"no free output name for {stem!r} in {folder}")
+
+
+def write_outputs(base: Path, result: dict, formats: list[str]) -> list[Path]:
+    """Write the configured formats and then `<base>.json`; return the paths written."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        path = base.with_name(f"{base.name}.{fmt}")
+        write_atomic(path, RENDERERS[fmt](result).encode("utf-8"))
+        written.append(path)
+    json_path = base.with_name(base.name + ".json")
+    write_atomic(json_path, json.dumps(result, ensure_ascii=False, indent=2).encode("utf-8") + b"\n")
+    written.append(json_path)
+    fsync_directory(base.parent)
+    return written
+
+
+def _free_name(path: Path) -> Path:
+    if not os.path.lexists(path):
+        return path
+    suffixes = "".join(path.suffixes[-1:])
+    stem = path.name[: len(path.name) - len(suffixes)] if suffixes else path.name
+    for index in range(1, 10_000):
+        candidate = path.with_name(f"{stem}-{index}{suffixes}")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise FileExistsError(errno.EEXIST, f"no free name for {path}")
+
+
+def move_without_overwrite(source: Path, destination: Path) -> Path:
+    """Move `source` to `destination` (or a suffixed free name beside it); never overwrite.
+
+    Same filesystem: hard link then unlink (atomic, fails rather than overwrite). Across filesystems:
+    copy to a temporary name, fsync, link into place, then remove the source. Returns the final path.
+    """
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        target = _free_name(destination)
+        try:
+            os.link(source, target, follow_symlinks=False)
+        except FileExistsError:
+            continue  # somebody took the name meanwhile
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.ENOTSUP):
+                raise
+            target = _copy_then_link(source, target)
+        break
+    fsync_directory(target.parent)
+    os.unlink(source)
+    fsync_directory(source.parent)
+    return target
+
+
+def _copy_then_link(source: Path, target: Path) -> Path:
+    temporary = target.with_name(f".{target.name}.tmp")
+    try:
+        with open(source, "rb") as reader, open(temporary, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
+            writer.flush()
+            os.fsync(writer.fileno())
+        shutil.copystat(source, temporary)
+        while True:
+            try:
+                os.link(temporary, target)
+                return target
+            except FileExistsError:
+                target = _free_name(target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def record_failure(source: Path, failed_root: Path, relpath: str, error: dict) -> Path:
+    """Move a source with a permanent error into `failed/` beside `<name>.error.json`.
+
+    The error record is written first, so a crash in between leaves the source in the inbox with
+    its record already in place (the next attempt rewrites it). Returns the source's new path.
+    """
+    destination = _free_name(failed_root / relpath)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    record = destination.with_name(destination.name + ".error.json")
+    write_atomic(record, json.dumps(error, ensure_ascii=False, indent=2).encode("utf-8") + b"\n")
+    if source.exists() or source.is_symlink():
+        return move_without_overwrite(source, destination)
+    return destination
