@@ -107,3 +107,11 @@ def test_check_config_exits_nonzero_on_a_wrong_type(tmp_path, capsys):
         main(["check-config", "-c", str(path)])
     assert caught.value.code == 2
     assert "At 'audio.bitrate_kbps': 'high' is str; expected an integer" in capsys.readouterr().err
+
+
+def test_readme_configuration_reference_is_current():
+    """The README's configuration table is the schema's (regenerate: python scripts/update_readme_config.py)."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = readme.index("<!-- config-reference:end -->")
+    assert readme[start:end] == config.render_markdown_reference()

@@ -402,3 +402,24 @@ def render_default_yaml() -> str:
 
 def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def render_markdown_reference() -> str:
+    """The configuration reference table for the README, generated from SCHEMA (a test keeps them equal)."""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+
+    def emit(schema: dict, prefix: str) -> None:
+        for key, spec in schema.items():
+            path = f"{prefix}{key}"
+            if isinstance(spec, dict):
+                emit(spec, f"{path}.")
+            elif isinstance(spec, ListOf):
+                rows.append(f"| `{path}` | `[]` | {spec.description} |")
+                emit(spec.item, f"{path}[].")
+            else:
+                choices = f" One of: {', '.join(f'`{choice}`' for choice in spec.choices)}." if spec.choices else ""
+                default = "(required)" if spec.default is None and not spec.nullable else f"`{_yaml_scalar(spec.default)}`"
+                rows.append(f"| `{path}` | {default} | {spec.description.replace('|', '/')}{choices} |")
+
+    emit(SCHEMA, "")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,188 @@
+"""Test media made on the spot with PyAV from the shared speech sample (no ffmpeg binary, no downloads).
+
+`SHARED` is the `shared/` folder beside the repository (`/work/shared` for `/work/main`; CI clones the
+repository with `shared/` beside it). Every helper writes one file at `dest` and returns `dest`.
+"""
+
+from __future__ import annotations
+
+import math
+import wave
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+JFK = SHARED / "audio" / "jfk.flac"
+JFK_TEXT = SHARED / "audio" / "jfk.txt"
+JFK_SECONDS = 11.0
+
+AUDIO_CONTAINERS = ("wav", "flac", "mp3", "m4a", "ogg", "opus")
+VIDEO_CONTAINERS = ("mp4", "mkv", "mov", "webm")
+CONTAINERS = AUDIO_CONTAINERS + VIDEO_CONTAINERS
+
+# container -> (muxer format, audio codec, audio codec options, video codec)
+_LAYOUT = {
+    "wav": ("wav", "pcm_s16le", {}, None),
+    "flac": ("flac", "flac", {}, None),
+    "mp3": ("mp3", "libmp3lame", {}, None),
+    "m4a": ("ipod", "aac", {}, None),
+    "ogg": ("ogg", "vorbis", {"strict": "experimental"}, None),
+    "opus": ("opus", "libopus", {}, None),
+    "mp4": ("mp4", "aac", {}, "libx264"),
+    "mkv": ("matroska", "libmp3lame", {}, "mpeg4"),
+    "mov": ("mov", "aac", {}, "libx264"),
+    "webm": ("webm", "libopus", {}, "libvpx"),
+}
+
+VIDEO_SIZE = 64
+VIDEO_RATE = 10
+
+
+def _source_frames(source: Path, seconds: float | None) -> Iterator[av.AudioFrame]:
+    """Decoded audio frames of `source`, repeated from the start until `seconds` are out (all of it,
+    once, when `seconds` is None). Frames carry no pts; the encoder side numbers them."""
+    remaining = None if seconds is None else round(seconds * 1_000_000)  # in microseconds
+    while True:
+        produced = False
+        with av.open(str(source)) as container:
+            stream = container.streams.audio[0]
+            for frame in container.decode(stream):
+                frame.pts = None
+                if remaining is None:
+                    yield frame
+                    continue
+                length = round(frame.samples * 1_000_000 / frame.sample_rate)
+                if length >= remaining:
+                    keep = max(1, round(frame.samples * remaining / length))
+                    yield _head(frame, keep)
+                    return
+                remaining -= length
+                produced = True
+                yield frame
+        if remaining is None or not produced:
+            return
+
+
+def _head(frame: av.AudioFrame, samples: int) -> av.AudioFrame:
+    """The first `samples` samples of `frame`, as a new frame."""
+    array = frame.to_ndarray()
+    if frame.format.is_planar:
+        array = array[:, :samples]
+    else:
+        array = array[:, : samples * len(frame.layout.channels)]
+    head = av.AudioFrame.from_ndarray(numpy.ascontiguousarray(array), format=frame.format.name, layout=frame.layout.name)
+    head.sample_rate = frame.sample_rate
+    return head
+
+
+def _video_frame(index: int) -> av.VideoFrame:
+    """A small moving-gradient picture, so encoders have something real to compress."""
+    y, x = numpy.mgrid[0:VIDEO_SIZE, 0:VIDEO_SIZE]
+    picture = numpy.stack([(x * 4 + index * 8) % 256, (y * 4) % 256, ((x + y) * 2) % 256], axis=-1)
+    return av.VideoFrame.from_ndarray(picture.astype(numpy.uint8), format="rgb24")
+
+
+def make_clip(dest: Path, container: str, source: Path = JFK, video: bool = False, seconds: float | None = None) -> Path:
+    """Write `source`'s audio to `dest` in `container` (one of CONTAINERS); with `video` (mp4, mkv, mov,
+    webm only) add a 64x64 video stream first; with `seconds`, cut or repeat the audio to that length."""
+    muxer, audio_codec, audio_options, video_codec = _LAYOUT[container]
+    if video and video_codec is None:
+        raise ValueError(f"{container} carries no video; pick one of {VIDEO_CONTAINERS}")
+    dest = Path(dest)
+    with av.open(str(source)) as probe:
+        in_stream = probe.streams.audio[0]
+        rate, layout = in_stream.rate, in_stream.layout.name
+    if audio_codec == "libopus":
+        rate = 48000
+    with av.open(str(dest), mode="w", format=muxer) as output:
+        video_stream = None
+        if video:
+            video_stream = output.add_stream(video_codec, rate=VIDEO_RATE)
+            video_stream.width = video_stream.height = VIDEO_SIZE
+            video_stream.pix_fmt = "yuv420p"
+        audio_stream = output.add_stream(audio_codec, rate=rate, options=dict(audio_options))
+        audio_stream.layout = layout
+        if audio_codec in ("aac", "libmp3lame", "libopus", "vorbis"):
+            audio_stream.bit_rate = 64_000
+        audio_seconds = 0.0
+        video_frames = 0
+        for frame in _source_frames(source, seconds):
+            frame.pts = None
+            for packet in audio_stream.encode(frame):
+                output.mux(packet)
+            audio_seconds += frame.samples / frame.sample_rate
+            while video_stream is not None and video_frames / VIDEO_RATE <= audio_seconds:
+                picture = _video_frame(video_frames)
+                picture.pts = video_frames
+                for packet in video_stream.encode(picture):
+                    output.mux(packet)
+                video_frames += 1
+        for packet in audio_stream.encode(None):
+            output.mux(packet)
+        if video_stream is not None:
+            for packet in video_stream.encode(None):
+                output.mux(packet)
+    return dest
+
+
+def concat_speech(dest: Path, seconds: float) -> Path:
+    """Write jfk repeated to `seconds` of speech to `dest`, in the container its suffix names (.mp4 gets
+    a video stream too, as a phone recording would)."""
+    container = Path(dest).suffix.lstrip(".").lower()
+    return make_clip(dest, container, video=container in VIDEO_CONTAINERS, seconds=seconds)
+
+
+def make_video_without_audio(dest: Path, seconds: float = 2.0) -> Path:
+    """Write an mp4 (h264, 64x64) with a video stream and no audio stream to `dest`."""
+    dest = Path(dest)
+    with av.open(str(dest), mode="w", format="mp4") as output:
+        stream = output.add_stream("libx264", rate=VIDEO_RATE)
+        stream.width = stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        for index in range(math.ceil(seconds * VIDEO_RATE)):
+            picture = _video_frame(index)
+            picture.pts = index
+            for packet in stream.encode(picture):
+                output.mux(packet)
+        for packet in stream.encode(None):
+            output.mux(packet)
+    return dest
+
+
+def make_truncated_mp4(dest: Path) -> Path:
+    """Write a valid mp4 of jfk (with video) cut to its first half to `dest`: the moov atom, written last,
+    is gone, as after an interrupted copy."""
+    dest = Path(dest)
+    whole = dest.with_name(dest.name + ".whole.mp4")
+    make_clip(whole, "mp4", video=True)
+    data = whole.read_bytes()
+    whole.unlink()
+    dest.write_bytes(data[: len(data) // 2])
+    return dest
+
+
+def make_silence_wav(dest: Path, seconds: float, rate: int = 16000) -> Path:
+    """Write `seconds` of 16-bit mono silence to `dest` as WAV, a minute at a time (memory stays flat)."""
+    dest = Path(dest)
+    total = round(seconds * rate)
+    chunk = bytes(2 * rate * 60)
+    with wave.open(str(dest), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        written = 0
+        while written < total:
+            count = min(total - written, len(chunk) // 2)
+            writer.writeframesraw(chunk[: 2 * count])
+            written += count
+    return dest
+
+
+def make_text_as_mp3(dest: Path) -> Path:
+    """Write a plain-text file under a media name (`notes.mp3`) to `dest`."""
+    dest = Path(dest)
+    dest.write_text("Meeting notes\n\n- ship the extraction stage\n- this is not audio, whatever its name says\n" * 20)
+    return dest

@@ -1,0 +1,485 @@
+"""The daemon's asyncio pipeline: take settled files, advance each job one stage at a time.
+
+    inbox -> take (hash, job id, ledger) -> extract (Opus) -> route (local or remote) -> outbox -> archive
+
+`Pipeline.advance(job)` is the loop body: it runs the job's next stage and commits the new stage to
+the ledger, so a restart (or a crash) resumes each job where it stopped. CPU-heavy work (hashing,
+PyAV, the local engine) runs in executor threads. Errors are of two kinds: permanent (the file is
+not usable media) moves the source to `failed/`; anything else is retried with a capped back-off
+while the source stays in the inbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import hashlib
+import os
+import stat
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from whisperdrop import log
+from whisperdrop.daemon import outbox
+from whisperdrop.daemon.extract import MediaError, extract
+from whisperdrop.daemon.ledger import Job, Ledger, Source
+from whisperdrop.daemon.local import LocalTranscriber
+from whisperdrop.daemon.route import Router
+from whisperdrop.engine import Cancelled, Engine, EngineError
+from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions, job_id as make_job_id
+
+RETRY_INITIAL_S = 5.0
+RETRY_MAX_S = 300.0
+HASH_CHUNK = 1 << 20
+
+
+class Permanent(Exception):
+    """A failure that no retry fixes: the source goes to `failed/` with this message and hint."""
+
+    def __init__(self, kind: str, message: str, hint: str):
+        super().__init__(message)
+        self.kind = kind
+        self.hint = hint
+
+
+def sha256_file(path: Path, cancel: threading.Event | None = None) -> str:
+    """sha256 of a file, read in 1 MiB chunks. Raises Cancelled when `cancel` is set."""
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as stream:
+        while chunk := stream.read(HASH_CHUNK):
+            digest.update(chunk)
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+    return digest.hexdigest()
+
+
+def backoff(attempts: int, initial: float = RETRY_INITIAL_S, cap: float = RETRY_MAX_S) -> float:
+    """Seconds to wait before attempt `attempts + 1`: doubling from `initial`, capped at `cap`."""
+    return min(cap, initial * (2 ** max(0, attempts - 1)))
+
+
+class Pipeline:
+    """Owns the ledger, the executors and the routes; `take(path)` is the watcher's callback."""
+
+    def __init__(self, config: Any, *, engine: Engine | None = None, remote: Any | None = None):
+        self.config = config
+        self.inbox: Path = config.inbox
+        self.outbox_root: Path = config.outbox
+        self.state_dir = config.path("state_dir")
+        self.work_dir = self.state_dir / "work"
+        self.results_dir = self.state_dir / "results"
+        for folder in (self.work_dir, self.results_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(self.state_dir / "ledger.sqlite3")
+        self.options = TranscribeOptions.from_config(config.transcription)
+        self.formats = list(config.transcription.outputs)
+        self.local = LocalTranscriber(config.local, engine)
+        self.router = Router(config, self.local, remote)
+        self.cancel = threading.Event()
+        self.stopping = asyncio.Event()
+        self.log = log.get("pipeline")
+        self._io = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2)), thread_name_prefix="whisperdrop-io")
+        self._extract_slots = asyncio.Semaphore(max(1, (os.cpu_count() or 2) // 2))
+        self._taking: set[str] = set()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._last_progress: dict[str, float] = {}
+        self.current: dict[str, str] = {}  # job id -> stage being worked on (for status lines)
+
+    # intake
+
+    def relpath(self, path: Path) -> str:
+        return path.relative_to(self.inbox).as_posix()
+
+    async def take(self, path: Path) -> None:
+        """Take a settled inbox file: hash it, find or create its job, and schedule the job."""
+        if self.stopping.is_set():
+            return
+        relpath = self.relpath(path)
+        if relpath in self._taking:
+            return
+        self._taking.add(relpath)
+        try:
+            await self._take(path, relpath)
+        finally:
+            self._taking.discard(relpath)
+
+    async def _take(self, path: Path, relpath: str) -> None:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(info.st_mode):
+            self.log.warning("intake.skipped", path=relpath, reason="not a regular file (symlinks are not followed)")
+            return
+        pending = self.ledger.pending_source(relpath)
+        if pending and (pending.size, pending.mtime_ns) == (info.st_size, info.st_mtime_ns):
+            self.schedule(pending.job_id)
+            return
+        if pending:
+            self.ledger.update_source(pending.id, state="replaced", last_error="the file changed after it was taken")
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            digest = await loop.run_in_executor(self._io, sha256_file, path, self.cancel)
+            after = os.lstat(path)
+        except FileNotFoundError:
+            return
+        except Cancelled:
+            return
+        except OSError as error:
+            self.log.error("intake.unreadable", path=relpath, error=str(error),
+                           hint="check the file's permissions; it stays in the inbox")
+            return
+        if (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
+            self.log.info("intake.changed", path=relpath, reason="the file changed while it was read; waiting for it to settle")
+            return
+        job_id = make_job_id(digest, self.options)
+        job = self.ledger.create_job(job_id, digest, info.st_size, self.options.to_dict())
+        if job.stage == "failed":  # a person moved a failed file back: that is the signal to try again
+            self.ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
+        settle_s = max(0.0, time.time() - info.st_mtime)
+        source = self.ledger.add_source(relpath, job_id, info.st_size, info.st_mtime_ns, settle_s)
+        self.log.info(
+            "stage.intake", path=relpath, job_id=job_id, bytes=info.st_size, settle_s=round(settle_s, 3),
+            hash_s=round(time.monotonic() - started, 3), source_id=source.id,
+            duplicate=job.stage != "new" or len(self.ledger.sources_of(job_id)) > 1,
+        )
+        self.schedule(job_id)
+
+    # scheduling
+
+    def schedule(self, job_id: str) -> None:
+        """Start the job's task unless it is already running."""
+        task = self._tasks.get(job_id)
+        if task is not None and not task.done():
+            return
+        self._tasks[job_id] = asyncio.get_running_loop().create_task(self.run_job(job_id), name=f"job-{job_id[:12]}")
+
+    async def recover(self) -> int:
+        """Schedule every unfinished job from the ledger (start-up after a stop or a crash)."""
+        jobs = self.ledger.unfinished_jobs()
+        finished_with_pending = [
+            job_id for (job_id,) in self.ledger.db.execute(
+                "SELECT DISTINCT s.job_id FROM sources s JOIN jobs j USING (job_id)"
+                " WHERE s.state = 'pending' AND j.stage IN ('done', 'failed')"
+            )
+        ]
+        for job in jobs:
+            self.schedule(job.job_id)
+        for job_id in finished_with_pending:
+            self.schedule(job_id)
+        if jobs or finished_with_pending:
+            self.log.info("ledger.recovered", jobs=len(jobs) + len(finished_with_pending),
+                          stages={job.stage: sum(1 for other in jobs if other.stage == job.stage) for job in jobs})
+        return len(jobs) + len(finished_with_pending)
+
+    def busy(self) -> int:
+        return sum(1 for task in self._tasks.values() if not task.done())
+
+    async def run_job(self, job_id: str) -> None:
+        """Advance a job until it is finished, retrying transient failures with back-off."""
+        while not self.stopping.is_set():
+            job = self.ledger.job(job_id)
+            if job is None:
+                return
+            if job.stage in ("done", "failed") and not self.ledger.sources_of(job_id):
+                return
+            try:
+                await self.advance(job)
+                continue
+            except (Cancelled, asyncio.CancelledError):
+                self.log.info("job.parked", job_id=job_id, stage=job.stage)
+                return
+            except Permanent as error:
+                self._fail(job, error)
+                continue
+            except Exception as error:  # transient: network, disk, engine hiccups; logged with evidence
+                delay = self._retry(job, error)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+
+    def _retry(self, job: Job, error: Exception) -> float:
+        attempts = job.attempts + 1
+        delay = backoff(attempts)
+        message = f"{type(error).__name__}: {error}"
+        self.ledger.update_job(job.job_id, attempts=attempts, last_error=message, retry_at=time.time() + delay)
+        self.log.error("job.retry", job_id=job.job_id, stage=job.stage, attempts=attempts, retry_in_s=delay,
+                       error=message, hint=getattr(error, "hint", None) or _hint_for(error),
+                       exc_info=not isinstance(error, (OSError, EngineError)))
+        return delay
+
+    def _fail(self, job: Job, error: Permanent) -> None:
+        self.ledger.update_job(job.job_id, stage="failed", last_error=f"{error.kind}: {error}")
+        self.log.error("job.failed", job_id=job.job_id, kind=error.kind, error=str(error), hint=error.hint)
+
+    # stages
+
+    async def advance(self, job: Job) -> None:
+        """Run the job's next stage and commit the stage it reaches. Raises Permanent or transient errors."""
+        self.current[job.job_id] = job.stage
+        try:
+            if job.stage == "new":
+                await self._extract(job)
+            elif job.stage in ("extracted", "uploaded", "submitted"):
+                await self._transcribe(job)
+            elif job.stage in ("transcribed", "done", "failed"):
+                await self._deliver(job)
+            else:
+                raise RuntimeError(f"job {job.job_id} has an unknown stage {job.stage!r}")
+        finally:
+            self.current.pop(job.job_id, None)
+
+    def audio_path(self, job_id: str) -> Path:
+        return self.work_dir / f"{job_id}.opus"
+
+    def result_path(self, job_id: str) -> Path:
+        return self.results_dir / f"{job_id}.json"
+
+    def _first_source(self, job: Job) -> tuple[Source, Path] | None:
+        for source in self.ledger.sources_of(job.job_id):
+            path = self.inbox / source.relpath
+            if os.path.lexists(path):
+                return source, path
+            self.ledger.update_source(source.id, state="vanished", last_error="removed from the inbox before it was done")
+            self.log.warning("intake.vanished", path=source.relpath, job_id=job.job_id)
+        return None
+
+    async def _extract(self, job: Job) -> None:
+        found = self._first_source(job)
+        if found is None:  # every source left the inbox before extraction: forget the job
+            self.ledger.delete_job(job.job_id)
+            return
+        source, path = found
+        loop = asyncio.get_running_loop()
+        async with self._extract_slots:
+            try:
+                extracted = await loop.run_in_executor(
+                    self._io, lambda: extract(path, self.audio_path(job.job_id),
+                                              self.config.audio.bitrate_kbps, cancel=self.cancel)
+                )
+            except MediaError as error:
+                raise Permanent("media", f"{error.reason}", error.hint) from error
+        timings = {**job.timings, "extract_s": round(extracted.seconds, 3)}
+        self.ledger.update_job(
+            job.job_id, stage="extracted", duration=extracted.duration, audio_size=extracted.bytes_out,
+            audio_sha256=extracted.sha256, timings=timings, attempts=0, last_error=None,
+        )
+        self.log.info(
+            "stage.extract", job_id=job.job_id, path=source.relpath, bytes_in=extracted.bytes_in,
+            bytes_out=extracted.bytes_out, duration_s=round(extracted.duration, 3), seconds=round(extracted.seconds, 3),
+            speed=round(extracted.duration / extracted.seconds, 1) if extracted.seconds else None,
+            codec=extracted.source_codec, container=extracted.source_container,
+        )
+
+    def _progress_callback(self, job_id: str):
+        loop = asyncio.get_running_loop()
+
+        def report(done: float, duration: float) -> None:
+            now = time.monotonic()
+            if now - self._last_progress.get(job_id, 0.0) < 1.0 and done < duration:
+                return
+            self._last_progress[job_id] = now
+            progress = {"transcribe": round(done / duration, 3) if duration else 1.0, "done_s": round(done, 1),
+                        "duration_s": round(duration, 1)}
+            loop.call_soon_threadsafe(functools.partial(self.ledger.update_job, job_id, progress=progress))
+
+        return report
+
+    def _mark(self, job_id: str):
+        def mark(stage: str | None = None, **fields: Any) -> None:
+            changes = dict(fields)
+            if stage:
+                changes["stage"] = stage
+            self.ledger.update_job(job_id, **changes)
+
+        return mark
+
+    async def _transcribe(self, job: Job) -> None:
+        cached = self.result_path(job.job_id)
+        if cached.exists():  # transcribed before a crash, ledger not yet updated: never transcribe twice
+            self.ledger.update_job(job.job_id, stage="transcribed")
+            return
+        audio = self.audio_path(job.job_id)
+        if not audio.exists():
+            self.log.warning("job.audio_missing", job_id=job.job_id, action="extracting again")
+            self.ledger.update_job(job.job_id, stage="new")
+            return
+        options = TranscribeOptions(**job.options)
+        try:
+            routed = await self.router.transcribe(
+                job, audio, options, cancel=self.cancel, progress=self._progress_callback(job.job_id),
+                mark=self._mark(job.job_id),
+            )
+        except EngineError as error:
+            if error.kind == "audio":
+                raise Permanent("audio", str(error), "the audio could not be decoded; check the source file") from error
+            raise
+        result = {
+            **routed.result,
+            "job_id": job.job_id,
+            "executed_on": {"route": routed.route, "host": routed.host, "device": routed.device},
+            "fallback_reason": routed.fallback_reason,
+        }
+        timings = {**job.timings, **routed.timings}
+        transfer = {**job.transfer, **routed.transfer}
+        result["timings"] = {**result.get("timings", {}), **timings}
+        result["transfer"] = transfer
+        await asyncio.get_running_loop().run_in_executor(
+            self._io, outbox.write_atomic, cached, _json_bytes(result))
+        if routed.route == "remote" and self.router.remote is not None:
+            await self.router.remote.cleanup(routed.host, job.job_id)  # the Result is safe here now
+        self.ledger.update_job(
+            job.job_id, stage="transcribed", route=routed.route, host=routed.host,
+            fallback_reason=routed.fallback_reason, timings=timings, transfer=transfer, attempts=0,
+            last_error=None, progress=None,
+        )
+        duration = result.get("duration") or job.duration or 0.0
+        seconds = routed.timings.get("transcribe_s") or 0.0
+        self.log.info(
+            "stage.transcribe", job_id=job.job_id, route=routed.route, host=routed.host, device=routed.device,
+            model=result.get("model"), duration_s=duration, seconds=seconds,
+            rtf=round(seconds / duration, 4) if duration else None, fallback_reason=routed.fallback_reason,
+            language=result.get("language"), **{key: value for key, value in transfer.items() if key == "bytes"},
+        )
+
+    async def _deliver(self, job: Job) -> None:
+        """Write outputs for every pending source of a finished job, then archive each source."""
+        loop = asyncio.get_running_loop()
+        if job.stage == "failed":
+            for source in self.ledger.sources_of(job.job_id):
+                await loop.run_in_executor(self._io, self._fail_source, job, source)
+            return
+        cached = self.result_path(job.job_id)
+        if not cached.exists():
+            self.log.warning("job.result_missing", job_id=job.job_id, action="transcribing again")
+            self.ledger.update_job(job.job_id, stage="new" if not self.audio_path(job.job_id).exists() else "extracted")
+            return
+        result = await loop.run_in_executor(self._io, _read_json, cached)
+        for source in self.ledger.sources_of(job.job_id):
+            await loop.run_in_executor(self._io, self._deliver_source, job, source, result)
+        if job.stage != "done":
+            self.ledger.update_job(job.job_id, stage="done")
+            self.audio_path(job.job_id).unlink(missing_ok=True)
+
+    def _deliver_source(self, job: Job, source: Source, result: dict) -> None:
+        """Runs in a worker thread: outputs for one source, then the source leaves the inbox."""
+        started = time.monotonic()
+        path = self.inbox / source.relpath
+        relative = Path(source.relpath)
+        folder = self.outbox_root / relative.parent
+        document = {
+            **result,
+            "schema": RESULT_SCHEMA,
+            "job_id": job.job_id,
+            "source": {"path": source.relpath, "size": source.size, "sha256": job.source_sha256},
+        }
+        timings = dict(document.get("timings", {}))
+        timings["settle_s"] = round(source.settle_s, 3)
+        base, already = outbox.plan_outputs(folder, relative.stem, self.formats, job.job_id)
+        if not already:
+            timings["total_s"] = round(source.settle_s + (time.time() - source.taken_at), 3)
+            document["timings"] = timings
+            outbox.write_outputs(base, document, self.formats)
+        policy = self.config.after_success
+        if os.path.lexists(path):
+            if policy == "archive":
+                outbox.move_without_overwrite(path, self.config.archive / source.relpath)
+            elif policy == "delete":
+                os.unlink(path)
+                outbox.fsync_directory(path.parent)
+        call = self._on_loop(self.ledger.update_source, source.id, state="done",
+                             outputs={"base": str(base.relative_to(self.outbox_root))})
+        call.result()
+        self.log.info(
+            "stage.outbox", job_id=job.job_id, path=source.relpath, output=str(base.relative_to(self.outbox_root)) + ".json",
+            formats=self.formats, already_written=already, after_success=policy,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        self.log.info(
+            "job.done", job_id=job.job_id, path=source.relpath, route=job.route, host=job.host,
+            duration_s=job.duration, total_s=timings.get("total_s"), fallback_reason=job.fallback_reason,
+            bytes_source=source.size, bytes_sent=(job.transfer or {}).get("bytes", 0), timings=timings,
+        )
+
+    def _fail_source(self, job: Job, source: Source) -> None:
+        path = self.inbox / source.relpath
+        kind, _, message = (job.last_error or "error: unknown").partition(": ")
+        hint = _failure_hint(kind)
+        record = {
+            "path": source.relpath,
+            "job_id": job.job_id,
+            "kind": kind,
+            "error": message,
+            "what_to_do": hint,
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "retry": "move the file back into the inbox once it is fixed; it will be taken again",
+        }
+        moved = outbox.record_failure(path, self.config.failed, source.relpath, record)
+        self._on_loop(self.ledger.update_source, source.id, state="failed", last_error=message).result()
+        self.log.error("stage.failed", job_id=job.job_id, path=source.relpath, kind=kind, error=message,
+                       hint=hint, moved_to=str(moved))
+
+    def _on_loop(self, function, *args, **kwargs):
+        """Run a ledger write on the event loop's thread from a worker thread; returns a Future."""
+        return asyncio.run_coroutine_threadsafe(_call(function, *args, **kwargs), self._loop)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop starting stages, cancel cooperative work, wait up to `timeout` s. True if all parked."""
+        self.stopping.set()
+        self.cancel.set()
+        tasks = [task for task in self._tasks.values() if not task.done()]
+        if not tasks:
+            return True
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        return not pending
+
+    def close(self) -> None:
+        self.local.shutdown()
+        self._io.shutdown(wait=False, cancel_futures=True)
+        self.ledger.close()
+
+
+async def _call(function, *args, **kwargs):
+    return function(*args, **kwargs)
+
+
+def _json_bytes(document: dict) -> bytes:
+    import json
+
+    return json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _hint_for(error: Exception) -> str:
+    if isinstance(error, PermissionError):
+        return f"whisperdrop cannot write {error.filename!r}: fix its owner or permissions; the source stays in the inbox"
+    if isinstance(error, OSError) and error.errno == errno.EROFS:
+        return f"{error.filename or 'a folder'} is on a read-only file system: remount it writable or change outbox/archive; the source stays in the inbox"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return "the disk is full: free space; the source stays in the inbox and is retried"
+    if isinstance(error, EngineError) and error.kind == "model":
+        return "fix local.model (or transcription.model) in config.yaml; see README, Models"
+    return "retried automatically with back-off; the source stays in the inbox"
+
+
+def _failure_hint(kind: str) -> str:
+    if kind in ("media", "audio"):
+        return ("the file is not media with an audio stream that PyAV can decode; check it plays, re-export or "
+                "re-download it, then move it back into the inbox")
+    return "see the error; move the file back into the inbox to try again"
