@@ -57,12 +57,12 @@ class FaultServer:
     """An asyncssh SSH/SFTP server over `root` that accepts `client_public_key` only."""
 
     def __init__(self, root: Path, client_public_key: Path, *, drop_after: int | None = None,
-                 fail_after: int | None = None):
+                 fail_after: int | None = None, host: str = "127.0.0.1", port: int = 0):
         self.root = Path(root)
         self.client_public_key = Path(client_public_key)
         self.faults = _Faults(drop_after, fail_after)
-        self.host = "127.0.0.1"
-        self.port = 0
+        self.host = host
+        self.port = port
         self._server: asyncssh.SSHAcceptor | None = None
         self._host_key = asyncssh.generate_private_key("ssh-ed25519")
 
@@ -80,7 +80,7 @@ class FaultServer:
     async def __aenter__(self) -> "FaultServer":
         faults, root = self.faults, self.root
         self._server = await asyncssh.create_server(
-            asyncssh.SSHServer, self.host, 0, server_host_keys=[self._host_key],
+            asyncssh.SSHServer, self.host, self.port, server_host_keys=[self._host_key],
             authorized_client_keys=str(self.client_public_key),
             sftp_factory=lambda chan: _FaultySFTPServer(chan, root=root, faults=faults),
             allow_scp=False,
@@ -117,3 +117,29 @@ class HungServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+async def _serve(arguments) -> None:
+    server = FaultServer(Path(arguments.root), Path(arguments.client_key), drop_after=arguments.drop_after,
+                         fail_after=arguments.fail_after, host=arguments.listen, port=arguments.port)
+    async with server:
+        server.write_known_hosts(Path(arguments.known_hosts))
+        print(server.port, flush=True)
+        while True:
+            await asyncio.sleep(0.5)
+            print(f"bytes_written={server.faults.bytes_written} drops={server.faults.drops}", flush=True)
+
+
+if __name__ == "__main__":
+    # A fault server in its own process, e.g. inside a network namespace behind a shaped link:
+    #   ip netns exec NS python tests/faultserver.py --root R --client-key K.pub --known-hosts F --listen ADDR
+    # It prints its port, then a line of counters every half second.
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    for flag in ("--root", "--client-key", "--known-hosts", "--listen"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--drop-after", type=int)
+    parser.add_argument("--fail-after", type=int)
+    asyncio.run(_serve(parser.parse_args()))

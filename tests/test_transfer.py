@@ -56,12 +56,21 @@ def result_document(job: str) -> dict:
 
 
 def test_resume_offset_starts_a_block_aligned_margin_below_the_part():
-    """The resume offset is the .part size less the safety margin, rounded down to a block, never negative."""
-    block, margin = transfer.BLOCK_SIZE, transfer.SAFETY_MARGIN
+    """The resume offset is the .part size less WINDOW blocks, rounded down to a block, never negative."""
+    block = transfer.block_size_for(10 * MiB)
+    margin = transfer.WINDOW * block
     assert transfer.resume_offset(0, 10 * MiB) == 0
     assert transfer.resume_offset(margin - 1, 10 * MiB) == 0
     assert transfer.resume_offset(margin + 3 * block + 5, 10 * MiB) == 3 * block
     assert transfer.resume_offset(11 * MiB, 10 * MiB) == 0  # larger than the audio: start again
+
+
+def test_block_size_scales_with_the_file():
+    """Small uploads use small blocks so a cut one resumes above zero; large ones use the largest block."""
+    two_minutes_of_opus = 360 * 1024
+    assert transfer.block_size_for(two_minutes_of_opus) == transfer.MIN_BLOCK_SIZE
+    assert transfer.resume_offset(two_minutes_of_opus // 2, two_minutes_of_opus) > 0
+    assert transfer.block_size_for(1 << 30) == transfer.BLOCK_SIZE
 
 
 def test_remote_paths_carry_only_job_ids():
@@ -409,9 +418,10 @@ def test_dropped_connection_mid_upload_resumes(tmp_path, client_key):
     assert drops == 1 and error.transient is True and error.operation == "upload"
     assert stats.resumed_from > 0 and stats.resumed_from <= size // 2
     assert stats.bytes_sent == size - stats.resumed_from
-    # Re-sent at most: the safety margin plus the rounding down to a block (about 2.2 MiB).
-    assert transfer.SAFETY_MARGIN + transfer.BLOCK_SIZE <= 2 * MiB
-    assert server_bytes <= size + transfer.SAFETY_MARGIN + transfer.BLOCK_SIZE
+    # Re-sent at most: WINDOW blocks of margin plus the rounding down to a block, within 2 MiB.
+    block = transfer.block_size_for(size)
+    assert (transfer.WINDOW + 1) * block <= 2 * MiB
+    assert server_bytes <= size + (transfer.WINDOW + 1) * block
     assert (root / "spool" / "incoming" / f"{JOB}.opus").read_bytes() == data
     assert not (root / "spool" / "incoming" / f"{JOB}.opus.part").exists()
 

@@ -136,7 +136,8 @@ class Engine:
         self._lock = threading.Lock()
 
     def loaded(self) -> list[ModelKey]:
-        return list(self._models)
+        with self._lock:  # another thread may be loading or evicting (the runner's heartbeat reads this)
+            return list(self._models)
 
     def load(self, key: ModelKey) -> Any:
         """The WhisperModel for `key`, loading it (and evicting the least recently used) if needed."""

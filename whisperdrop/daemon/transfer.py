@@ -49,9 +49,8 @@ WINDOW = 7
 """SFTP write requests in flight at once on one file. 7 keeps a resume's re-sent bytes
 (SAFETY_MARGIN + BLOCK_SIZE) within 2 MiB; 8 was no faster within the noise."""
 SAFETY_MARGIN = BLOCK_SIZE * WINDOW
-"""Resume this far below a .part's size. A server may complete the writes in flight out of order,
-so any of the last WINDOW blocks below the reported size may be a hole; a resume re-sends at most
-SAFETY_MARGIN + BLOCK_SIZE bytes (2040 KiB, under 2 MiB)."""
+"""The largest resume margin (see resume_offset): a resume re-sends at most (WINDOW + 1) blocks,
+2040 KiB for the largest block, under 2 MiB."""
 KEEPALIVE_COUNT_MAX = 3
 
 _PREFERRED_CIPHERS = (
@@ -107,15 +106,29 @@ class UploadStats:
     audio_bytes: int
 
 
+MIN_BLOCK_SIZE = 16 * 1024
+
+
+def block_size_for(size: int) -> int:
+    """The write size for an upload of `size` bytes: a 64th of the file, from 16 KiB to BLOCK_SIZE.
+
+    Small files (minutes of Opus are a few hundred KiB) get small blocks, so the resume margin
+    (WINDOW blocks) stays a fraction of the file and a cut upload really resumes. The same size
+    always gives the same block, so a resume computes the margin the cut attempt used.
+    """
+    return max(MIN_BLOCK_SIZE, min(BLOCK_SIZE, size // 64 // 4096 * 4096))
+
+
 def resume_offset(remote_size: int, size: int) -> int:
     """Where to resume an upload of `size` bytes whose .part has `remote_size` bytes.
 
-    A safety margin below the reported size, rounded down to a block; 0 when the .part is larger
-    than the audio (a different or corrupt upload).
+    WINDOW blocks below the reported size (writes in flight may have completed out of order and
+    left holes there), rounded down to a block; 0 when the .part is larger than the audio.
     """
     if remote_size > size:
         return 0
-    return max(0, remote_size - SAFETY_MARGIN) // BLOCK_SIZE * BLOCK_SIZE
+    block = block_size_for(size)
+    return max(0, remote_size - WINDOW * block) // block * block
 
 
 def _ssh_host_spec(host: str, port: int) -> str:
@@ -364,7 +377,7 @@ class Host:
 
         # block_size=0: each write() is one SFTP request; _send does the pipelining itself.
         remote = await self._timed("upload", sftp.open(part, _WRITE_PFLAGS, encoding=None, block_size=0))
-        block_size = min(BLOCK_SIZE, sftp.limits.max_write_len or BLOCK_SIZE)
+        block_size = min(block_size_for(size), sftp.limits.max_write_len or BLOCK_SIZE)
         closed = False
         try:
             remote_size = (await self._timed("upload", remote.stat())).size or 0

@@ -1,0 +1,343 @@
+"""The remote route: GPU hosts over SSH, chosen by health and load, with a fallback reason when none serves.
+
+For one job: choose a host (fresh runner heartbeat, shortest queue), upload the audio (resumable),
+submit the job document, wait for the result while surfacing the runner's progress, fetch it. Each
+step is recorded in the ledger (`mark`), so a restart resumes an upload or goes back to waiting.
+A host that fails is marked down with a doubling back-off and probed again later.
+
+`transcribe` never raises for a host's failure: it returns an `Outcome` whose `reason` says why no
+host served the job, and the router falls back to the local engine (provider `auto`) or waits
+(provider `remote`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from whisperdrop import log
+from whisperdrop.daemon.route import Routed
+from whisperdrop.daemon.transfer import Host, HostError
+from whisperdrop.engine import Cancelled
+from whisperdrop.spool import ProtocolError, TranscribeOptions, make_job_document
+
+HEALTH_CACHE_S = 3.0
+POLL_MAX_S = 5.0
+MAX_CHECKSUM_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """`routed` when a host served the job; otherwise `reason` says why none did."""
+
+    routed: Routed | None
+    reason: str | None = None
+
+
+@dataclass
+class HostState:
+    """What the daemon knows of one GPU host: its connection, health and back-off."""
+
+    host: Host
+    failures: int = 0
+    down_until: float = 0.0
+    last_error: str | None = None
+    runners: list = field(default_factory=list)
+    checked_at: float = 0.0
+    in_flight: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+
+class HostUnusable(Exception):
+    """A host cannot take this job now; the message is the fallback reason."""
+
+
+class RemotePool:
+    """All configured GPU hosts; `transcribe(job, ...)` runs one job remotely or says why not."""
+
+    def __init__(self, config: Any, *, clock: Callable[[], float] = time.time):
+        remote = config.remote
+        self.provider = config.transcription.provider
+        self.settings = remote
+        self.clock = clock
+        self.states = [
+            HostState(Host(dict(host), connect_timeout=remote.connect_timeout, keepalive_interval=remote.keepalive_interval))
+            for host in remote.hosts
+        ]
+        self.uploads = asyncio.Semaphore(remote.parallel_uploads)
+        self.health_file = Path(config.state_dir) / "hosts.json"
+        self.log = log.get("remote")
+
+    def state(self, name: str | None) -> HostState | None:
+        return next((state for state in self.states if state.name == name), None)
+
+    # health
+
+    def _mark_down(self, state: HostState, error: BaseException | str) -> None:
+        state.failures += 1
+        delay = min(self.settings.retry_max_seconds, self.settings.retry_initial_seconds * 2 ** (state.failures - 1))
+        state.down_until = self.clock() + delay
+        state.last_error = str(error)
+        self.log.warning("host.down", host=state.name, error=str(error), retry_in_s=delay, failures=state.failures,
+                         hint=getattr(error, "hint", None))
+        self._write_health()
+
+    def _mark_up(self, state: HostState) -> None:
+        if state.failures or state.last_error:
+            self.log.info("host.up", host=state.name, after_failures=state.failures)
+        state.failures = 0
+        state.down_until = 0.0
+        state.last_error = None
+
+    async def _check(self, state: HostState) -> None:
+        """Connect (if needed) and read the runner heartbeats. Raises HostError or HostUnusable."""
+        now = self.clock()
+        if now - state.checked_at < HEALTH_CACHE_S and state.runners:
+            return
+        await state.host.connect()
+        await state.host.ensure_spool()
+        beats = await state.host.heartbeats()
+        state.checked_at = self.clock()
+        fresh = [beat for beat in beats
+                 if isinstance(beat.get("updated_at"), (int, float))
+                 and state.checked_at - beat["updated_at"] <= self.settings.heartbeat_max_age]
+        state.runners = fresh
+        self._write_health()
+        if not fresh:
+            newest = max((beat.get("updated_at", 0) for beat in beats), default=None)
+            age = f"newest is {state.checked_at - newest:.0f} s old" if newest else "no runner has ever written one"
+            raise HostUnusable(f"{state.name}: no fresh runner heartbeat ({age}); start `whisperdrop runner` there")
+
+    def _load(self, state: HostState) -> float:
+        """Lower is better: queued audio seconds per runner, plus what this daemon has in flight there."""
+        queue = sum(beat.get("queue_length", 0) or 0 for beat in state.runners)
+        return (queue + state.in_flight) / max(1, len(state.runners))
+
+    async def _healthy_hosts(self) -> tuple[list[HostState], list[str]]:
+        reasons, healthy = [], []
+        for state in self.states:
+            if state.down_until > self.clock():
+                reasons.append(f"{state.name}: down ({state.last_error}); next try in "
+                               f"{state.down_until - self.clock():.0f} s")
+                continue
+            try:
+                await self._check(state)
+            except (HostError, HostUnusable) as error:
+                self._mark_down(state, error)
+                reasons.append(str(error))
+                continue
+            self._mark_up(state)
+            healthy.append(state)
+        healthy.sort(key=self._load)
+        return healthy, reasons
+
+    def _write_health(self) -> None:
+        """Snapshot of every host's health for `whisperdrop status` (read by another process)."""
+        snapshot = {
+            "updated_at": self.clock(),
+            "hosts": [
+                {"name": state.name, "up": state.down_until <= self.clock() and state.last_error is None,
+                 "failures": state.failures, "last_error": state.last_error, "down_until": state.down_until,
+                 "in_flight": state.in_flight, "runners": state.runners}
+                for state in self.states
+            ],
+        }
+        temporary = self.health_file.with_name(self.health_file.name + ".tmp")
+        try:
+            temporary.write_text(json.dumps(snapshot, default=str))
+            os.replace(temporary, self.health_file)
+        except OSError as error:  # a status snapshot must never break a job; say so and go on
+            self.log.warning("host.health_snapshot_failed", error=str(error))
+
+    # one job
+
+    async def transcribe(
+        self,
+        job: Any,
+        audio: Path,
+        options: TranscribeOptions,
+        *,
+        cancel: threading.Event,
+        progress: Callable[[float, float], None] | None = None,
+        mark: Callable[..., None] | None = None,
+    ) -> Outcome:
+        """Run `job` on a GPU host; return its Routed result, or the reason no host served it."""
+        mark = mark or (lambda *args, **kwargs: None)
+        below = self.settings.local_below_seconds
+        if self.provider == "auto" and below and (job.duration or 0) < below:
+            return Outcome(None, f"short audio: {job.duration:.1f} s is below remote.local_below_seconds ({below:g} s)")
+        transfer = dict(job.transfer or {})
+        timings = dict(job.timings or {})
+        waited_since = self.clock()
+        while True:
+            if cancel.is_set():
+                raise Cancelled()
+            resumed = self.state(job.host) if job.stage in ("uploaded", "submitted") else None
+            if resumed is None and job.stage in ("uploaded", "submitted"):
+                job.stage = "extracted"  # its host is no longer configured: start over elsewhere
+            # A job already on a host stays with it: `_wait` keeps polling it until remote.job_timeout.
+            candidates, reasons = ([resumed], []) if resumed else await self._healthy_hosts()
+            for state in candidates:
+                try:
+                    routed = await self._run_on(state, job, audio, options, cancel, progress, mark, transfer, timings)
+                    return Outcome(routed)
+                except (HostError, HostUnusable, ProtocolError) as error:
+                    if isinstance(error, HostError):
+                        self._mark_down(state, error)
+                    reasons.append(f"{state.name}: {error}")
+                    job.stage = "extracted"  # the next host starts from the upload
+                    job.transfer = transfer
+            reason = "; ".join(reasons) or "no GPU host is configured"
+            if self.provider != "remote":
+                self.log.warning("route.fallback", job_id=job.job_id, reason=reason)
+                return Outcome(None, reason)
+            wait = min(self.settings.retry_max_seconds, max(1.0, min(
+                (state.down_until for state in self.states), default=self.clock() + 5) - self.clock()))
+            self.log.warning("route.waiting_for_host", job_id=job.job_id, reason=reason, retry_in_s=round(wait, 1),
+                             waited_s=round(self.clock() - waited_since, 1))
+            await _sleep_unless(cancel, wait)
+
+    async def _run_on(self, state: HostState, job: Any, audio: Path, options: TranscribeOptions,
+                      cancel: threading.Event, progress, mark, transfer: dict, timings: dict) -> Routed:
+        host = state.host
+        state.in_flight += 1
+        try:
+            checksum_retries = 0
+            while True:
+                if job.stage not in ("uploaded", "submitted"):
+                    async with self.uploads:
+                        started = time.monotonic()
+                        stats = await host.upload(job.job_id, audio, size=job.audio_size, sha256=job.audio_sha256)
+                    transfer["bytes"] = transfer.get("bytes", 0) + stats.bytes_sent
+                    transfer["audio_bytes"] = stats.audio_bytes
+                    transfer["resumed_from"] = max(transfer.get("resumed_from", 0), stats.resumed_from)
+                    timings["upload_s"] = round(timings.get("upload_s", 0) + time.monotonic() - started, 3)
+                    mark("uploaded", host=state.name, transfer=transfer, timings=timings)
+                    self.log.info("stage.upload", job_id=job.job_id, host=state.name, bytes=stats.bytes_sent,
+                                  audio_bytes=stats.audio_bytes, resumed_from=stats.resumed_from,
+                                  seconds=round(stats.seconds, 3),
+                                  mbit_s=round(stats.bytes_sent * 8 / stats.seconds / 1e6, 1) if stats.seconds else None)
+                    job.stage = "uploaded"
+                if job.stage == "uploaded":
+                    document = make_job_document(job.job_id, options, job.audio_size, job.audio_sha256,
+                                                 job.duration or 0.0, "audio.opus", self.clock())
+                    await host.submit(document)
+                    timings["submitted_at"] = self.clock()
+                    mark("submitted", host=state.name, timings=timings)
+                    job.stage = "submitted"
+                outcome = await self._wait(state, job, cancel, progress, timings)
+                if outcome == "checksum":
+                    checksum_retries += 1
+                    if checksum_retries > MAX_CHECKSUM_RETRIES:
+                        raise HostUnusable(f"the audio arrived damaged {checksum_retries} times")
+                    self.log.warning("stage.checksum_mismatch", job_id=job.job_id, host=state.name,
+                                     action="uploading again from zero")
+                    await host.cleanup(job.job_id)
+                    job.stage = "extracted"
+                    mark("extracted", timings=timings, transfer=transfer)
+                    continue
+                break
+            fetch_started = time.monotonic()
+            result_path = Path(audio).with_suffix(".remote.json")
+            result = await host.fetch_result(job.job_id, result_path)
+            result_path.unlink(missing_ok=True)
+            timings["fetch_s"] = round(time.monotonic() - fetch_started, 3)
+            runner_timings = result.get("timings", {})
+            for key in ("queue_s", "transcribe_s", "load_s"):
+                if key in runner_timings:
+                    timings[key] = runner_timings[key]
+            executed = result.get("executed_on", {})
+            self._mark_up(state)
+            return Routed(
+                result=result, route="remote", host=state.name,
+                device=executed.get("device") or result.get("engine", {}).get("device", "unknown"),
+                timings={key: value for key, value in timings.items() if key != "submitted_at"},
+                transfer=transfer,
+            )
+        finally:
+            state.in_flight -= 1
+
+    async def _wait(self, state: HostState, job: Any, cancel: threading.Event, progress, timings: dict) -> str:
+        """Poll the job's state with back-off until done; "checksum" when the runner found bad audio.
+
+        Raises HostUnusable when the job failed there or `job_timeout` passed (a late result is
+        cleaned up then), HostError when the host cannot be reached at all.
+        """
+        host = state.host
+        submitted = timings.get("submitted_at", self.clock())
+        interval = self.settings.poll_interval
+        while True:
+            if cancel.is_set():
+                raise Cancelled()
+            if self.clock() - submitted > self.settings.job_timeout:
+                await self._abandon(state, job.job_id)
+                raise HostUnusable(f"no result within remote.job_timeout ({self.settings.job_timeout:g} s)")
+            try:
+                status, document = await host.state(job.job_id)
+            except HostError as error:
+                if not error.transient:
+                    raise
+                self.log.warning("remote.poll_failed", job_id=job.job_id, host=state.name, error=str(error))
+                await _sleep_unless(cancel, min(POLL_MAX_S, interval * 4))
+                continue
+            if status == "done":
+                return "done"
+            if status == "failed":
+                document = document or {}
+                if document.get("kind") == "checksum":
+                    return "checksum"
+                await host.cleanup(job.job_id)
+                raise HostUnusable(f"the runner failed the job ({document.get('kind')}: {document.get('message')})")
+            if status == "missing":
+                raise HostUnusable("the job vanished from the spool (expired or removed)")
+            if status == "running" and document and progress is not None:
+                done, duration = document.get("done_s"), document.get("duration_s")
+                if isinstance(done, (int, float)) and isinstance(duration, (int, float)):
+                    progress(float(done), float(duration))
+            await _sleep_unless(cancel, interval)
+            interval = min(POLL_MAX_S, interval * 1.5)
+
+    async def _abandon(self, state: HostState, job_id: str) -> None:
+        """Give up on a remote job: remove its files now if the host answers (a late result is discarded)."""
+        try:
+            await asyncio.wait_for(state.host.cleanup(job_id), timeout=self.settings.connect_timeout)
+            self.log.info("remote.abandoned", job_id=job_id, host=state.name, cleaned=True)
+        except (HostError, asyncio.TimeoutError) as error:
+            self.log.warning("remote.abandoned", job_id=job_id, host=state.name, cleaned=False, error=str(error),
+                             note="the runner expires leftovers after runner.expire_days")
+
+    async def cleanup(self, host_name: str | None, job_id: str) -> None:
+        """Remove a finished job's remote files (after its Result is safely stored here)."""
+        state = self.state(host_name)
+        if state is None:
+            return
+        try:
+            await state.host.cleanup(job_id)
+        except HostError as error:
+            self.log.warning("remote.cleanup_failed", job_id=job_id, host=host_name, error=str(error),
+                             note="the runner expires leftovers after runner.expire_days")
+
+    async def close(self) -> None:
+        for state in self.states:
+            try:
+                await state.host.close()
+            except HostError:
+                pass
+
+
+async def _sleep_unless(cancel: threading.Event, seconds: float) -> None:
+    """Sleep up to `seconds`, waking early (raising Cancelled) when `cancel` is set."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if cancel.is_set():
+            raise Cancelled()
+        await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
