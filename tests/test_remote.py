@@ -274,3 +274,51 @@ def test_upload_resumes_after_the_server_drops_mid_upload_over_a_slow_link(tmp_p
             server.kill()
             server.wait(5)
         namespace.cleanup()
+
+
+def test_second_host_serves_when_the_first_is_down(sshd, tmp_path):
+    """With the first host's sshd stopped, the job goes to the other healthy host, not to the local CPU."""
+    from sshd import SSHServer
+
+    second = SSHServer()
+    runner = None
+    daemon = None
+    try:
+        second.start()
+        runner = RunnerProcess(tmp_path, second.spool, name="gpu-two").start()
+        sshd.stop()
+        (tmp_path / "daemon").mkdir()
+        daemon = Daemon(tmp_path / "daemon", transcription={"provider": "auto"}, remote={
+            **FAST_REMOTE, "hosts": [sshd.host_settings(name="first"), second.host_settings(name="second")]}).start()
+        shutil.copy(JFK, daemon.inbox / "jfk.flac")
+        result = result_of(daemon, "jfk")
+        assert result["executed_on"] == {"route": "remote", "host": "second", "device": "cpu"}
+        assert result["fallback_reason"] is None
+        assert any(event.get("event") == "host.down" and event.get("host") == "first" for event in daemon.events())
+    finally:
+        if daemon is not None:
+            assert daemon.stop() == 0
+        if runner is not None:
+            runner.stop()
+        second.cleanup()
+
+
+def test_job_timeout_falls_back_and_discards_the_late_job(sshd, tmp_path):
+    """A submitted job with no runner to take it falls back locally after remote.job_timeout; its remote files are removed."""
+    heartbeat = sshd.spool / "runners" / "ghost.json"
+    heartbeat.parent.mkdir(parents=True, exist_ok=True)
+    # A runner that looks alive (fresh heartbeat) but never takes a job: it vanished after the heartbeat.
+    heartbeat.write_text(json.dumps({"name": "ghost", "updated_at": time.time() + 300, "queue_length": 0}))
+    (tmp_path / "daemon").mkdir()
+    daemon = Daemon(tmp_path / "daemon", transcription={"provider": "auto"},
+                    remote={**FAST_REMOTE, "job_timeout": 4.0, "hosts": [sshd.host_settings()]}).start()
+    try:
+        shutil.copy(JFK, daemon.inbox / "jfk.flac")
+        result = result_of(daemon, "jfk")
+        assert result["executed_on"]["route"] == "local"
+        assert "job_timeout" in result["fallback_reason"] and "testhost" in result["fallback_reason"]
+        leftovers = [path.name for folder in ("incoming", "jobs", "work", "results")
+                     for path in (sshd.spool / folder).iterdir()]
+        assert leftovers == []
+    finally:
+        assert daemon.stop() == 0

@@ -51,6 +51,7 @@ class HostState:
     runners: list = field(default_factory=list)
     checked_at: float = 0.0
     in_flight: int = 0
+    spool_ready: bool = False
 
     @property
     def name(self) -> str:
@@ -104,7 +105,9 @@ class RemotePool:
         if now - state.checked_at < HEALTH_CACHE_S and state.runners:
             return
         await state.host.connect()
-        await state.host.ensure_spool()
+        if not state.spool_ready:
+            await state.host.ensure_spool()
+            state.spool_ready = True
         beats = await state.host.heartbeats()
         state.checked_at = self.clock()
         fresh = [beat for beat in beats
@@ -118,9 +121,17 @@ class RemotePool:
             raise HostUnusable(f"{state.name}: no fresh runner heartbeat ({age}); start `whisperdrop runner` there")
 
     def _load(self, state: HostState) -> float:
-        """Lower is better: queued audio seconds per runner, plus what this daemon has in flight there."""
+        """Lower is better: jobs queued there (plus this daemon's in flight) over the host's speed.
+
+        Speed is audio seconds per transcription second summed over its runners, from their
+        heartbeats (1.0 for a runner that has not finished a job yet).
+        """
         queue = sum(beat.get("queue_length", 0) or 0 for beat in state.runners)
-        return (queue + state.in_flight) / max(1, len(state.runners))
+        speed = 0.0
+        for beat in state.runners:
+            audio, busy = beat.get("audio_seconds_done") or 0, beat.get("transcribe_seconds_done") or 0
+            speed += audio / busy if audio and busy else 1.0
+        return (queue + state.in_flight) / max(speed, 1e-6)
 
     async def _healthy_hosts(self) -> tuple[list[HostState], list[str]]:
         reasons, healthy = [], []
