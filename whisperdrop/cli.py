@@ -53,7 +53,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(config, args)
     from whisperdrop.daemon.service import serve
 
-    return asyncio.run(serve(config))
+    status = asyncio.run(serve(config))
+    # Every stage is committed to the ledger, so a worker thread still inside a long engine window
+    # holds nothing worth waiting for: exit now instead of joining it (SIGTERM's 10-second promise).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
