@@ -227,7 +227,8 @@ class RemotePool:
                 if job.stage not in ("uploaded", "submitted"):
                     async with self.uploads:
                         started = time.monotonic()
-                        stats = await host.upload(job.job_id, audio, size=job.audio_size, sha256=job.audio_sha256)
+                        stats = await host.upload(job.job_id, audio, size=job.audio_size, sha256=job.audio_sha256,
+                                                  progress=_upload_progress(mark))
                     transfer["bytes"] = transfer.get("bytes", 0) + stats.bytes_sent
                     transfer["audio_bytes"] = stats.audio_bytes
                     transfer["resumed_from"] = max(transfer.get("resumed_from", 0), stats.resumed_from)
@@ -343,6 +344,20 @@ class RemotePool:
                 await state.host.close()
             except HostError:
                 pass
+
+
+def _upload_progress(mark: Callable[..., None]) -> Callable[[int, int], None]:
+    """A progress callback for Host.upload that records `progress.upload` in the ledger, once a second."""
+    last = 0.0
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= 1.0 or done >= total:
+            last = now
+            mark(None, progress={"upload": round(done / total, 3) if total else 1.0})
+
+    return report
 
 
 async def _sleep_unless(cancel: threading.Event, seconds: float) -> None:

@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import time
 from typing import Any
 
 from whisperdrop import log
-from whisperdrop.daemon.notify import Notifier
+from whisperdrop.notify import Notifier
 from whisperdrop.daemon.pipeline import Pipeline
 from whisperdrop.daemon.watch import InboxWatcher
 
 STOP_TIMEOUT_S = 8.0
+TICK_S = 1.0  # the systemd/metrics loop's period; WATCHDOG=1 still goes out at half of WatchdogSec
+METRICS_EVERY_S = 15.0
+METRICS_MIN_S = 2.0  # after a ledger change, rewrite no more often than this (progress changes every second)
 
 
 def build_remote(config: Any) -> Any | None:
@@ -71,7 +75,8 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
         config=str(config.source) if config.source else "embedded default",
     )
     notifier.ready(status="watching the inbox")
-    heartbeat = loop.create_task(_keep_systemd_informed(notifier, pipeline, stop), name="notify")
+    metrics = MetricsWriter(config.logging.metrics_textfile, pipeline, config.path("state_dir") / "hosts.json")
+    heartbeat = loop.create_task(_keep_systemd_informed(notifier, pipeline, stop, metrics), name="notify")
     await stop.wait()
 
     started = time.monotonic()
@@ -84,26 +89,71 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     parked = await pipeline.drain(STOP_TIMEOUT_S)
     if remote is not None:
         await remote.close()
-    pipeline.close()
     await asyncio.gather(watch_task, heartbeat, *intake, return_exceptions=True)
+    metrics.step(force=True)  # the last state, before the ledger closes
+    pipeline.close()
     logger.info("daemon.stopped", seconds=round(time.monotonic() - started, 3), clean=parked)
     return 0
 
 
-async def _keep_systemd_informed(notifier: Notifier, pipeline: Pipeline, stop: asyncio.Event) -> None:
-    """WATCHDOG=1 at half of WatchdogSec, and a STATUS= line with the queue and the current job."""
-    interval = notifier.watchdog_interval or 5.0
-    last_status = ""
+def _status_line(pipeline: Pipeline) -> str:
+    """The STATUS= text: jobs in progress and the first one's stage."""
+    status = f"{pipeline.busy()} job(s) in progress"
+    current = next(iter(pipeline.current.items()), None)
+    if current:
+        status += f"; {current[0][:12]} at {current[1]}"
+    return status
+
+
+class MetricsWriter:
+    """Rewrites `logging.metrics_textfile` every METRICS_EVERY_S, and at most every METRICS_MIN_S
+    after the ledger changed. A failed write is logged and never stops the daemon."""
+
+    def __init__(self, path: str | None, pipeline: Pipeline, health_file: Any, clock=time.monotonic):
+        self.path = path
+        self.pipeline = pipeline
+        self.health_file = health_file
+        self.clock = clock
+        self._written_at = float("-inf")
+        self._changes = -1
+        self._failing = False
+        self.log = log.get("metrics")
+
+    def step(self, force: bool = False) -> bool:
+        """Write the file if it is due (or `force`); True when it was written."""
+        if not self.path:
+            return False
+        now = self.clock()
+        changes = self.pipeline.ledger.db.total_changes
+        due = now - self._written_at >= METRICS_EVERY_S
+        changed = changes != self._changes and now - self._written_at >= METRICS_MIN_S
+        if not (due or changed or force):
+            return False
+        from whisperdrop import report  # the renderer is shared with `whisperdrop stats`
+
+        self._written_at, self._changes = now, changes
+        try:
+            text = report.render_metrics(self.pipeline.ledger, report.read_hosts(self.health_file))
+            report.write_textfile(self.path, text)
+        except (OSError, sqlite3.Error) as error:
+            if not self._failing:
+                self.log.warning("metrics.write_failed", path=self.path, error=str(error),
+                                 hint="let the daemon's user write that folder (ReadWritePaths= in the unit)")
+            self._failing = True
+            return False
+        self._failing = False
+        return True
+
+
+async def _keep_systemd_informed(notifier: Notifier, pipeline: Pipeline, stop: asyncio.Event,
+                                 metrics: MetricsWriter | None = None) -> None:
+    """WATCHDOG=1 at half of WatchdogSec, a STATUS= line with the queue and the current job, and the
+    Prometheus textfile (`logging.metrics_textfile`) when it is due."""
+    interval = min(notifier.watchdog_interval or TICK_S, TICK_S)
     while not stop.is_set():
-        if notifier.watchdog_interval:
-            notifier.watchdog()
-        current = next(iter(pipeline.current.items()), None)
-        status = f"{pipeline.busy()} job(s) in progress"
-        if current:
-            status += f"; {current[0][:12]} at {current[1]}"
-        if status != last_status:
-            notifier.status(status)
-            last_status = status
+        notifier.tick(status=lambda: _status_line(pipeline))
+        if metrics is not None:
+            metrics.step()
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)
         except asyncio.TimeoutError:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from whisperdrop import __version__, log
 from whisperdrop.config import defaults as config_defaults
+from whisperdrop.notify import Notifier
 from whisperdrop.engine import (
     Cancelled, Engine, EngineError, ModelKey, resolve_compute_type, resolve_device,
 )
@@ -785,7 +786,11 @@ def main(config: Any) -> int:
         # The loop runs in a thread so that the main thread stays free to run signal handlers at once.
         worker = threading.Thread(target=serve, name="runner-serve")
         worker.start()
+        # READY before the model loads, so downloading large-v3 cannot hit systemd's start timeout.
+        notifier = Notifier()
+        notifier.ready(status=f"serving {runner.spool}")
         while worker.is_alive():
+            notifier.tick(status=lambda: f"{runner._state}, queue {runner.queue_length()}")
             worker.join(0.5)
             if reopen.is_set():
                 reopen.clear()
