@@ -1,0 +1,41 @@
+"""The one-shot `whisperdrop transcribe` command and `check-config`, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from daemon_helpers import jfk_reference, word_error_rate
+from media import JFK
+
+
+def whisperdrop(*arguments: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "whisperdrop", *arguments], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_transcribe_writes_outputs_and_leaves_the_source(tmp_path):
+    """`transcribe FILE -o DIR` writes json/srt/vtt/txt into DIR, exits 0 and leaves the source where it was."""
+    done = whisperdrop("transcribe", str(JFK), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out" / "jfk.json").read_text())
+    assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["jfk.json", "jfk.srt", "jfk.txt", "jfk.vtt"]
+    assert JFK.exists() and "jfk.json" in done.stderr
+
+
+def test_transcribe_fails_nonzero_on_a_bad_file(tmp_path):
+    """A file that is not media makes `transcribe` exit 1 with a message naming it, after doing the good ones."""
+    bad = tmp_path / "notes.mp3"
+    bad.write_text("not audio")
+    done = whisperdrop("transcribe", str(bad), str(JFK), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert "notes.mp3: FAILED: not a media file" in done.stderr
+    assert (tmp_path / "out" / "jfk.json").exists()
+
+
+def test_check_config_on_the_shipped_default(tmp_path):
+    """`check-config` on an empty folder reports the embedded default and the missing inbox, exit 1."""
+    done = whisperdrop("check-config", cwd=tmp_path)
+    assert done.returncode == 1 and "embedded default" in done.stdout and "At 'inbox'" in done.stdout
