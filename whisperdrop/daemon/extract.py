@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import av
 
 from whisperdrop.engine import Cancelled
+from whisperdrop.files import fsync_directory
 
 SAMPLE_RATE = 16000
 OPUS_APPLICATION = "voip"  # tuned for speech; see `extract` for the measurements behind it
@@ -128,14 +129,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _close_quietly(output: av.container.OutputContainer) -> None:
     """Free the muxer on a failure path; its own error (the disk that failed the write fails the
     trailer too) must not replace the one being raised."""
@@ -199,7 +192,7 @@ def extract(
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(dest.parent)
+    fsync_directory(dest.parent)
     return Extracted(
         path=dest,
         duration=samples / SAMPLE_RATE,

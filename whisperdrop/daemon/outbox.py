@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+from whisperdrop.files import fsync_directory
+
 FORMATS = ("srt", "vtt", "txt")
 
 
@@ -48,14 +50,6 @@ def render_txt(result: dict) -> str:
 
 
 RENDERERS = {"srt": render_srt, "vtt": render_vtt, "txt": render_txt}
-
-
-def fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -30,6 +30,7 @@ from whisperdrop.daemon.ledger import Job, Ledger, Source
 from whisperdrop.daemon.local import LocalTranscriber
 from whisperdrop.daemon.route import Router
 from whisperdrop.engine import Cancelled, Engine, EngineError
+from whisperdrop.files import fsync_directory
 from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions, job_id as make_job_id
 
 RETRY_INITIAL_S = 5.0
@@ -392,7 +393,7 @@ class Pipeline:
                 outbox.move_without_overwrite(path, self.config.archive / source.relpath)
             elif policy == "delete":
                 os.unlink(path)
-                outbox.fsync_directory(path.parent)
+                fsync_directory(path.parent)
         call = self._on_loop(self.ledger.update_source, source.id, state="done",
                              outputs={"base": str(base.relative_to(self.outbox_root))})
         call.result()

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from whisperdrop import __version__, log
 from whisperdrop.config import defaults as config_defaults
+from whisperdrop.files import fsync_directory
 from whisperdrop.notify import Notifier
 from whisperdrop.engine import (
     Cancelled, Engine, EngineError, ModelKey, resolve_compute_type, resolve_device,
@@ -94,7 +95,7 @@ def write_atomic(path: str, document: dict, *, tag: str, durable: bool = True) -
         _unlink_quietly(temporary)
         raise
     if durable:
-        _fsync_directory(os.path.dirname(path))
+        fsync_directory(os.path.dirname(path))
 
 
 def read_document(path: str) -> Any:
@@ -115,14 +116,6 @@ def read_document(path: str) -> Any:
     finally:
         os.close(descriptor)
     return json.loads(b"".join(chunks).decode("utf-8"))
-
-
-def _fsync_directory(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _unlink_quietly(path: str) -> bool:
