@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 
 import pytest
 
@@ -68,13 +69,19 @@ def test_failure_record_beside_the_source(tmp_path):
     assert not source.exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 def test_unwritable_outbox_raises_and_leaves_nothing(tmp_path):
-    """Writing into a read-only folder raises PermissionError and leaves no partial file."""
-    tmp_path.chmod(0o500)
+    """Writing into a folder that cannot be written raises OSError and leaves no partial file."""
+    folder = tmp_path / "outbox"
+    folder.mkdir()
+    if os.geteuid() == 0:  # root ignores permissions: a read-only mount is what stops root
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)], check=True)
+    else:
+        folder.chmod(0o500)
     try:
-        with pytest.raises(PermissionError):
-            outbox.write_outputs(tmp_path / "x", RESULT, ["txt"])
+        with pytest.raises(OSError):
+            outbox.write_outputs(folder / "x", RESULT, ["txt"])
+        assert os.listdir(folder) == []
     finally:
-        tmp_path.chmod(0o700)
-    assert os.listdir(tmp_path) == []
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(folder)], check=False)
+        folder.chmod(0o700)
