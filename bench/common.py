@@ -82,3 +82,43 @@ def markdown(rows: list[Row]) -> str:
 def write_json(rows: list[Row], path: Path, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": [asdict(row) for row in rows]}, indent=1, default=str))
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    """value / baseline, or None when either is missing or the baseline is zero."""
+    if value is None or baseline is None or baseline == 0:
+        return None
+    return value / baseline
+
+
+def skipped(section: str, metric: str, why: str) -> Row:
+    """A row that says a figure was not measured, and why (no root, no sshd, no GPU...)."""
+    return Row(section, metric, "not measured", note=f"({why})")
+
+
+def root_problem() -> str | None:
+    """Why root-only benchmarks (sshd, network namespaces) cannot run here, or None when they can."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return "needs root to run sshd and create network namespaces"
+    if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
+        return "needs OpenSSH sshd"
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process `pid` (from /proc/PID/stat)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of process `pid` in MiB (VmRSS from /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for pid {pid}")

@@ -13,6 +13,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,13 +38,18 @@ def main() -> int:
             module = importlib.import_module(f"bench_{name}")
             started = time.monotonic()
             print(f"# {name} ...", file=sys.stderr, flush=True)
-            section_rows = module.run(context)
+            try:
+                section_rows = module.run(context)
+            except Exception as error:  # one broken section must not hide the others' figures
+                traceback.print_exc()
+                section_rows = [Row(name, "section failed", "error", note=f"({type(error).__name__}: {error})")]
             rows.extend(section_rows)
             print(f"# {name}: {len(section_rows)} rows in {time.monotonic() - started:.0f} s", file=sys.stderr)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "quick": args.quick, "repeats": max(3, args.repeats)}
     write_json(rows, Path(args.out), meta)
     print(markdown(rows))
+    print(f"JSON: {args.out}", file=sys.stderr)
     return 0
 
 

@@ -149,3 +149,20 @@ class Daemon:
 
     def count(self, event: str) -> int:
         return sum(1 for item in self.events() if item.get("event") == event)
+
+
+def write_speech_wav(path: Path, index: int, seconds: float) -> Path:
+    """jfk as a 16 kHz WAV cut (or repeated) to `seconds` of speech after `index` hundredths of a second
+    of leading silence: distinct bytes per index, short or long clips on demand."""
+    speech = jfk_pcm()
+    wanted = int(seconds * 16000)
+    repeats = -(-wanted // len(speech))
+    samples = numpy.concatenate([numpy.zeros(160 * index, dtype=numpy.int16),
+                                 numpy.tile(speech, repeats)[:wanted]])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(16000)
+        writer.writeframes(samples.tobytes())
+    return path

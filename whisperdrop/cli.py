@@ -50,6 +50,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
+    _warn_insecure(config)
     _setup_logging(config, args)
     from whisperdrop.daemon.service import serve
 
@@ -61,8 +62,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     os._exit(status)
 
 
+def _warn_insecure(config: config_module.Config) -> None:
+    """Print a warning on stderr for each config or key file that others can change (or read)."""
+    for warning in config_module.insecure_files(config):
+        print(f"whisperdrop: warning: {warning}", file=sys.stderr)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_config(args)
+    _warn_insecure(config)
     problems = config_module.check_directories(config)
     source = config.source or "the embedded default (no config file found)"
     if problems:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -362,6 +363,36 @@ def check_directories(config: Config) -> list[str]:
         if not os.access(path, os.W_OK | os.X_OK):
             problems.append(f"At '{key}': {str(path)!r} is not writable by this user; fix its owner or permissions")
     return problems
+
+
+def insecure_files(config: Config) -> list[str]:
+    """Warnings for files that others could change or read: the config file and each host's
+    known_hosts group- or world-writable, a private key readable or writable by group or others.
+
+    Returns one message per file, naming it and the command that fixes it; missing files are skipped
+    (other checks report them)."""
+    checked: list[tuple[str, Path, bool]] = []  # (what, path, private)
+    if config.source is not None:
+        checked.append(("the config file", Path(config.source), False))
+    for index, host in enumerate(config.remote.hosts):
+        if host.get("key"):
+            checked.append((f"remote.hosts[{index}].key", Path(host["key"]), True))
+        if host.get("known_hosts"):
+            checked.append((f"remote.hosts[{index}].known_hosts", Path(host["known_hosts"]), False))
+    warnings = []
+    for what, path, private in checked:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            continue
+        quoted = shlex.quote(str(path))
+        if private and mode & 0o077:
+            warnings.append(f"{what}: {str(path)!r} is a private key that group or others can access "
+                            f"(mode {mode & 0o777:03o}); fix: chmod 600 {quoted}")
+        elif not private and mode & 0o022:
+            warnings.append(f"{what}: {str(path)!r} can be written by group or others "
+                            f"(mode {mode & 0o777:03o}); fix: chmod go-w {quoted}")
+    return warnings
 
 
 def render_default_yaml() -> str:

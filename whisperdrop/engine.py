@@ -13,6 +13,7 @@ faster-whisper and CTranslate2 are imported on first use, so a process that neve
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -27,6 +28,10 @@ BUNDLED_PREFIX = "bundled:"
 BUNDLED = {"tiny.en"}
 
 Progress = Callable[[float, float], None]  # (done_seconds, duration_seconds)
+
+SAMPLE_RATE = 16000
+WINDOW_SECONDS = 120.0  # audio is decoded and transcribed this much at a time: memory stays flat (measured: 600 s windows cost 250 MB more peak RSS, 120 s about 30 MB)
+CUT_SEARCH_SECONDS = 10.0  # a window ends at the quietest 0.1 s of its last 10 s, not inside a word
 
 
 class EngineError(Exception):
@@ -195,36 +200,49 @@ class Engine:
             vad_filter=options.vad_filter,
             beam_size=options.beam_size,
         )
-        try:
-            if batch_size > 1:
-                from faster_whisper import BatchedInferencePipeline
+        if batch_size > 1:
+            from faster_whisper import BatchedInferencePipeline
 
-                segments, info = BatchedInferencePipeline(model=model).transcribe(
-                    str(audio_path), batch_size=batch_size, **kwargs
-                )
-            else:
-                segments, info = model.transcribe(str(audio_path), **kwargs)
-            collected = []
-            for segment in segments:
+            pipeline = BatchedInferencePipeline(model=model)
+            run = lambda audio, **more: pipeline.transcribe(audio, batch_size=batch_size, **more)  # noqa: E731
+        else:
+            run = model.transcribe
+        collected: list[dict] = []
+        duration = after_vad = 0.0
+        info = None
+        try:
+            total = _duration_hint(audio_path)
+            for offset, audio in _windows(audio_path):
+                segments, window_info = run(audio, **kwargs)
+                for segment in segments:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled()
+                    collected.append(_segment(segment, offset, len(collected)))
+                    if progress is not None:
+                        progress(offset + float(segment.end), max(total, offset + float(window_info.duration)))
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
-                collected.append(_segment(segment))
-                if progress is not None:
-                    progress(float(segment.end), float(info.duration))
+                duration += float(window_info.duration)
+                after_vad += float(getattr(window_info, "duration_after_vad", window_info.duration))
+                if info is None:  # the first window decides the language for the rest
+                    info = window_info
+                    kwargs["language"] = kwargs["language"] or window_info.language
         except Cancelled:
             raise
         except Exception as error:  # CTranslate2 and PyAV raise many types; classify, keep the evidence
             raise _classify(error, audio_path) from error
+        if info is None:
+            raise EngineError(f"cannot decode {audio_path}: no audio samples", kind="audio")
         finished = time.monotonic()
         if progress is not None:
-            progress(float(info.duration), float(info.duration))
+            progress(duration, duration)
         return {
             "schema": RESULT_SCHEMA,
             "text": "".join(segment["text"] for segment in collected).strip(),
             "language": info.language,
             "language_probability": round(float(info.language_probability), 4),
-            "duration": round(float(info.duration), 3),
-            "duration_after_vad": round(float(getattr(info, "duration_after_vad", info.duration)), 3),
+            "duration": round(duration, 3),
+            "duration_after_vad": round(after_vad, 3),
             "segments": collected,
             "model": options.model,
             "options": options.to_dict(),
@@ -233,16 +251,59 @@ class Engine:
         }
 
 
-def _segment(segment: Any) -> dict:
+def _duration_hint(audio_path: Any) -> float:
+    """The container's stated duration in seconds (0.0 when it states none), for progress reports."""
+    import av
+
+    with av.open(str(audio_path)) as container:
+        return float(container.duration or 0) / av.time_base
+
+
+def _windows(audio_path: Any, window_seconds: float = WINDOW_SECONDS):
+    """Yield (offset_seconds, float32 samples at 16 kHz mono) for the first audio stream, window by
+    window, so memory stays bounded however long the audio. Each window but the last ends at the
+    quietest 0.1 s of its final CUT_SEARCH_SECONDS. Raises PyAV's errors for undecodable audio."""
+    import av
+    import numpy
+
+    size = int(window_seconds * SAMPLE_RATE)
+    search, block = int(CUT_SEARCH_SECONDS * SAMPLE_RATE), SAMPLE_RATE // 10
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    pending: list = []
+    count = 0
+    offset = 0
+
+    def cut(buffer):
+        tail = buffer[size - search:size].astype(numpy.float32)
+        energy = (tail[: len(tail) // block * block].reshape(-1, block) ** 2).sum(axis=1)
+        return size - search + int(energy.argmin()) * block + block // 2
+
+    with av.open(str(audio_path)) as container:
+        for frame in itertools.chain(container.decode(audio=0), [None]):  # None flushes the resampler
+            for out in resampler.resample(frame):
+                pending.append(out.to_ndarray().reshape(-1))
+                count += out.samples
+            while count >= size:
+                buffer = numpy.concatenate(pending)
+                end = cut(buffer)
+                yield offset / SAMPLE_RATE, buffer[:end].astype(numpy.float32) / 32768.0
+                offset += end
+                pending, count = [buffer[end:]], len(buffer) - end
+    if count or offset == 0:
+        buffer = numpy.concatenate(pending) if pending else numpy.zeros(0, dtype=numpy.int16)
+        yield offset / SAMPLE_RATE, buffer.astype(numpy.float32) / 32768.0
+
+
+def _segment(segment: Any, offset: float = 0.0, index: int | None = None) -> dict:
     words = [
-        {"start": round(float(word.start), 3), "end": round(float(word.end), 3), "word": word.word,
+        {"start": round(offset + float(word.start), 3), "end": round(offset + float(word.end), 3), "word": word.word,
          "probability": round(float(word.probability), 4)}
         for word in (segment.words or [])
     ]
     return {
-        "id": int(segment.id),
-        "start": round(float(segment.start), 3),
-        "end": round(float(segment.end), 3),
+        "id": int(segment.id) if index is None else index + 1,
+        "start": round(offset + float(segment.start), 3),
+        "end": round(offset + float(segment.end), 3),
         "text": segment.text,
         "avg_logprob": round(float(segment.avg_logprob), 4),
         "no_speech_prob": round(float(segment.no_speech_prob), 4),

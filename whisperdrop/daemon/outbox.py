@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from whisperdrop.files import fsync_directory
@@ -73,11 +74,14 @@ def _json_job_id(path: Path) -> str | None:
         return None
 
 
-def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str) -> tuple[Path, bool]:
+def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str,
+                 result: dict | None = None) -> tuple[Path, bool]:
     """Choose the base path (without suffix) for a source's outputs in `folder`.
 
     Returns (base, already_written): `already_written` is True when `<base>.json` holds this job's
-    Result already (a restart, or the same file dropped again). Otherwise no file of the set exists.
+    Result already (a restart, or the same file dropped again). Otherwise no file of the set exists,
+    or (given `result`) the set has no JSON and every file present is byte for byte what `result`
+    renders: a crash in `write_outputs` left it, and the set is completed in place, not beside it.
     """
     for index in range(10_000):
         base = folder / (stem if index == 0 else f"{stem}-{index}")
@@ -87,7 +91,23 @@ def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str) -> tu
         names = [json_path] + [base.with_name(f"{base.name}.{fmt}") for fmt in formats]
         if not any(os.path.lexists(name) for name in names):
             return base, False
+        if result is not None and not os.path.lexists(json_path) and _ours(base, formats, result):
+            return base, False
     raise FileExistsError(errno.EEXIST, f"no free output name for {stem!r} in {folder}")
+
+
+def _ours(base: Path, formats: list[str], result: dict) -> bool:
+    """Whether every format file present at `base` is a regular file holding what `result` renders."""
+    for fmt in formats:
+        path = base.with_name(f"{base.name}.{fmt}")
+        if not os.path.lexists(path):
+            continue
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode) or path.read_bytes() != RENDERERS[fmt](result).encode("utf-8"):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def write_outputs(base: Path, result: dict, formats: list[str]) -> list[Path]:
@@ -124,6 +144,11 @@ def move_without_overwrite(source: Path, destination: Path) -> Path:
     copy to a temporary name, fsync, link into place, then remove the source. Returns the final path.
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
+    linked = _linked_copy(source, destination)
+    if linked is not None:  # a crash between link and unlink left it there already: finish the move
+        os.unlink(source)
+        fsync_directory(source.parent)
+        return linked
     while True:
         target = _free_name(destination)
         try:
@@ -139,6 +164,25 @@ def move_without_overwrite(source: Path, destination: Path) -> Path:
     os.unlink(source)
     fsync_directory(source.parent)
     return target
+
+
+def _linked_copy(source: Path, destination: Path) -> Path | None:
+    """`destination` or a suffixed name beside it that is a hard link of `source` (same inode), if any."""
+    try:
+        status = os.lstat(source)
+    except FileNotFoundError:
+        return None
+    candidate = destination
+    stem = destination.name[: len(destination.name) - len(destination.suffix)] if destination.suffix else destination.name
+    for index in range(1, 10_000):
+        try:
+            other = os.lstat(candidate)
+        except FileNotFoundError:
+            return None
+        if (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino):
+            return candidate
+        candidate = destination.with_name(f"{stem}-{index}{destination.suffix}")
+    return None
 
 
 def _copy_then_link(source: Path, target: Path) -> Path:

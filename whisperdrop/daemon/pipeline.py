@@ -58,6 +58,15 @@ def sha256_file(path: Path, cancel: threading.Event | None = None) -> str:
     return digest.hexdigest()
 
 
+def same_version(path: Path, size: int, mtime_ns: int) -> bool:
+    """True when `path` is still a regular file with this size and mtime (the version taken at intake)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and (info.st_size, info.st_mtime_ns) == (size, mtime_ns)
+
+
 def backoff(attempts: int, initial: float = RETRY_INITIAL_S, cap: float = RETRY_MAX_S) -> float:
     """Seconds to wait before attempt `attempts + 1`: doubling from `initial`, capped at `cap`."""
     return min(cap, initial * (2 ** max(0, attempts - 1)))
@@ -259,13 +268,23 @@ class Pipeline:
         source, path = found
         loop = asyncio.get_running_loop()
         async with self._extract_slots:
+            if not same_version(path, source.size, source.mtime_ns):
+                self._replaced(job, source)
+                return
             try:
                 extracted = await loop.run_in_executor(
                     self._io, lambda: extract(path, self.audio_path(job.job_id),
                                               self.config.audio.bitrate_kbps, cancel=self.cancel)
                 )
             except MediaError as error:
+                if not same_version(path, source.size, source.mtime_ns):
+                    self._replaced(job, source)
+                    return
                 raise Permanent("media", f"{error.reason}", error.hint) from error
+            if not same_version(path, source.size, source.mtime_ns):  # changed while read: the audio may be a mix
+                self.audio_path(job.job_id).unlink(missing_ok=True)
+                self._replaced(job, source)
+                return
         timings = {**job.timings, "extract_s": round(extracted.seconds, 3)}
         self.ledger.update_job(
             job.job_id, stage="extracted", duration=extracted.duration, audio_size=extracted.bytes_out,
@@ -277,6 +296,13 @@ class Pipeline:
             speed=round(extracted.duration / extracted.seconds, 1) if extracted.seconds else None,
             codec=extracted.source_codec, container=extracted.source_container,
         )
+
+    def _replaced(self, job: Job, source: Source) -> None:
+        """The inbox file is no longer the version this job hashed: drop this source (the watcher
+        takes the new version as a job of its own); a job left with no source is deleted next step."""
+        self.ledger.update_source(source.id, state="replaced", last_error="the file changed after it was taken")
+        self.log.info("intake.changed", path=source.relpath, job_id=job.job_id,
+                      reason="the file was replaced or rewritten after it was taken; the new version is taken on its own")
 
     def _progress_callback(self, job_id: str):
         loop = asyncio.get_running_loop()
@@ -304,7 +330,7 @@ class Pipeline:
     async def _transcribe(self, job: Job) -> None:
         cached = self.result_path(job.job_id)
         if cached.exists():  # transcribed before a crash, ledger not yet updated: never transcribe twice
-            self.ledger.update_job(job.job_id, stage="transcribed")
+            await self._recover_cached(job, cached)
             return
         audio = self.audio_path(job.job_id)
         if not audio.exists():
@@ -349,6 +375,28 @@ class Pipeline:
             language=result.get("language"), **{key: value for key, value in transfer.items() if key == "bytes"},
         )
 
+    async def _recover_cached(self, job: Job, cached: Path) -> None:
+        """Finish what `_transcribe` does after caching a Result, for a crash that hit in between:
+        remove the job's remote files, commit the stage with the route, and log `stage.transcribe`."""
+        result = await asyncio.get_running_loop().run_in_executor(self._io, _read_json, cached)
+        executed = result.get("executed_on") or {}
+        route, host = executed.get("route"), executed.get("host")
+        if route == "remote" and self.router.remote is not None:
+            await self.router.remote.cleanup(host, job.job_id)  # the Result is safe here
+        self.ledger.update_job(
+            job.job_id, stage="transcribed", route=route, host=host, fallback_reason=result.get("fallback_reason"),
+            timings=result.get("timings") or job.timings, transfer=result.get("transfer") or job.transfer,
+            attempts=0, last_error=None, progress=None,
+        )
+        seconds = (result.get("timings") or {}).get("transcribe_s") or 0.0
+        duration = result.get("duration") or job.duration or 0.0
+        self.log.info(
+            "stage.transcribe", job_id=job.job_id, route=route, host=host, device=executed.get("device"),
+            model=result.get("model"), duration_s=duration, seconds=seconds,
+            rtf=round(seconds / duration, 4) if duration else None, fallback_reason=result.get("fallback_reason"),
+            language=result.get("language"), bytes=(result.get("transfer") or {}).get("bytes"), recovered=True,
+        )
+
     async def _deliver(self, job: Job) -> None:
         """Write outputs for every pending source of a finished job, then archive each source."""
         loop = asyncio.get_running_loop()
@@ -382,7 +430,11 @@ class Pipeline:
         }
         timings = dict(document.get("timings", {}))
         timings["settle_s"] = round(source.settle_s, 3)
-        base, already = outbox.plan_outputs(folder, relative.stem, self.formats, job.job_id)
+        if os.path.lexists(path) and not same_version(path, source.size, source.mtime_ns):
+            # another version sits at this path now: it gets its own job; this Result is not its transcript
+            self._on_loop(self._replaced, job, source).result()
+            return
+        base, already = outbox.plan_outputs(folder, relative.stem, self.formats, job.job_id, result)
         if not already:
             timings["total_s"] = round(source.settle_s + (time.time() - source.taken_at), 3)
             document["timings"] = timings

@@ -29,6 +29,7 @@ from whisperdrop.spool import ProtocolError, TranscribeOptions, make_job_documen
 
 HEALTH_CACHE_S = 3.0
 POLL_MAX_S = 5.0
+RUNNING_POLL_S = 0.25
 MAX_CHECKSUM_RETRIES = 3
 
 
@@ -197,6 +198,7 @@ class RemotePool:
                 job.stage = "extracted"  # its host is no longer configured: start over elsewhere
             # A job already on a host stays with it: `_wait` keeps polling it until remote.job_timeout.
             candidates, reasons = ([resumed], []) if resumed else await self._healthy_hosts()
+            held = False
             for state in candidates:
                 try:
                     routed = await self._run_on(state, job, audio, options, cancel, progress, mark, transfer, timings)
@@ -205,8 +207,21 @@ class RemotePool:
                     if isinstance(error, HostError):
                         self._mark_down(state, error)
                     reasons.append(f"{state.name}: {error}")
+                    if isinstance(error, HostError) and error.transient and job.stage == "submitted":
+                        # The job is queued or done on that host: wait for it there (until
+                        # remote.job_timeout, which `_wait` enforces) instead of resending and
+                        # resubmitting it, or falling back while the runner still does it.
+                        job.host = state.name
+                        held = True
+                        break
                     job.stage = "extracted"  # the next host starts from the upload
                     job.transfer = transfer
+            if held:
+                self.log.warning("route.waiting_for_host", job_id=job.job_id, reason="; ".join(reasons),
+                                 retry_in_s=self.settings.retry_initial_seconds,
+                                 waited_s=round(self.clock() - waited_since, 1))
+                await _sleep_unless(cancel, self.settings.retry_initial_seconds)
+                continue
             reason = "; ".join(reasons) or "no GPU host is configured"
             if self.provider != "remote":
                 self.log.warning("route.fallback", job_id=job.job_id, reason=reason)
@@ -227,11 +242,15 @@ class RemotePool:
                 if job.stage not in ("uploaded", "submitted"):
                     async with self.uploads:
                         started = time.monotonic()
-                        stats = await host.upload(job.job_id, audio, size=job.audio_size, sha256=job.audio_sha256,
-                                                  progress=_upload_progress(mark))
-                    transfer["bytes"] = transfer.get("bytes", 0) + stats.bytes_sent
+                        written_before = host.bytes_written
+                        try:
+                            stats = await host.upload(job.job_id, audio, size=job.audio_size,
+                                                      sha256=job.audio_sha256, progress=_upload_progress(mark))
+                        finally:  # bytes sent count over all attempts, the cut ones included
+                            transfer["bytes"] = transfer.get("bytes", 0) + host.bytes_written - written_before
                     transfer["audio_bytes"] = stats.audio_bytes
-                    transfer["resumed_from"] = max(transfer.get("resumed_from", 0), stats.resumed_from)
+                    if stats.bytes_sent:  # a skipped upload (the audio was there whole) resumed nothing
+                        transfer["resumed_from"] = max(transfer.get("resumed_from", 0), stats.resumed_from)
                     timings["upload_s"] = round(timings.get("upload_s", 0) + time.monotonic() - started, 3)
                     mark("uploaded", host=state.name, transfer=transfer, timings=timings)
                     self.log.info("stage.upload", job_id=job.job_id, host=state.name, bytes=stats.bytes_sent,
@@ -315,8 +334,13 @@ class RemotePool:
                 done, duration = document.get("done_s"), document.get("duration_s")
                 if isinstance(done, (int, float)) and isinstance(duration, (int, float)):
                     progress(float(done), float(duration))
-            await _sleep_unless(cancel, interval)
-            interval = min(POLL_MAX_S, interval * 1.5)
+            if status == "running":
+                # The runner is on it: poll briskly so the result is fetched within a fraction of a
+                # second of its publication (a backed-off 5 s poll cost ~2.5 s per job on average).
+                await _sleep_unless(cancel, min(interval, RUNNING_POLL_S))
+            else:
+                await _sleep_unless(cancel, interval)
+                interval = min(POLL_MAX_S, interval * 1.5)
 
     async def _abandon(self, state: HostState, job_id: str) -> None:
         """Give up on a remote job: remove its files now if the host answers (a late result is discarded)."""
