@@ -56,7 +56,11 @@ def jfk_pcm() -> numpy.ndarray:
 
 def write_variant_wav(path: Path, index: int) -> Path:
     """jfk as a 16 kHz WAV with `index` tenths of a second of leading silence: distinct bytes, same words."""
-    samples = numpy.concatenate([numpy.zeros(1600 * index, dtype=numpy.int16), jfk_pcm()])
+    return write_wav(path, numpy.concatenate([numpy.zeros(1600 * index, dtype=numpy.int16), jfk_pcm()]))
+
+
+def write_wav(path: Path, samples: numpy.ndarray) -> Path:
+    """16 kHz mono 16-bit samples to a WAV file at `path` (folders made as needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as writer:
         writer.setnchannels(1)
@@ -157,12 +161,5 @@ def write_speech_wav(path: Path, index: int, seconds: float) -> Path:
     speech = jfk_pcm()
     wanted = int(seconds * 16000)
     repeats = -(-wanted // len(speech))
-    samples = numpy.concatenate([numpy.zeros(160 * index, dtype=numpy.int16),
-                                 numpy.tile(speech, repeats)[:wanted]])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(16000)
-        writer.writeframes(samples.tobytes())
-    return path
+    return write_wav(path, numpy.concatenate([numpy.zeros(160 * index, dtype=numpy.int16),
+                                              numpy.tile(speech, repeats)[:wanted]]))

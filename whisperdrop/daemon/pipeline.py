@@ -359,42 +359,33 @@ class Pipeline:
         result["transfer"] = transfer
         await asyncio.get_running_loop().run_in_executor(
             self._io, outbox.write_atomic, cached, _json_bytes(result))
-        if routed.route == "remote" and self.router.remote is not None:
-            await self.router.remote.cleanup(routed.host, job.job_id)  # the Result is safe here now
-        self.ledger.update_job(
-            job.job_id, stage="transcribed", route=routed.route, host=routed.host,
-            fallback_reason=routed.fallback_reason, timings=timings, transfer=transfer, attempts=0,
-            last_error=None, progress=None,
-        )
-        duration = result.get("duration") or job.duration or 0.0
-        seconds = routed.timings.get("transcribe_s") or 0.0
-        self.log.info(
-            "stage.transcribe", job_id=job.job_id, route=routed.route, host=routed.host, device=routed.device,
-            model=result.get("model"), duration_s=duration, seconds=seconds,
-            rtf=round(seconds / duration, 4) if duration else None, fallback_reason=routed.fallback_reason,
-            language=result.get("language"), **{key: value for key, value in transfer.items() if key == "bytes"},
-        )
+        await self._commit_transcribed(job, result)
 
     async def _recover_cached(self, job: Job, cached: Path) -> None:
-        """Finish what `_transcribe` does after caching a Result, for a crash that hit in between:
-        remove the job's remote files, commit the stage with the route, and log `stage.transcribe`."""
+        """A crash hit between caching a Result and committing it: finish the commit from the cache."""
         result = await asyncio.get_running_loop().run_in_executor(self._io, _read_json, cached)
+        await self._commit_transcribed(job, result, recovered=True)
+
+    async def _commit_transcribed(self, job: Job, result: dict, recovered: bool = False) -> None:
+        """After the Result is cached here: remove the job's remote files, commit the stage with the
+        route and figures, and log `stage.transcribe`. Everything comes from the cached Result, so a
+        restart finishes this exactly as the first run would have."""
         executed = result.get("executed_on") or {}
         route, host = executed.get("route"), executed.get("host")
+        timings, transfer = result.get("timings") or job.timings, result.get("transfer") or job.transfer
         if route == "remote" and self.router.remote is not None:
-            await self.router.remote.cleanup(host, job.job_id)  # the Result is safe here
+            await self.router.remote.cleanup(host, job.job_id)  # the Result is safe here now
         self.ledger.update_job(
             job.job_id, stage="transcribed", route=route, host=host, fallback_reason=result.get("fallback_reason"),
-            timings=result.get("timings") or job.timings, transfer=result.get("transfer") or job.transfer,
-            attempts=0, last_error=None, progress=None,
+            timings=timings, transfer=transfer, attempts=0, last_error=None, progress=None,
         )
-        seconds = (result.get("timings") or {}).get("transcribe_s") or 0.0
+        seconds = timings.get("transcribe_s") or 0.0
         duration = result.get("duration") or job.duration or 0.0
         self.log.info(
             "stage.transcribe", job_id=job.job_id, route=route, host=host, device=executed.get("device"),
             model=result.get("model"), duration_s=duration, seconds=seconds,
             rtf=round(seconds / duration, 4) if duration else None, fallback_reason=result.get("fallback_reason"),
-            language=result.get("language"), bytes=(result.get("transfer") or {}).get("bytes"), recovered=True,
+            language=result.get("language"), bytes=transfer.get("bytes"), recovered=recovered,
         )
 
     async def _deliver(self, job: Job) -> None:
