@@ -7,10 +7,14 @@ First SIGTERM (or Ctrl-C): stop taking files, park or finish the current stages,
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import sqlite3
+import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 from whisperdrop import log
@@ -19,6 +23,7 @@ from whisperdrop.daemon.pipeline import Pipeline
 from whisperdrop.daemon.watch import InboxWatcher
 
 STOP_TIMEOUT_S = 8.0
+STOP_DEADLINE_S = 9.5
 TICK_S = 1.0  # the systemd/metrics loop's period; WATCHDOG=1 still goes out at half of WatchdogSec
 METRICS_EVERY_S = 15.0
 METRICS_MIN_S = 2.0  # after a ledger change, rewrite no more often than this (progress changes every second)
@@ -82,6 +87,7 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     started = time.monotonic()
     notifier.stopping()
     logger.info("daemon.stopping", busy_jobs=pipeline.busy())
+    _arm_stop_deadline(logger)
     watch_task.cancel()
     heartbeat.cancel()
     for task in list(intake):
@@ -93,7 +99,31 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     metrics.step(force=True)  # the last state, before the ledger closes
     pipeline.close()
     logger.info("daemon.stopped", seconds=round(time.monotonic() - started, 3), clean=parked)
+    # The deadline stays armed: asyncio.run's own teardown (joining executor threads) comes after
+    # this, and the caller exits the process right after it (see cli.cmd_run).
     return 0
+
+
+def _arm_stop_deadline(logger: Any) -> threading.Timer:
+    """The promise behind SIGTERM: exit 0 within STOP_DEADLINE_S however the stop goes.
+
+    Every stage is committed to the ledger before the next starts, so exiting from here is as safe
+    as the kill -9 the crash tests prove harmless; the stacks of every thread are logged first, so
+    a stop that hangs is still seen and can be fixed.
+    """
+    def expire() -> None:
+        stacks = io.StringIO()
+        for thread_id, frame in sys._current_frames().items():
+            stacks.write(f"thread {thread_id}:\n{''.join(traceback.format_stack(frame))}\n")
+        logger.error("daemon.stop_deadline", seconds=STOP_DEADLINE_S, stacks=stacks.getvalue(),
+                     note="the stop took too long; exiting anyway: the ledger resumes every job on the next start")
+        sys.stdout.flush()
+        os._exit(0)
+
+    timer = threading.Timer(STOP_DEADLINE_S, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _status_line(pipeline: Pipeline) -> str:

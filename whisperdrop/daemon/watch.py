@@ -320,7 +320,8 @@ class InboxWatcher:
         finally:
             observer, self._observer, self._watch = self._observer, None, None
             observer.stop()
-            observer.join(timeout=10)
+            # Joined off the event loop: a slow inotify thread must not freeze the daemon's stop.
+            await asyncio.to_thread(observer.join, 10)
             if observer.is_alive():
                 log.error("watch.observer_stuck", inbox=str(self.inbox))
 
