@@ -39,3 +39,26 @@ def test_check_config_on_the_shipped_default(tmp_path):
     """`check-config` on an empty folder reports the embedded default and the missing inbox, exit 1."""
     done = whisperdrop("check-config", cwd=tmp_path)
     assert done.returncode == 1 and "embedded default" in done.stdout and "At 'inbox'" in done.stdout
+
+
+def test_quick_start_runs_on_the_shipped_config(tmp_path):
+    """`whisperdrop run` beside the shipped config.yaml (the README's quick start) makes its folders, gets ready and stops with 0."""
+    import shutil
+    import signal
+    import time
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "config.yaml", tmp_path / "config.yaml")
+    process = subprocess.Popen([sys.executable, "-m", "whisperdrop", "run", "--log-format", "json"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        line = ""
+        while '"daemon.ready"' not in line and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            assert line or process.poll() is None, "the daemon exited before it was ready"
+        assert '"daemon.ready"' in line
+        assert all((tmp_path / name).is_dir() for name in ("inbox", "outbox", "archive", "failed", "state"))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0

@@ -38,8 +38,8 @@ def _setup_logging(config: config_module.Config, args: argparse.Namespace, strea
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)
-    if config.source is None:  # the embedded default: folders in the working directory, made on first run
-        config.inbox.mkdir(exist_ok=True)
+    if config.default_inbox:  # the default `inbox` beside the config (or in the working directory) is made on
+        config.inbox.mkdir(exist_ok=True)  # first run; an inbox you named must exist (a typo, an unmounted disk)
     problems = config_module.check_directories(config)
     if config.transcription.provider == "remote" and not config.remote.hosts:
         problems.append("At 'transcription.provider': 'remote' needs at least one entry in 'remote.hosts'; "

@@ -185,6 +185,7 @@ class Config(dict):
     """
 
     source: Path | None = None
+    default_inbox: bool = False  # `inbox` is the default `inbox` folder, which `run` creates
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -293,6 +294,7 @@ def validate(data: Any, base: Path, source: str = "<embedded default>") -> Confi
     tree = _check_section("", SCHEMA, data, problems)
     if problems:
         raise ConfigError(source, problems)
+    default_inbox = tree["inbox"] == SCHEMA["inbox"].default
     for key in PATH_KEYS:
         tree[key] = (base / os.path.expanduser(tree[key])).resolve()
     for key in ("file", "metrics_textfile"):
@@ -305,6 +307,7 @@ def validate(data: Any, base: Path, source: str = "<embedded default>") -> Confi
                 host[key] = str((base / os.path.expanduser(host[key])).resolve())
     config = Config(_wrap(tree))
     config.source = None if source == "<embedded default>" else Path(source)
+    config.default_inbox = default_inbox
     return config
 
 
