@@ -116,6 +116,7 @@ def test_jfk_goes_remote_and_back(gpu_host, tmp_path):
         assert result["fallback_reason"] is None
         assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
         assert result["transfer"]["bytes"] == result["transfer"]["audio_bytes"] > 0
+        assert result["transfer"]["resumed_from"] == 0  # every remote Result carries the three transfer figures
         for key in ("extract_s", "upload_s", "queue_s", "transcribe_s", "fetch_s", "total_s", "settle_s"):
             assert key in result["timings"], key
         daemon.wait_for(lambda: (daemon.archive / "jfk.flac").exists(), what="archived")

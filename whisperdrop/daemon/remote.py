@@ -249,8 +249,9 @@ class RemotePool:
                         finally:  # bytes sent count over all attempts, the cut ones included
                             transfer["bytes"] = transfer.get("bytes", 0) + host.bytes_written - written_before
                     transfer["audio_bytes"] = stats.audio_bytes
+                    transfer.setdefault("resumed_from", 0)
                     if stats.bytes_sent:  # a skipped upload (the audio was there whole) resumed nothing
-                        transfer["resumed_from"] = max(transfer.get("resumed_from", 0), stats.resumed_from)
+                        transfer["resumed_from"] = max(transfer["resumed_from"], stats.resumed_from)
                     timings["upload_s"] = round(timings.get("upload_s", 0) + time.monotonic() - started, 3)
                     mark("uploaded", host=state.name, transfer=transfer, timings=timings)
                     self.log.info("stage.upload", job_id=job.job_id, host=state.name, bytes=stats.bytes_sent,

@@ -160,7 +160,7 @@ class Host:
         self.layout = spool.Layout(settings.get("spool") or "spool")
         self.connect_timeout = float(connect_timeout)
         self.keepalive_interval = float(keepalive_interval)
-        self.bytes_written = 0  # audio bytes handed to SSH for writing, over every upload, cut ones too
+        self.bytes_written = 0  # audio bytes the host acknowledged, over every upload, cut ones too
         self.operation_timeout = float(
             operation_timeout or self.connect_timeout + self.keepalive_interval * KEEPALIVE_COUNT_MAX
         )
@@ -419,7 +419,6 @@ class Host:
                             raise ValueError(f"{local_path} ended at {position} bytes, before {size}")
                         pending.add(asyncio.ensure_future(remote.write(block, position)))
                         position += len(block)
-                        self.bytes_written += len(block)
                     finished, pending = await asyncio.wait(
                         pending, timeout=self.operation_timeout, return_when=asyncio.FIRST_COMPLETED)
                     if not finished:
@@ -428,6 +427,7 @@ class Host:
                     for task in finished:  # retrieve every outcome, so no failure goes unreported
                         if task.exception() is None:
                             done += task.result()
+                            self.bytes_written += task.result()
                         else:
                             failure = failure or task.exception()
                     if failure is not None:
