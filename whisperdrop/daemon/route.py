@@ -50,14 +50,12 @@ class Router:
         """Transcribe `audio` for `job` on the chosen route; `mark(stage, **fields)` records progress
         of remote stages in the ledger. Raises EngineError, Cancelled, or the remote route's errors
         when provider is `remote`."""
-        fallback_reason = None
+        fallback_reason = None  # without hosts, local is the plan, not a fallback
         if self.remote is not None and self.provider in ("auto", "remote"):
             outcome = await self.remote.transcribe(job, audio, options, cancel=cancel, progress=progress, mark=mark)
             if outcome.routed is not None:
                 return outcome.routed
             fallback_reason = outcome.reason
-        elif self.provider == "auto" and self.remote is None:
-            fallback_reason = None  # no hosts configured: local is the plan, not a fallback
         result = await self.local.transcribe(audio, options, cancel=cancel, progress=progress)
         return Routed(
             result=result,
