@@ -633,3 +633,18 @@ def test_file_written_slowly_is_emitted_once_after_the_last_write(inbox):
             assert (inbox / "slow.wav").stat().st_size == 60 * 4096 + 3
 
     run(scenario())
+
+
+def test_stop_ends_run_without_cancelling_the_task(tmp_path):
+    """stop() alone makes run() return and join its observer, so a lost cancellation cannot hold a daemon's stop."""
+    async def scenario():
+        watcher = InboxWatcher(tmp_path, settle_seconds=0.3, rescan_seconds=60, recursive=True, ignore=[])
+        task = asyncio.get_running_loop().create_task(watcher.run(lambda path: None))
+        await watcher.started.wait()
+        watcher.stop()
+        await asyncio.wait_for(task, timeout=15)
+        return task.done() and not task.cancelled()
+
+    before = {thread.ident for thread in threading.enumerate()}
+    assert asyncio.run(scenario())
+    assert [thread for thread in threading.enumerate() if thread.ident not in before and thread.is_alive()] == []

@@ -88,6 +88,7 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     notifier.stopping()
     logger.info("daemon.stopping", busy_jobs=pipeline.busy())
     _arm_stop_deadline(logger)
+    watcher.stop()
     watch_task.cancel()
     heartbeat.cancel()
     for task in list(intake):
@@ -95,7 +96,8 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     parked = await pipeline.drain(STOP_TIMEOUT_S)
     if remote is not None:
         await remote.close()
-    await asyncio.gather(watch_task, heartbeat, *intake, return_exceptions=True)
+    # Bounded: a task that lost its cancellation (see InboxWatcher.stop) must not hold the stop.
+    await asyncio.wait({watch_task, heartbeat, *intake}, timeout=STOP_TIMEOUT_S / 2)
     metrics.step(force=True)  # the last state, before the ledger closes
     pipeline.close()
     logger.info("daemon.stopped", seconds=round(time.monotonic() - started, 3), clean=parked)

@@ -272,10 +272,22 @@ class InboxWatcher:
         self._inbox_present: bool | None = None
         self._rescan_now = False
         self.started = asyncio.Event()  # set once the inbox is watched and first scanned
+        self._stop_requested = False
 
     def forget(self, path: Path) -> None:
         """The pipeline took `path` away: a file at that name later is a new file."""
         self.settler.forget(path)
+
+    def stop(self) -> None:
+        """Ask `run()` to return at its next turn (call from the loop's thread).
+
+        Cancelling the task alone is not enough on Python 3.11 and older: asyncio.wait_for can
+        swallow a cancellation that arrives as its inner wait completes (CPython gh-86296), which
+        left one daemon's stop waiting for this task forever.
+        """
+        self._stop_requested = True
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def run(self, on_ready: Callable[[Path], Awaitable[None] | None]) -> None:
         """Watch until cancelled, calling (and awaiting, if it returns an awaitable) `on_ready(path)`.
@@ -299,7 +311,7 @@ class InboxWatcher:
             await self._rescan()
             self.started.set()
             next_rescan = self._clock() + self._rescan_interval()
-            while True:
+            while not self._stop_requested:
                 self._apply_pending()
                 if self._rescan_now or self._clock() >= next_rescan:
                     self._rescan_now = False
@@ -311,7 +323,7 @@ class InboxWatcher:
                 wake = self.settler.next_wakeup()
                 deadline = next_rescan if wake is None else min(next_rescan, wake)
                 timeout = max(0.0, deadline - self._clock())
-                if not self._pending and not self._rescan_now:
+                if not self._pending and not self._rescan_now and not self._stop_requested:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), timeout)
