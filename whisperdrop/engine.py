@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from whisperdrop.files import Cancelled  # noqa: F401  re-exported: raised inside transcribe when its cancel event is set
 from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions
 
 BUNDLED_PREFIX = "bundled:"
@@ -44,8 +45,12 @@ class EngineError(Exception):
         self.retryable = retryable
 
 
-class Cancelled(Exception):
-    """Raised inside `transcribe` when its cancel event is set (shutdown parks the job)."""
+def resampler_16k_mono() -> Any:
+    """A PyAV resampler to Whisper's input, 16 kHz mono signed 16-bit: the one definition that the
+    daemon's Opus extraction and the engine's decoding share. Feed it frames, then None to flush."""
+    import av
+
+    return av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,7 @@ def _windows(audio_path: Any, window_seconds: float = WINDOW_SECONDS):
 
     size = int(window_seconds * SAMPLE_RATE)
     search, block = int(CUT_SEARCH_SECONDS * SAMPLE_RATE), SAMPLE_RATE // 10
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    resampler = resampler_16k_mono()
     pending: list = []
     count = 0
     offset = 0

@@ -19,7 +19,6 @@ pipeline logs the stage event from the returned `Extracted`.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import threading
 import time
@@ -30,15 +29,12 @@ from typing import Callable, Iterator
 
 import av
 
-from whisperdrop.engine import Cancelled
-from whisperdrop.files import fsync_directory
-
-SAMPLE_RATE = 16000
+from whisperdrop.engine import SAMPLE_RATE, Cancelled, resampler_16k_mono
+from whisperdrop.files import fsync_directory, sha256_file
 OPUS_APPLICATION = "voip"  # tuned for speech; see `extract` for the measurements behind it
 OPUS_FRAME_MS = 60  # fewer, larger frames: less Ogg/Opus overhead at speech bitrates
 PROGRESS_EVERY_SECONDS = 5.0
 MAX_DECODE_ERRORS = 100  # packets a decoder may reject (skipped, as ffmpeg does) before we give up
-_HASH_CHUNK = 1 << 20
 
 # errno values of a source read that may succeed later (a network mount, a disk hiccup): these
 # propagate as OSError, never as MediaError, so the source is retried rather than failed.
@@ -121,14 +117,6 @@ def _open_source(source: Path) -> av.container.InputContainer:
         raise MediaError(source, f"not a media file PyAV can open: {error}", HINT_NOT_MEDIA) from error
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _close_quietly(output: av.container.OutputContainer) -> None:
     """Free the muxer on a failure path; its own error (the disk that failed the write fails the
     trailer too) must not replace the one being raised."""
@@ -202,7 +190,7 @@ def extract(
         source_codec=source_codec,
         source_container=source_container,
         stream_index=stream_index,
-        sha256=_sha256(dest),
+        sha256=sha256_file(dest),
     )
 
 
@@ -263,7 +251,7 @@ def _transcode(
 
     Returns the number of output samples. Raises what `_decoded_frames` raises, and OSError from
     writing `temporary`."""
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    resampler = resampler_16k_mono()
     time_base = Fraction(1, SAMPLE_RATE)
     samples = 0
     next_progress = PROGRESS_EVERY_SECONDS

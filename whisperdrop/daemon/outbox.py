@@ -16,7 +16,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from whisperdrop.files import fsync_directory
+from whisperdrop.files import fsync_directory, write_atomic  # write_atomic: callers use outbox.write_atomic too
 
 FORMATS = ("srt", "vtt", "txt")
 
@@ -51,20 +51,6 @@ def render_txt(result: dict) -> str:
 
 
 RENDERERS = {"srt": render_srt, "vtt": render_vtt, "txt": render_txt}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary name, fsync, rename. Raises OSError (the temp is removed)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _json_job_id(path: Path) -> str | None:
@@ -116,10 +102,10 @@ def write_outputs(base: Path, result: dict, formats: list[str]) -> list[Path]:
     written = []
     for fmt in formats:
         path = base.with_name(f"{base.name}.{fmt}")
-        write_atomic(path, RENDERERS[fmt](result).encode("utf-8"))
+        write_atomic(path, RENDERERS[fmt](result).encode("utf-8"), durable=False)  # the folder is fsynced below
         written.append(path)
     json_path = base.with_name(base.name + ".json")
-    write_atomic(json_path, json.dumps(result, ensure_ascii=False, indent=2).encode("utf-8") + b"\n")
+    write_atomic(json_path, json.dumps(result, ensure_ascii=False, indent=2).encode("utf-8") + b"\n", durable=False)
     written.append(json_path)
     fsync_directory(base.parent)
     return written

@@ -14,7 +14,6 @@ No shell is ever run: every file name is joined by `spool.Layout`, which checks 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from typing import Any, Callable
 
 from whisperdrop import __version__, log
 from whisperdrop.config import defaults as config_defaults
-from whisperdrop.files import fsync_directory
+from whisperdrop.files import sha256_file, write_atomic
 from whisperdrop.notify import Notifier
 from whisperdrop.engine import (
     Cancelled, Engine, EngineError, ModelKey, resolve_compute_type, resolve_device,
@@ -44,7 +43,6 @@ PROGRESS_SECONDS = 1.0      # progress/<id>.json is rewritten at most this often
 STALE_HEARTBEATS = 3        # a claim is dead when its owner missed this many heartbeats
 EXPIRE_EVERY_SECONDS = 3600.0
 MAX_DOCUMENT_BYTES = 1 << 20
-HASH_CHUNK = 1 << 20
 INT8_TYPES = ("int8", "int8_float16", "int8_float32", "int8_bfloat16")
 EXPIRE_DIRECTORIES = ("incoming", "results", "failed", "progress", "work", "runners", "jobs")
 
@@ -71,31 +69,6 @@ def gpu_name(device_index: int) -> str | None:
     if cuda.cuDeviceGetName(name, len(name), device) != 0:
         return None
     return name.value.decode(errors="replace") or None
-
-
-def write_atomic(path: str, document: dict, *, tag: str, durable: bool = True) -> None:
-    """Write `document` as JSON to `path`: a private .tmp beside it, fsync, rename over `path`.
-
-    `tag` makes the temporary name unique per writer. With `durable`, the directory is fsynced too.
-    Raises OSError; the temporary file is removed on failure.
-    """
-    temporary = f"{path}.{tag}.tmp"
-    data = dumps(document)
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(descriptor, view):]
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
-    except BaseException:
-        _unlink_quietly(temporary)
-        raise
-    if durable:
-        fsync_directory(os.path.dirname(path))
 
 
 def read_document(path: str) -> Any:
@@ -125,14 +98,6 @@ def _unlink_quietly(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
-
-
-def _sha256(descriptor: int) -> str:
-    digest = hashlib.sha256()
-    os.lseek(descriptor, 0, os.SEEK_SET)
-    while chunk := os.read(descriptor, HASH_CHUNK):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -255,7 +220,7 @@ class Runner:
         original = {key: value for key, value in data.items() if key != "claim"}
         claim = {"claimed_by": self.name, "claimed_at": claimed_at, "pid": os.getpid(), "hostname": HOSTNAME,
                  "token": token, "heartbeat_seconds": self.heartbeat_seconds, "queued_mtime": queued_mtime}
-        write_atomic(work, {**original, "claim": claim}, tag=self.name)
+        write_atomic(work, dumps({**original, "claim": claim}), tag=self.name)
         if os.path.exists(self.layout.result(job_id)):
             self.log.info("runner.job_already_done", job_id=job_id)
             self._release(job_id, token)
@@ -293,7 +258,7 @@ class Runner:
             elif status.st_size != job.audio_size:
                 problem = f"has {status.st_size} bytes where the job says {job.audio_size}"
             else:
-                digest = _sha256(descriptor)
+                digest = sha256_file(descriptor)
                 problem = None if digest == job.audio_sha256 else f"has sha256 {digest} where the job says {job.audio_sha256}"
         except BaseException:
             os.close(descriptor)
@@ -340,7 +305,7 @@ class Runner:
         timings["runner_s"] = _round(elapsed)
         result["timings"] = timings
         check_result(result, job.job_id)
-        write_atomic(self.layout.result(job.job_id), result, tag=self.name)
+        write_atomic(self.layout.result(job.job_id), dumps(result), tag=self.name)
         _unlink_quietly(self.layout.failure(job.job_id))  # a Result supersedes an earlier failure
         self._release(job.job_id, token)
         audio_seconds = float(result.get("duration") or job.duration or 0.0)
@@ -404,7 +369,7 @@ class Runner:
     def _write_progress(self, job_id: str, done: float, duration: float | None) -> None:
         document = {"done_s": _round(done), "duration_s": _round(duration), "updated_at": self.clock()}
         try:
-            write_atomic(self.layout.progress(job_id), document, tag=self.name, durable=False)
+            write_atomic(self.layout.progress(job_id), dumps(document), tag=self.name, durable=False)
         except OSError as error:  # progress is advisory; never fail a job for it
             self.log.warning("runner.progress_write_failed", job_id=job_id, error=str(error))
 
@@ -441,7 +406,7 @@ class Runner:
         document = {"job_id": job_id, "kind": kind, "message": message, "retryable": retryable,
                     "runner": self.name, "at": self.clock()}
         try:
-            write_atomic(self.layout.failure(job_id), document, tag=self.name)
+            write_atomic(self.layout.failure(job_id), dumps(document), tag=self.name)
         except OSError as error:
             # Keep the claim: after a restart this runner returns it to jobs/ and tries again.
             self.log.error("runner.failure_write_failed", job_id=job_id, kind=kind, message=message, error=str(error))
@@ -490,7 +455,7 @@ class Runner:
             os.rename(private, work)  # claimed afresh meanwhile: not ours to return
             return False
         if isinstance(data, dict):
-            write_atomic(private, {key: value for key, value in data.items() if key != "claim"}, tag=self.name)
+            write_atomic(private, dumps({key: value for key, value in data.items() if key != "claim"}), tag=self.name)
             queued = claim.get("queued_mtime") if isinstance(claim, dict) else None
             if isinstance(queued, (int, float)):
                 os.utime(private, (queued, queued))  # back in its old place in the queue
@@ -590,7 +555,7 @@ class Runner:
             "version": __version__,
         }
         with self._heartbeat_lock:
-            write_atomic(self.layout.heartbeat(self.name), document, tag=self.name, durable=False)
+            write_atomic(self.layout.heartbeat(self.name), dumps(document), tag=self.name, durable=False)
 
     def expire(self, now: float | None = None) -> int:
         """Remove leftovers older than `expire_days`; how many files were removed.
