@@ -221,3 +221,73 @@ class Ledger:
     def sources(self, since: float = 0.0) -> Iterator[Source]:
         for row in self.db.execute("SELECT * FROM sources WHERE taken_at >= ? ORDER BY id", (since,)):
             yield Source(**_decode(row))
+
+    # figures: what `status`, `stats` and the metrics file read (each a single read-only statement)
+
+    def stage_counts(self) -> dict[str, int]:
+        """Jobs per stage: every stage of JOB_STAGES, in that order, 0 where there are none."""
+        counts = dict.fromkeys(JOB_STAGES, 0)
+        for stage, count in self.db.execute("SELECT stage, count(*) FROM jobs GROUP BY stage"):
+            counts[stage] = count
+        return counts
+
+    def first_source(self, job_id: str) -> str | None:
+        """The inbox path of the first file taken for a job, or None when it has no source row."""
+        row = self.db.execute("SELECT relpath FROM sources WHERE job_id = ? ORDER BY id LIMIT 1", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def pending_source_count(self) -> int:
+        """How many files taken from the inbox wait for their job to finish."""
+        return self.db.execute("SELECT count(*) FROM sources WHERE state = 'pending'").fetchone()[0]
+
+    def jobs_with_errors(self, limit: int) -> list[Job]:
+        """The `limit` most recently updated jobs that carry a last_error, newest first."""
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE last_error IS NOT NULL ORDER BY updated_at DESC LIMIT ?", (limit,)).fetchall()
+        return [Job(**_decode(row)) for row in rows]
+
+    def last_change(self) -> float | None:
+        """When any job last changed (its updated_at), or None when the ledger has no job."""
+        return self.db.execute("SELECT max(updated_at) FROM jobs").fetchone()[0]
+
+    def finished_jobs(self, since: float) -> list[Job]:
+        """Jobs done or failed at or after `since` (finished_at), in the order they finished."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE stage IN ('done', 'failed') AND finished_at >= ?"
+                               " ORDER BY finished_at", (since,)).fetchall()
+        return [Job(**_decode(row)) for row in rows]
+
+    def local_speed(self) -> tuple[float, float, int]:
+        """(transcription seconds, audio seconds, jobs) summed over every done local job that measured
+        both; (0.0, 0.0, 0) when none did. The local real-time factor is their quotient."""
+        spent, audio, count = self.db.execute(
+            "SELECT sum(json_extract(timings, '$.transcribe_s')), sum(duration), count(*) FROM jobs"
+            " WHERE stage = 'done' AND route = 'local' AND json_extract(timings, '$.transcribe_s') > 0"
+            " AND duration > 0").fetchone()
+        return spent or 0.0, audio or 0.0, count
+
+    def done_timing_totals(self, keys: tuple[str, ...]) -> dict[str, tuple[float, int]]:
+        """{key: (sum, count)} of each `timings` key over the done jobs that recorded it, in one scan."""
+        if not keys:
+            return {}
+        columns = ", ".join("sum(json_extract(timings, ?)), count(json_extract(timings, ?))" for _ in keys)
+        paths = [f"$.{key}" for key in keys for _ in (0, 1)]
+        row = self.db.execute(f"SELECT {columns} FROM jobs WHERE stage = 'done'", paths).fetchone()
+        return {key: (row[2 * index] or 0.0, row[2 * index + 1] or 0) for index, key in enumerate(keys)}
+
+    def done_route_totals(self) -> dict[str, dict[str, float]]:
+        """Per route of the done jobs, in route order: {"jobs", "audio_s", "transcribe_s",
+        "bytes_sent" (transfer.bytes), "source_bytes"}, sums over the route's jobs (0 where none recorded)."""
+        totals = {}
+        for route, jobs, audio, spent, sent, source in self.db.execute(
+                "SELECT route, count(*), sum(duration), sum(json_extract(timings, '$.transcribe_s')),"
+                " sum(json_extract(transfer, '$.bytes')), sum(source_size) FROM jobs"
+                " WHERE stage = 'done' AND route IS NOT NULL GROUP BY route ORDER BY route"):
+            totals[route] = {"jobs": jobs, "audio_s": audio or 0.0, "transcribe_s": spent or 0.0,
+                             "bytes_sent": sent or 0, "source_bytes": source or 0}
+        return totals
+
+    def fallback_reasons(self) -> dict[str, int]:
+        """{fallback reason text: done local jobs that gave it}, for the jobs that fell back."""
+        return dict(self.db.execute(
+            "SELECT fallback_reason, count(*) FROM jobs WHERE stage = 'done' AND route = 'local'"
+            " AND fallback_reason IS NOT NULL GROUP BY fallback_reason").fetchall())
