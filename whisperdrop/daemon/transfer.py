@@ -216,6 +216,12 @@ class Host:
     def _known_hosts_path(self) -> str:
         return self.known_hosts or os.path.expanduser("~/.ssh/known_hosts")
 
+    @property
+    def known_hosts_file(self) -> str:
+        """The known_hosts file this host's key is checked against (remote.hosts[].known_hosts, or
+        ~/.ssh/known_hosts when that is empty)."""
+        return self._known_hosts_path()
+
     def _host_key_error(self, cause: str, offered: str | None) -> HostKeyError:
         """An unknown or changed host key, with the command that fixes it."""
         path = self._known_hosts_path()
@@ -347,6 +353,14 @@ class Host:
         sftp = await self._client()
         for name in spool.DIRECTORIES:
             await self._timed("ensure_spool", sftp.makedirs(self.layout.directory(name), exist_ok=True))
+
+    async def probe_spool(self) -> None:
+        """Prove the account may write the spool: write, fsync and close a small hidden file in
+        incoming/, then remove it. Raises HostError (hint: let the SSH user write the spool)."""
+        sftp = await self._client()
+        probe = f"{self.layout.directory('incoming')}/.probe-{os.urandom(6).hex()}.tmp"
+        await self._write_file("spool write", sftp, probe, b"whisperdrop write probe\n")
+        await self._timed("spool write", sftp.remove(probe))
 
     async def _size(self, sftp: asyncssh.SFTPClient, path: str, operation: str) -> int | None:
         try:
