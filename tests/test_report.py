@@ -11,6 +11,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from daemon_helpers import REPO, Daemon
 from media import JFK
 from sshd import SSHServer
 from whisperdrop import config as config_module
-from whisperdrop import report
+from whisperdrop.daemon import metrics, status
 from whisperdrop.daemon.ledger import Ledger
 
 GUIDE = REPO / "README.md"
@@ -144,7 +145,7 @@ def test_stats_computes_percentiles_bytes_fallbacks_and_cost(tmp_path):
     """stats: p50/p95 per stage, bytes sent against source bytes, fallbacks by reason, GPU seconds against the local CPU's."""
     config = _config(tmp_path)
     _ledger_with_jobs(config)
-    figures = report.collect_stats(config, since_s=3600)
+    figures = status.collect_stats(config, since_s=3600)
     assert (figures["done"], figures["failed"], figures["error_rate"]) == (3, 1, 0.25)
     assert figures["fallbacks"]["no_runner"]["count"] == 1
     assert figures["stage_times"]["upload"] == {"count": 2, "p50_s": 3.0, "p95_s": 3.9, "total_s": 6.0}
@@ -153,7 +154,7 @@ def test_stats_computes_percentiles_bytes_fallbacks_and_cost(tmp_path):
     cost = figures["cost"]
     assert cost["local_real_time_factor"] == 0.5 and cost["gpu_seconds"] == 9.0
     assert cost["cpu_seconds_equivalent"] == 90.0 and cost["speedup"] == 10.0
-    assert report.collect_stats(config, since_s=1)["done"] == 0  # the window excludes older jobs
+    assert status.collect_stats(config, since_s=1)["done"] == 0  # the window excludes older jobs
 
 
 def test_stats_says_when_there_is_no_local_measurement(tmp_path):
@@ -163,7 +164,7 @@ def test_stats_says_when_there_is_no_local_measurement(tmp_path):
     ledger.create_job("a" * 64, "a" * 64, 1000, {})
     ledger.update_job("a" * 64, stage="done", route="remote", duration=10.0, timings={"transcribe_s": 1.0})
     ledger.close()
-    cost = report.collect_stats(config, since_s=3600)["cost"]
+    cost = status.collect_stats(config, since_s=3600)["cost"]
     assert cost["note"] == "no local measurement yet" and cost["cpu_seconds_equivalent"] is None
 
 
@@ -176,7 +177,7 @@ def test_status_reads_hosts_snapshot_and_progress(tmp_path):
         {"name": "gpu1", "up": False, "failures": 2, "last_error": "host gpu1: connect failed", "in_flight": 1,
          "runners": [{"name": "gpu1-gpu0", "device": "cuda", "gpu": "RTX 4090", "queue_length": 3,
                       "updated_at": now - 5, "model": "large-v3"}]}]}))
-    data = report.collect_status(config)
+    data = status.collect_status(config)
     assert data["queue_length"] == 1 and data["pending_sources"] == 1
     job = data["active"][0]
     assert job["source"] == "talk.mp3" and job["progress"]["upload"] == 1.0 and job["progress"]["transcribe"] == 0.25
@@ -192,7 +193,7 @@ def test_metrics_render_escapes_labels_and_parses(tmp_path):
     ledger = Ledger(config.path("state_dir") / "ledger.sqlite3", readonly=True)
     hosts = {"hosts": [{"name": 'odd "name"\\', "up": True, "failures": 0,
                         "runners": [{"name": "r0", "queue_length": 2, "updated_at": time.time()}]}]}
-    text = report.render_metrics(ledger, hosts)
+    text = metrics.render_metrics(ledger, hosts)
     ledger.close()
     samples = parse_exposition(text)
     assert samples['whisperdrop_jobs{stage="done"}'] == 3
@@ -200,8 +201,64 @@ def test_metrics_render_escapes_labels_and_parses(tmp_path):
     assert samples["whisperdrop_bytes_sent_total"] == 300_000
     assert samples['whisperdrop_host_up{host="odd \\"name\\"\\\\"}'] == 1
     target = tmp_path / "out.prom"
-    report.write_textfile(target, text)
+    metrics.write_textfile(target, text)
     assert target.read_text() == text and list(tmp_path.glob("*.tmp")) == []
+
+
+def test_metrics_writer_renders_off_the_event_loop(tmp_path):
+    """MetricsWriter.step only schedules: the ledger is read and the file written in the writer's own
+    thread; a rewrite waits for a ledger change or the period; close() writes the last state and ends the thread."""
+    config = _config(tmp_path)
+    _ledger_with_jobs(config)
+    ledger = Ledger(config.path("state_dir") / "ledger.sqlite3")  # the daemon's live connection
+    target = tmp_path / "whisperdrop.prom"
+    clock = [100.0]
+    writer_threads = []
+
+    class Recording(metrics.MetricsWriter):
+        def write(self) -> bool:
+            writer_threads.append(threading.current_thread())
+            return super().write()
+
+    writer = Recording(str(target), ledger.path, tmp_path / "hosts.json", lambda: ledger.db.total_changes,
+                       clock=lambda: clock[0])
+
+    async def drive() -> list[bool]:
+        loop_thread = threading.current_thread()
+        started = [writer.step()]
+        await asyncio.wait_for(asyncio.wrap_future(writer.in_flight), 60)
+        clock[0] += metrics.METRICS_MIN_S
+        started.append(writer.step())  # nothing changed and the period is not over
+        ledger.update_job("a" * 64, stage="failed")
+        started.append(writer.step())  # the ledger changed
+        assert await writer.close() is True
+        assert all(thread is not loop_thread for thread in writer_threads)
+        return started
+
+    try:
+        assert asyncio.run(drive()) == [True, False, True]
+    finally:
+        ledger.close()
+    assert len(writer_threads) == 3 and not any(thread.is_alive() for thread in writer_threads)
+    samples = parse_exposition(target.read_text())
+    assert samples['whisperdrop_jobs{stage="failed"}'] == 2 and samples['whisperdrop_jobs{stage="done"}'] == 2
+
+
+def test_daemon_package_imports_nothing_above_it():
+    """No module in whisperdrop/daemon/ imports the CLI, the runner or any other layer above it."""
+    import ast
+
+    package = REPO / "whisperdrop" / "daemon"
+    upward = ("whisperdrop.cli", "whisperdrop.cli_report", "whisperdrop.gpu_runner", "whisperdrop.report")
+    found = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            found += [f"{path.name}: {name}" for name in names
+                      if any(name == layer or name.startswith(layer + ".") for layer in upward)]
+    assert found == []
 
 
 # ------------------------------------------------------------------------------ doctor

@@ -226,17 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(runner)
     runner.set_defaults(handler=cmd_runner)
 
-    for name, module_help in (("status", "jobs by stage, hosts and recent errors"),
-                              ("stats", "throughput, error rate, stage times, cost of local against remote"),
-                              ("doctor", "check the set-up end to end and say how to fix what is wrong")):
-        try:
-            from whisperdrop import report
-        except ImportError:
-            break
-        sub = commands.add_parser(name, help=module_help)
+    from whisperdrop import cli_report
+
+    for name, command_help in cli_report.COMMANDS:
+        sub = commands.add_parser(name, help=command_help)
         _add_common(sub)
-        report.add_arguments(name, sub)
-        sub.set_defaults(handler=lambda args, name=name: report.run(name, args, _load_config(args)))
+        cli_report.add_arguments(name, sub)
+        sub.set_defaults(handler=lambda args, name=name: cli_report.run(name, args, _load_config(args)))
     return parser
 
 

@@ -10,7 +10,6 @@ import asyncio
 import io
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -19,14 +18,13 @@ from typing import Any
 
 from whisperdrop import log
 from whisperdrop.notify import Notifier
+from whisperdrop.daemon.metrics import MetricsWriter
 from whisperdrop.daemon.pipeline import Pipeline
 from whisperdrop.daemon.watch import InboxWatcher
 
 STOP_TIMEOUT_S = 8.0
 STOP_DEADLINE_S = 9.5
 TICK_S = 1.0  # the systemd/metrics loop's period; WATCHDOG=1 still goes out at half of WatchdogSec
-METRICS_EVERY_S = 15.0
-METRICS_MIN_S = 2.0  # after a ledger change, rewrite no more often than this (progress changes every second)
 
 
 def build_remote(config: Any) -> Any | None:
@@ -80,7 +78,9 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
         config=str(config.source) if config.source else "embedded default",
     )
     notifier.ready(status="watching the inbox")
-    metrics = MetricsWriter(config.logging.metrics_textfile, pipeline, config.path("state_dir") / "hosts.json")
+    # Rendered in the writer's own thread: its aggregates scan the whole ledger.
+    metrics = MetricsWriter(config.logging.metrics_textfile, pipeline.ledger.path,
+                            config.path("state_dir") / "hosts.json", lambda: pipeline.ledger.db.total_changes)
     heartbeat = loop.create_task(_keep_systemd_informed(notifier, pipeline, stop, metrics), name="notify")
     await stop.wait()
 
@@ -98,7 +98,7 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
         await remote.close()
     # Bounded: a task that lost its cancellation (see InboxWatcher.stop) must not hold the stop.
     await asyncio.wait({watch_task, heartbeat, *intake}, timeout=STOP_TIMEOUT_S / 2)
-    metrics.step(force=True)  # the last state, before the ledger closes
+    await metrics.close()  # the last state, before the ledger closes
     pipeline.close()
     logger.info("daemon.stopped", seconds=round(time.monotonic() - started, 3), clean=parked)
     # The deadline stays armed: asyncio.run's own teardown (joining executor threads) comes after
@@ -135,46 +135,6 @@ def _status_line(pipeline: Pipeline) -> str:
     if current:
         status += f"; {current[0][:12]} at {current[1]}"
     return status
-
-
-class MetricsWriter:
-    """Rewrites `logging.metrics_textfile` every METRICS_EVERY_S, and at most every METRICS_MIN_S
-    after the ledger changed. A failed write is logged and never stops the daemon."""
-
-    def __init__(self, path: str | None, pipeline: Pipeline, health_file: Any, clock=time.monotonic):
-        self.path = path
-        self.pipeline = pipeline
-        self.health_file = health_file
-        self.clock = clock
-        self._written_at = float("-inf")
-        self._changes = -1
-        self._failing = False
-        self.log = log.get("metrics")
-
-    def step(self, force: bool = False) -> bool:
-        """Write the file if it is due (or `force`); True when it was written."""
-        if not self.path:
-            return False
-        now = self.clock()
-        changes = self.pipeline.ledger.db.total_changes
-        due = now - self._written_at >= METRICS_EVERY_S
-        changed = changes != self._changes and now - self._written_at >= METRICS_MIN_S
-        if not (due or changed or force):
-            return False
-        from whisperdrop import report  # the renderer is shared with `whisperdrop stats`
-
-        self._written_at, self._changes = now, changes
-        try:
-            text = report.render_metrics(self.pipeline.ledger, report.read_hosts(self.health_file))
-            report.write_textfile(self.path, text)
-        except (OSError, sqlite3.Error) as error:
-            if not self._failing:
-                self.log.warning("metrics.write_failed", path=self.path, error=str(error),
-                                 hint="let the daemon's user write that folder (ReadWritePaths= in the unit)")
-            self._failing = True
-            return False
-        self._failing = False
-        return True
 
 
 async def _keep_systemd_informed(notifier: Notifier, pipeline: Pipeline, stop: asyncio.Event,
