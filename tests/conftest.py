@@ -6,11 +6,34 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
+import time
 
 import pytest
 
 from netns import NetNamespace
 from sshd import SSHServer, require_root_and_sshd, skip_or_fail
+
+
+# Threads that are process-wide by design and outlive any one test: tqdm's monitor, started once by
+# faster-whisper's first transcription.
+LONG_LIVED_THREADS = ("tqdm_monitor",)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Fail any test that leaves a thread running (observers, heartbeats, serve loops, SSH clients)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        leaked = [thread for thread in threading.enumerate()
+                  if thread not in before and thread.is_alive() and thread.name not in LONG_LIVED_THREADS]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if leaked:
+        pytest.fail(f"threads left running: {leaked}")
 
 
 @pytest.fixture
