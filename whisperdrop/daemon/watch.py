@@ -272,6 +272,7 @@ class InboxWatcher:
         self._inbox_present: bool | None = None
         self._rescan_now = False
         self.started = asyncio.Event()  # set once the inbox is watched and first scanned
+        self.rescans = 0  # full rescans finished: lets a caller know the watcher has looked again
         self._stop_requested = False
 
     def forget(self, path: Path) -> None:
@@ -434,6 +435,7 @@ class InboxWatcher:
         for known in self.settler.tracked():
             if known not in found_set:
                 self.settler.observe(known, "seen")  # ready() stats it: gone is dropped, present is kept
+        self.rescans += 1
 
     def _list_all(self) -> list[Path] | None:
         """Every wanted regular file in the inbox (None when the inbox cannot be listed at all)."""
