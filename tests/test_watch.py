@@ -298,13 +298,23 @@ def test_unknown_event_kind_is_refused(settler):
 # -- InboxWatcher on a real folder -----------------------------------------------------------------
 
 SETTLE = 0.3
+WAIT_S = 60.0  # a generous bound on any one wait: the tests wait on events and state, never on a guess of speed
+MARKER_PREFIX = "zz-marker-"  # files Harness.settled() drops in to know the watcher has caught up
+
+
+async def until(condition, what: str, timeout: float = WAIT_S) -> None:
+    """Yield to the loop until `condition()` is true; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
 def no_thread_leak():
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
         leaked = [thread for thread in threading.enumerate() if thread not in before and thread.is_alive()]
         leaked = [thread for thread in leaked if not thread.name.startswith("asyncio_")]  # to_thread's pool
@@ -322,7 +332,10 @@ def inbox(tmp_path: Path, no_thread_leak) -> Path:
 
 
 class Harness:
-    """Runs an InboxWatcher in a task and records what it emits, with the time of each emission."""
+    """Runs an InboxWatcher in a task and records what it emits, with the time of each emission.
+
+    Marker files (see `settled`) are recorded in `markers`, not in `emitted`.
+    """
 
     def __init__(self, inbox: Path, **options):
         settings = dict(settle_seconds=SETTLE, rescan_seconds=30.0, recursive=True, ignore=DEFAULT_IGNORE)
@@ -330,16 +343,24 @@ class Harness:
         self.watcher = InboxWatcher(inbox, **settings)
         self.emitted: list[Path] = []
         self.times: list[float] = []
+        self.markers: list[Path] = []
         self._task: asyncio.Task | None = None
 
     async def _on_ready(self, path: Path) -> None:
+        if path.name.startswith(MARKER_PREFIX):
+            self.markers.append(path)
+            return
         self.emitted.append(path)
         self.times.append(time.monotonic())
 
     async def __aenter__(self) -> "Harness":
         self._task = asyncio.create_task(self.watcher.run(self._on_ready))
-        await asyncio.sleep(0.2)  # the observer is up and the first rescan done
-        assert not self._task.done(), self._task
+        started = asyncio.create_task(self.watcher.started.wait())
+        await asyncio.wait({self._task, started}, timeout=WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        await asyncio.gather(started, return_exceptions=True)
+        # the observer is up and the first rescan done, and run() is still going
+        assert self.watcher.started.is_set() and not self._task.done(), self._task
         return self
 
     async def __aexit__(self, *exc_info) -> None:
@@ -347,15 +368,29 @@ class Harness:
         with pytest.raises(asyncio.CancelledError):
             await self._task
 
-    async def wait_for(self, count: int, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.emitted) < count:
-            assert time.monotonic() < deadline, f"only {self.emitted} emitted"
-            await asyncio.sleep(0.02)
+    async def wait_for(self, count: int, timeout: float = WAIT_S) -> None:
+        await until(lambda: len(self.emitted) >= count, f"{count} emitted (so far {self.emitted})", timeout)
+
+    async def settled(self, *, rescan: bool = True) -> None:
+        """Wait until the watcher has had every chance to emit what the inbox holds now.
+
+        A marker file written now is emitted: every event from before it has been handled, and every
+        file the watcher knew of by then has been quiet for settle_seconds. With `rescan` (for a
+        short rescan_seconds), two more full rescans have finished, so one began after this call,
+        and the settler holds nothing pending: what is not emitted by then is not emitted at all
+        until it changes. A check that something was *not* emitted comes after this.
+        """
+        rescans = self.watcher.rescans
+        marker = self.watcher.inbox / f"{MARKER_PREFIX}{len(self.markers)}.wav"
+        marker.write_bytes(b"m")
+        await until(lambda: marker in self.markers, f"the marker {marker.name} to be emitted")
+        if rescan:
+            await until(lambda: self.watcher.rescans >= rescans + 2 and self.watcher.settler.next_wakeup() is None,
+                        "two more full rescans and nothing pending")
 
 
 def run(coroutine) -> None:
-    asyncio.run(asyncio.wait_for(coroutine, 60))
+    asyncio.run(asyncio.wait_for(coroutine, 5 * WAIT_S))
 
 
 def test_copied_file_is_emitted_once(inbox, tmp_path):
@@ -369,7 +404,7 @@ def test_copied_file_is_emitted_once(inbox, tmp_path):
             shutil.copyfile(source, inbox / "talk.wav")
             await harness.wait_for(1)
             assert harness.times[0] - start >= SETTLE
-            await asyncio.sleep(SETTLE * 3)  # several rescans later
+            await harness.settled()  # rescans later, it is still emitted once
             assert harness.emitted == [inbox / "talk.wav"]
 
     run(scenario())
@@ -382,9 +417,9 @@ def test_file_present_before_start_is_emitted_by_rescan(inbox):
     (inbox / "sub" / "deeper" / "old2.mp3").write_bytes(b"y" * 1000)
 
     async def scenario():
-        async with Harness(inbox) as harness:
+        async with Harness(inbox, rescan_seconds=0.2) as harness:
             await harness.wait_for(2)
-            await asyncio.sleep(SETTLE * 2)
+            await harness.settled()
             assert sorted(harness.emitted) == [inbox / "old.mp3", inbox / "sub" / "deeper" / "old2.mp3"]
 
     run(scenario())
@@ -397,11 +432,11 @@ def test_part_file_renamed_is_emitted_under_final_name(inbox):
         async with Harness(inbox, rescan_seconds=0.2) as harness:
             with open(inbox / "movie.mkv.part", "wb") as handle:
                 handle.write(b"a" * 100_000)
-            await asyncio.sleep(SETTLE * 3)
+            await harness.settled()
             assert harness.emitted == []
             os.rename(inbox / "movie.mkv.part", inbox / "movie.mkv")
             await harness.wait_for(1)
-            await asyncio.sleep(SETTLE * 2)
+            await harness.settled()
             assert harness.emitted == [inbox / "movie.mkv"]
 
     run(scenario())
@@ -423,7 +458,7 @@ def test_files_in_subfolders_are_emitted_and_hidden_ones_are_not(inbox, tmp_path
             (inbox / "a" / "x.tmp").write_bytes(b"t" * 500)
             os.rename(outside, inbox / "moved")
             await harness.wait_for(2)
-            await asyncio.sleep(SETTLE * 3)
+            await harness.settled(rescan=False)  # found by events: the next full rescan is 30 s away
             assert sorted(harness.emitted) == [inbox / "a" / "b" / "one.wav", inbox / "moved" / "inner" / "c.wav"]
 
     run(scenario())
@@ -438,7 +473,7 @@ def test_non_recursive_watch_ignores_subfolders(inbox):
             (inbox / "sub" / "deep.wav").write_bytes(b"d" * 100)
             (inbox / "top.wav").write_bytes(b"t" * 100)
             await harness.wait_for(1)
-            await asyncio.sleep(SETTLE * 3)
+            await harness.settled()
             assert harness.emitted == [inbox / "top.wav"]
 
     run(scenario())
@@ -459,7 +494,7 @@ def test_symlinks_are_not_followed(inbox, tmp_path):
             (outside / "new.wav").write_bytes(b"n" * 500)
             (inbox / "real.wav").write_bytes(b"r" * 500)
             await harness.wait_for(1)
-            await asyncio.sleep(SETTLE * 3)
+            await harness.settled()
             assert harness.emitted == [inbox / "real.wav"]
 
     run(scenario())
@@ -476,7 +511,7 @@ def test_odd_names_are_handled(inbox):
                 with open(os.path.join(os.fsencode(inbox), os.fsencode(name)), "wb") as handle:
                     handle.write(b"z" * 100)
             await harness.wait_for(len(names))
-            await asyncio.sleep(SETTLE * 2)
+            await harness.settled(rescan=False)
             assert sorted(harness.emitted) == sorted(inbox / name for name in names)
             for path in harness.emitted:
                 assert os.path.exists(path)
@@ -492,7 +527,9 @@ def test_file_held_open_waits_through_a_long_pause(inbox):
             with open(inbox / "recording.wav", "wb") as handle:
                 handle.write(b"a" * 1000)
                 handle.flush()
-                await asyncio.sleep(SETTLE * 4)
+                # The marker is emitted: the recording's events were handled and it has been quiet
+                # for more than settle_seconds, by the watcher's own clock.
+                await harness.settled(rescan=False)
                 assert harness.emitted == []
                 handle.write(b"b" * 1000)
             closed = time.monotonic()
@@ -510,7 +547,7 @@ def test_forget_lets_the_next_rescan_emit_it_again(inbox):
         async with Harness(inbox, rescan_seconds=0.2) as harness:
             (inbox / "a.wav").write_bytes(b"a" * 100)
             await harness.wait_for(1)
-            await asyncio.sleep(SETTLE * 3)
+            await harness.settled()
             assert len(harness.emitted) == 1
             harness.watcher.forget(inbox / "a.wav")
             await harness.wait_for(2)
@@ -533,14 +570,9 @@ def test_on_ready_failure_does_not_stop_the_watch(inbox):
         task = asyncio.create_task(watcher.run(on_ready))
         try:
             (inbox / "bad.wav").write_bytes(b"b")
-            deadline = time.monotonic() + 10
-            while not seen:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
+            await until(lambda: seen, "bad.wav to be emitted")
             (inbox / "good.wav").write_bytes(b"g")
-            while len(seen) < 2:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.02)
+            await until(lambda: len(seen) >= 2, "good.wav to be emitted")
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -552,19 +584,24 @@ def test_on_ready_failure_does_not_stop_the_watch(inbox):
     assert [entry["path"] for entry in logs if entry["event"] == "watch.on_ready_failed"] == [str(inbox / "bad.wav")]
 
 
+def logged(logs: list[dict], event: str) -> int:
+    """How many log entries captured so far are `event`."""
+    return sum(1 for entry in logs if entry["event"] == event)
+
+
 def test_missing_inbox_is_reported_and_watched_once_it_returns(tmp_path, no_thread_leak):
     """A missing (or deleted) inbox logs watch.inbox_missing; files are emitted again once it is back."""
     inbox = tmp_path / "inbox"
 
     async def scenario():
-        async with Harness(inbox, rescan_seconds=0.2) as harness:
+        async with Harness(inbox, rescan_seconds=0.2) as harness:  # its first rescan found no inbox
             inbox.mkdir()
             (inbox / "first.wav").write_bytes(b"1" * 100)
             await harness.wait_for(1)
             shutil.rmtree(inbox)
-            await asyncio.sleep(0.5)
+            await until(lambda: logged(logs, "watch.inbox_missing") == 2, "the deleted inbox to be reported")
             inbox.mkdir()
-            await asyncio.sleep(0.5)  # a rescan re-watches it; later files arrive by events or rescans
+            await until(lambda: logged(logs, "watch.inbox_back") == 2, "a rescan to re-watch the inbox")
             (inbox / "second.wav").write_bytes(b"2" * 100)
             await harness.wait_for(2)
             assert harness.emitted == [inbox / "first.wav", inbox / "second.wav"]
@@ -577,21 +614,26 @@ def test_missing_inbox_is_reported_and_watched_once_it_returns(tmp_path, no_thre
 
 
 def test_inbox_replaced_is_watched_by_events_again(tmp_path, no_thread_leak):
-    """A deleted and recreated inbox gets a new inotify watch: a new file is taken long before the next full rescan."""
+    """A deleted and recreated inbox gets a new inotify watch: a new file in it is taken with no full rescan in between."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
 
     async def scenario():
-        async with Harness(inbox, rescan_seconds=60.0) as harness:
+        # Full rescans 10 minutes apart; while the inbox is missing it is looked for every MISSING_RETRY_SECONDS.
+        async with Harness(inbox, rescan_seconds=600.0) as harness:
             inbox.rmdir()
-            await asyncio.sleep(0.3)
+            await until(lambda: logged(logs, "watch.inbox_missing") == 1, "the deleted inbox to be reported")
             inbox.mkdir()
-            await asyncio.sleep(MISSING_RETRY_SECONDS + 0.5)  # the missing inbox is looked for more often
+            await until(lambda: logged(logs, "watch.inbox_back") == 1,
+                        f"the recreated inbox to be found (looked for every {MISSING_RETRY_SECONDS} s)")
+            rescans = harness.watcher.rescans
             (inbox / "new.wav").write_bytes(b"n" * 100)
-            await harness.wait_for(1, timeout=SETTLE + 2.0)
+            await harness.wait_for(1)
             assert harness.emitted == [inbox / "new.wav"]
+            assert harness.watcher.rescans == rescans  # so it came by an inotify event on the new folder
 
-    run(scenario())
+    with structlog.testing.capture_logs() as logs:
+        run(scenario())
 
 
 def test_no_thread_is_left_after_run_is_cancelled(tmp_path):
@@ -618,6 +660,9 @@ def test_file_written_slowly_is_emitted_once_after_the_last_write(inbox):
 
     async def scenario():
         async with Harness(inbox, settle_seconds=settle, rescan_seconds=0.7) as harness:
+            # The file stays open throughout: a pause longer than settle on a loaded machine still
+            # holds it (no close-write yet: open_cap_seconds, 60 s here), so the outcome does not
+            # hang on how long each sleep really took.
             with open(inbox / "slow.wav", "wb") as handle:
                 for index in range(60):
                     handle.write(os.urandom(4096))
@@ -628,7 +673,7 @@ def test_file_written_slowly_is_emitted_once_after_the_last_write(inbox):
             last_write = time.monotonic()
             await harness.wait_for(1)
             assert harness.times[0] >= last_write
-            await asyncio.sleep(settle * 3)
+            await harness.settled()
             assert harness.emitted == [inbox / "slow.wav"]
             assert (inbox / "slow.wav").stat().st_size == 60 * 4096 + 3
 
@@ -642,7 +687,7 @@ def test_stop_ends_run_without_cancelling_the_task(tmp_path):
         task = asyncio.get_running_loop().create_task(watcher.run(lambda path: None))
         await watcher.started.wait()
         watcher.stop()
-        await asyncio.wait_for(task, timeout=15)
+        await asyncio.wait_for(task, timeout=WAIT_S)
         return task.done() and not task.cancelled()
 
     before = {thread.ident for thread in threading.enumerate()}
