@@ -42,7 +42,7 @@ def run(context: Context) -> list[Row]:
     from daemon_helpers import write_speech_wav
     from faster_whisper import WhisperModel
 
-    from whisperdrop.gpu_runner.runner import Runner
+    from whisperdrop.gpu_runner import Runner
 
     log.configure(level="error")
     scratch = context.scratch / SECTION

@@ -188,7 +188,7 @@ async def _transcribe_files(config, files: list[Path], output: Path) -> int:
 def cmd_runner(args: argparse.Namespace) -> int:
     config = _load_config(args)
     _setup_logging(config, args)
-    from whisperdrop.gpu_runner.runner import main as runner_main
+    from whisperdrop.gpu_runner.service import main as runner_main
 
     return runner_main(config)
 

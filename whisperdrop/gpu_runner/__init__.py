@@ -1,5 +1,10 @@
-"""The GPU side of whisperdrop: a runner that processes jobs from a spool directory (see `runner`)."""
+"""The GPU side of whisperdrop: a runner that processes jobs from a spool directory.
 
-from whisperdrop.gpu_runner.runner import Runner, main
+`store` (the POSIX spool: claim, publish, fail, return, reclaim, expire) <- `worker` (one job per
+`step(now)`: verify, transcribe with the out-of-memory ladder, publish) <- `service` (`Runner`:
+threads, signals, heartbeat, watchdog; `main`, the `whisperdrop runner` entry point).
+"""
+
+from whisperdrop.gpu_runner.service import Runner, main
 
 __all__ = ["Runner", "main"]
