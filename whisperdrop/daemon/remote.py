@@ -17,11 +17,12 @@ import json
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from whisperdrop import log
+from whisperdrop.daemon.health import HostState, RunnerWatch, load
 from whisperdrop.daemon.route import Routed
 from whisperdrop.daemon.transfer import Host, HostError
 from whisperdrop.engine import Cancelled
@@ -41,24 +42,6 @@ class Outcome:
     reason: str | None = None
 
 
-@dataclass
-class HostState:
-    """What the daemon knows of one GPU host: its connection, health and back-off."""
-
-    host: Host
-    failures: int = 0
-    down_until: float = 0.0
-    last_error: str | None = None
-    runners: list = field(default_factory=list)
-    checked_at: float = 0.0
-    in_flight: int = 0
-    spool_ready: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.host.name
-
-
 class HostUnusable(Exception):
     """A host cannot take this job now; the message is the fallback reason."""
 
@@ -66,13 +49,17 @@ class HostUnusable(Exception):
 class RemotePool:
     """All configured GPU hosts; `transcribe(job, ...)` runs one job remotely or says why not."""
 
-    def __init__(self, config: Any, *, clock: Callable[[], float] = time.time):
+    def __init__(self, config: Any, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
+        """`clock` (wall) stamps back-offs and the health snapshot; `monotonic` judges runner heartbeats."""
         remote = config.remote
         self.provider = config.transcription.provider
         self.settings = remote
         self.clock = clock
+        self.monotonic = monotonic
         self.states = [
-            HostState(Host(dict(host), connect_timeout=remote.connect_timeout, keepalive_interval=remote.keepalive_interval))
+            HostState(Host(dict(host), connect_timeout=remote.connect_timeout, keepalive_interval=remote.keepalive_interval),
+                      RunnerWatch(remote.heartbeat_max_age))
             for host in remote.hosts
         ]
         self.uploads = asyncio.Semaphore(remote.parallel_uploads)
@@ -100,8 +87,9 @@ class RemotePool:
         state.down_until = 0.0
         state.last_error = None
 
-    async def _check(self, state: HostState) -> None:
-        """Connect (if needed) and read the runner heartbeats. Raises HostError or HostUnusable."""
+    async def _check(self, state: HostState, cancel: threading.Event | None = None) -> None:
+        """Connect (if needed) and read the runner heartbeats. Raises HostError, or HostUnusable
+        when no runner is alive there (see health.RunnerWatch: the daemon's clock decides)."""
         now = self.clock()
         if now - state.checked_at < HEALTH_CACHE_S and state.runners:
             return
@@ -109,32 +97,23 @@ class RemotePool:
         if not state.spool_ready:
             await state.host.ensure_spool()
             state.spool_ready = True
-        beats = await state.host.heartbeats()
+        state.watch.observe(await state.host.heartbeats(), self.monotonic(), self.clock())
+        wait = state.watch.confirm_wait(self.monotonic())
+        if wait:  # heartbeats seen once, with a clock that disagrees with ours: a second read tells
+            await _sleep_unless(cancel, wait)
+            state.watch.observe(await state.host.heartbeats(), self.monotonic(), self.clock())
         state.checked_at = self.clock()
-        fresh = [beat for beat in beats
-                 if isinstance(beat.get("updated_at"), (int, float))
-                 and state.checked_at - beat["updated_at"] <= self.settings.heartbeat_max_age]
-        state.runners = fresh
+        state.runners = state.watch.fresh(self.monotonic())
         self._write_health()
-        if not fresh:
-            newest = max((beat.get("updated_at", 0) for beat in beats), default=None)
-            age = f"newest is {state.checked_at - newest:.0f} s old" if newest else "no runner has ever written one"
-            raise HostUnusable(f"{state.name}: no fresh runner heartbeat ({age}); start `whisperdrop runner` there")
+        if not state.runners:
+            raise HostUnusable(f"{state.name}: {state.watch.why_none(self.monotonic())}; "
+                               "start `whisperdrop runner` there")
 
     def _load(self, state: HostState) -> float:
-        """Lower is better: jobs queued there (plus this daemon's in flight) over the host's speed.
+        """Lower is better (health.load): the host's queue and this daemon's jobs there over its speed."""
+        return load(state.runners, state.in_flight)
 
-        Speed is audio seconds per transcription second summed over its runners, from their
-        heartbeats (1.0 for a runner that has not finished a job yet).
-        """
-        queue = sum(beat.get("queue_length", 0) or 0 for beat in state.runners)
-        speed = 0.0
-        for beat in state.runners:
-            audio, busy = beat.get("audio_seconds_done") or 0, beat.get("transcribe_seconds_done") or 0
-            speed += audio / busy if audio and busy else 1.0
-        return (queue + state.in_flight) / max(speed, 1e-6)
-
-    async def _healthy_hosts(self) -> tuple[list[HostState], list[str]]:
+    async def _healthy_hosts(self, cancel: threading.Event | None = None) -> tuple[list[HostState], list[str]]:
         reasons, healthy = [], []
         for state in self.states:
             if state.down_until > self.clock():
@@ -142,7 +121,7 @@ class RemotePool:
                                f"{state.down_until - self.clock():.0f} s")
                 continue
             try:
-                await self._check(state)
+                await self._check(state, cancel)
             except (HostError, HostUnusable) as error:
                 self._mark_down(state, error)
                 reasons.append(str(error))
@@ -197,7 +176,7 @@ class RemotePool:
             if resumed is None and job.stage in ("uploaded", "submitted"):
                 job.stage = "extracted"  # its host is no longer configured: start over elsewhere
             # A job already on a host stays with it: `_wait` keeps polling it until remote.job_timeout.
-            candidates, reasons = ([resumed], []) if resumed else await self._healthy_hosts()
+            candidates, reasons = ([resumed], []) if resumed else await self._healthy_hosts(cancel)
             held = False
             for state in candidates:
                 try:
@@ -301,8 +280,9 @@ class RemotePool:
     async def _wait(self, state: HostState, job: Any, cancel: threading.Event, progress, timings: dict) -> str:
         """Poll the job's state with back-off until done; "checksum" when the runner found bad audio.
 
-        Raises HostUnusable when the job failed there or `job_timeout` passed (a late result is
-        cleaned up then), HostError when the host cannot be reached at all.
+        Raises HostUnusable when the job failed there, when the host's runners stopped or went
+        silent (re-checked every HEALTH_CACHE_S; the job is removed there), or when `job_timeout`
+        passed (a late result is cleaned up then); HostError when the host cannot be reached at all.
         """
         host = state.host
         submitted = timings.get("submitted_at", self.clock())
@@ -331,6 +311,11 @@ class RemotePool:
                 raise HostUnusable(f"the runner failed the job ({document.get('kind')}: {document.get('message')})")
             if status == "missing":
                 raise HostUnusable("the job vanished from the spool (expired or removed)")
+            gone = await self._runners_gone(state, cancel)
+            if gone is not None:  # stopped or silent: the job would wait there until job_timeout
+                await self._abandon(state, job.job_id)
+                self._mark_down(state, f"{state.name}: {gone}")
+                raise HostUnusable(f"{gone} while the job waited there")
             if status == "running" and document and progress is not None:
                 done, duration = document.get("done_s"), document.get("duration_s")
                 if isinstance(done, (int, float)) and isinstance(duration, (int, float)):
@@ -342,6 +327,18 @@ class RemotePool:
             else:
                 await _sleep_unless(cancel, interval)
                 interval = min(POLL_MAX_S, interval * 1.5)
+
+    async def _runners_gone(self, state: HostState, cancel: threading.Event) -> str | None:
+        """None while the host has a live runner (re-read every HEALTH_CACHE_S); otherwise why not.
+        A host that cannot be reached now is not judged here: the poll's own errors decide that."""
+        try:
+            await self._check(state, cancel)
+        except HostUnusable:
+            return state.watch.why_none(self.monotonic())
+        except HostError as error:
+            if not error.transient:
+                raise
+        return None
 
     async def _abandon(self, state: HostState, job_id: str) -> None:
         """Give up on a remote job: remove its files now if the host answers (a late result is discarded)."""
@@ -385,10 +382,10 @@ def _upload_progress(mark: Callable[..., None]) -> Callable[[int, int], None]:
     return report
 
 
-async def _sleep_unless(cancel: threading.Event, seconds: float) -> None:
+async def _sleep_unless(cancel: threading.Event | None, seconds: float) -> None:
     """Sleep up to `seconds`, waking early (raising Cancelled) when `cancel` is set."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if cancel.is_set():
+        if cancel is not None and cancel.is_set():
             raise Cancelled()
         await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
