@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from whisperdrop.gpu_runner.service import Liveness
 from whisperdrop.spool import TranscribeOptions, dumps, make_job_document
 
 # Runs in the runner process: the real CLI, with an engine whose transcribe never returns by itself.
@@ -127,3 +128,16 @@ def test_a_hung_serve_loop_stops_the_watchdog_pings(tmp_path, notify_socket):
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_liveness_is_fresh_only_within_max_silence():
+    """Liveness.alive() holds for max_silence seconds after the last beat, and a new beat restores it."""
+    moment = [100.0]
+    liveness = Liveness(10.0, clock=lambda: moment[0])
+    assert liveness.alive()
+    moment[0] = 109.9
+    assert liveness.alive()
+    moment[0] = 110.0
+    assert not liveness.alive() and liveness.silent_for() == 10.0
+    liveness.beat()
+    assert liveness.alive(now=119.0) and not liveness.alive(now=120.5)
