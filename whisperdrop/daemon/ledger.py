@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     retry_at REAL,
     progress TEXT,
     timings TEXT NOT NULL DEFAULT '{}',
-    transfer TEXT NOT NULL DEFAULT '{}'
+    transfer TEXT NOT NULL DEFAULT '{}',
+    model TEXT
 );
 CREATE TABLE IF NOT EXISTS sources (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -61,6 +62,9 @@ CREATE INDEX IF NOT EXISTS sources_job ON sources(job_id);
 CREATE INDEX IF NOT EXISTS sources_path ON sources(relpath, state);
 CREATE INDEX IF NOT EXISTS jobs_stage ON jobs(stage);
 """
+
+# Columns added after the first release: (table, column, type). Added to an older ledger on open.
+_ADDED_COLUMNS = (("jobs", "model", "TEXT"),)
 
 _JSON_COLUMNS = ("timings", "transfer", "progress", "options", "outputs")
 
@@ -89,6 +93,7 @@ class Job:
     progress: dict | None = None
     timings: dict = field(default_factory=dict)
     transfer: dict = field(default_factory=dict)
+    model: str | None = None  # the model whose Result is cached (a fallback's may differ from options["model"])
 
 
 @dataclass
@@ -129,7 +134,15 @@ class Ledger:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            self._add_missing_columns()
         self.db.row_factory = sqlite3.Row
+
+    def _add_missing_columns(self) -> None:
+        """Bring a ledger written by an older version up to _ADDED_COLUMNS (new columns are NULL)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            present = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self.db.close()

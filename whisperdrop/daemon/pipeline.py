@@ -85,10 +85,10 @@ class Pipeline:
         for folder in (self.work_dir, self.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3")
-        self.options = TranscribeOptions.from_config(config.transcription)
         self.formats = list(config.transcription.outputs)
         self.local = LocalTranscriber(config.local, engine)
         self.router = Router(config, self.local, remote)
+        self.options = self.router.planned_options(TranscribeOptions.from_config(config.transcription))
         self.cancel = threading.Event()
         self.stopping = asyncio.Event()
         self.log = log.get("pipeline")
@@ -151,6 +151,8 @@ class Pipeline:
         job = self.ledger.create_job(job_id, digest, info.st_size, self.options.to_dict())
         if job.stage == "failed":  # a person moved a failed file back: that is the signal to try again
             self.ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
+        elif job.stage == "done" and job.model not in (None, job.options.get("model")):
+            self._reopen_substitute(job)
         settle_s = max(0.0, time.time() - info.st_mtime)
         source = self.ledger.add_source(relpath, job_id, info.st_size, info.st_mtime_ns, settle_s)
         self.log.info(
@@ -159,6 +161,15 @@ class Pipeline:
             duplicate=job.stage != "new" or len(self.ledger.sources_of(job_id)) > 1,
         )
         self.schedule(job_id)
+
+    def _reopen_substitute(self, job: Job) -> None:
+        """A finished job whose cached Result came from another model (the local fallback's) is not
+        this job's transcript: forget that Result and transcribe the job again with its own model."""
+        self.result_path(job.job_id).unlink(missing_ok=True)
+        self.ledger.update_job(job.job_id, stage="new", model=None, route=None, host=None, fallback_reason=None,
+                               timings={}, transfer={}, attempts=0, last_error=None, finished_at=None)
+        self.log.info("job.reopened", job_id=job.job_id, cached_model=job.model, model=job.options.get("model"),
+                      reason="its Result came from a fallback model; transcribing it with the job's own model")
 
     # scheduling
 
@@ -377,7 +388,7 @@ class Pipeline:
             await self.router.remote.cleanup(host, job.job_id)  # the Result is safe here now
         self.ledger.update_job(
             job.job_id, stage="transcribed", route=route, host=host, fallback_reason=result.get("fallback_reason"),
-            timings=timings, transfer=transfer, attempts=0, last_error=None, progress=None,
+            model=result.get("model"), timings=timings, transfer=transfer, attempts=0, last_error=None, progress=None,
         )
         seconds = timings.get("transcribe_s") or 0.0
         duration = result.get("duration") or job.duration or 0.0

@@ -37,6 +37,13 @@ class Router:
         self.local = local
         self.remote = remote  # a RemotePool (issue: remote GPU path); None when no hosts are configured
 
+    def planned_options(self, options: TranscribeOptions) -> TranscribeOptions:
+        """The options a job is planned with (and its id hashed over): the configured ones for a GPU
+        host, or with the local model where every job runs here (provider `local`, or no hosts)."""
+        if self.remote is None or self.provider == "local":
+            return self.local.options_for(options)
+        return options
+
     async def transcribe(
         self,
         job: Any,
