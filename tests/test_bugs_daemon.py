@@ -139,6 +139,10 @@ def test_a_cpu_fallback_is_not_served_as_the_gpu_transcript_later(sshd, tmp_path
         assert again["executed_on"]["route"] == "remote" and again["model"] == gpu_model
         assert word_error_rate(jfk_reference(), again["text"]) <= 0.10
         assert again["source"]["sha256"] == first["source"]["sha256"]
+        write_variant_wav(daemon.inbox / "first.wav", 6)  # under its first name: new outputs beside the fallback's
+        beside = result_of(daemon, "first-1", timeout=120)
+        assert beside["executed_on"]["route"] == "remote" and beside["model"] == gpu_model
+        assert json.loads((daemon.outbox / "first.json").read_text())["model"] == "bundled:tiny.en"
     finally:
         runner.stop()
         assert daemon.stop() == 0

@@ -53,11 +53,13 @@ def render_txt(result: dict) -> str:
 RENDERERS = {"srt": render_srt, "vtt": render_vtt, "txt": render_txt}
 
 
-def _json_job_id(path: Path) -> str | None:
+def _json_made_by(path: Path) -> tuple[str | None, str | None]:
+    """(job_id, model) of a Result file; (None, None) when it cannot be read as one."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("job_id")
+        document = json.loads(path.read_text(encoding="utf-8"))
+        return document.get("job_id"), document.get("model")
     except (OSError, ValueError, AttributeError):
-        return None
+        return None, None
 
 
 def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str,
@@ -65,15 +67,18 @@ def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str,
     """Choose the base path (without suffix) for a source's outputs in `folder`.
 
     Returns (base, already_written): `already_written` is True when `<base>.json` holds this job's
-    Result already (a restart, or the same file dropped again). Otherwise no file of the set exists,
+    Result already (a restart, or the same file dropped again), made by `result`'s model when given
+    (a fallback model's Result of the same job is another transcript). Otherwise no file of the set exists,
     or (given `result`) the set has no JSON and every file present is byte for byte what `result`
     renders: a crash in `write_outputs` left it, and the set is completed in place, not beside it.
     """
     for index in range(10_000):
         base = folder / (stem if index == 0 else f"{stem}-{index}")
         json_path = base.with_name(base.name + ".json")
-        if json_path.exists() and _json_job_id(json_path) == job_id:
-            return base, True
+        if json_path.exists():
+            made_job, made_model = _json_made_by(json_path)
+            if made_job == job_id and (result is None or made_model == result.get("model")):
+                return base, True
         names = [json_path] + [base.with_name(f"{base.name}.{fmt}") for fmt in formats]
         if not any(os.path.lexists(name) for name in names):
             return base, False
