@@ -94,14 +94,16 @@ def test_status_and_stats_beside_a_live_daemon_after_a_local_job(tmp_path):
         figures = json.loads(stats.stdout)
         assert figures["done"] == 1 and figures["failed"] == 0 and figures["error_rate"] == 0
         local = figures["routes"]["local"]
-        assert local["jobs"] == 1 and 10 < local["audio_s"] < 12 and 0 < local["real_time_factor"] < 5
+        assert local["jobs"] == 1 and 10 < local["audio_s"] < 12 and local["transcribe_s"] > 0
+        # the real-time factor is transcription time over audio time (its size depends on the machine)
+        assert local["real_time_factor"] == pytest.approx(local["transcribe_s"] / local["audio_s"], abs=1e-3)
         assert figures["stage_times"]["extract"]["count"] == 1 and figures["stage_times"]["transcribe"]["p95_s"] > 0
         assert figures["cost"]["local_real_time_factor"] == pytest.approx(local["real_time_factor"], rel=1e-3)
         assert figures["cost"]["gpu_seconds"] == 0 and figures["fallbacks_total"] == 0
         assert "1 done, 0 failed" in cli("stats", "-c", config).stdout
 
         daemon.wait_for(lambda: metrics.exists() and 'whisperdrop_jobs{stage="done"} 1.0' in metrics.read_text(),
-                        timeout=30, what="the metrics file with the done job")
+                        timeout=60, what="the metrics file with the done job")
         samples = parse_exposition(metrics.read_text())
         assert samples['whisperdrop_jobs_done_total{route="local"}'] == 1
         assert samples['whisperdrop_audio_seconds_total{route="local"}'] > 10
@@ -350,11 +352,10 @@ def test_doctor_times_out_on_a_port_that_never_answers(tmp_path):
         listener.listen()
         port = listener.getsockname()[1]
         config = _doctor_config(tmp_path, {"name": "silent", "host": "127.0.0.1", "port": port})
-        started = time.monotonic()
-        result = cli("doctor", "-c", str(config), "--timeout", "1")
+        result = cli("doctor", "-c", str(config), "--timeout", "1")  # cli() fails the test if doctor hangs
     assert result.returncode == 1 and "FAIL  host silent: tcp:" in result.stdout, result.stdout
+    # it was the 1 s --timeout that ended the wait, not some longer one
     assert "no SSH banner within 1 s" in result.stdout and "fix: check remote.hosts[].port" in result.stdout
-    assert time.monotonic() - started < 30
 
 
 # ------------------------------------------------------------------------------ the GPU host guide
