@@ -41,7 +41,7 @@ def no_leaked_threads():
     """Fail a test that leaves a thread running (observers, heartbeats, serve loops)."""
     before = set(threading.enumerate())
     yield
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a generous bound for threads that are stopping to end
     while time.monotonic() < deadline:
         # tqdm's monitor is process-wide, started once by faster-whisper's first transcription.
         leaked = [thread for thread in threading.enumerate()
@@ -188,8 +188,11 @@ def test_step_transcribes_a_job_and_publishes_its_result(spool, engine, jfk_opus
     recorder, observer = Recorder(), Observer()
     observer.schedule(recorder, str(spool / "progress"), recursive=False)
     observer.start()
+    progress = str(spool / "progress" / f"{job}.json")
     try:
         assert runner.step() is True
+        # watchdog hands events over on its own thread: wait for them, do not assume they came already
+        wait_for(lambda: progress in recorder.paths, 60, "the progress file's events")
     finally:
         observer.stop()
         observer.join()
@@ -201,7 +204,7 @@ def test_step_transcribes_a_job_and_publishes_its_result(spool, engine, jfk_opus
     assert result["executed_on"]["compute_type"] == "int8" and result["executed_on"]["gpu"] is None
     assert result["timings"]["queue_s"] >= 2 and result["timings"]["transcribe_s"] > 0
     assert result["segments"] and result["segments"][0]["words"]
-    assert str(spool / "progress" / f"{job}.json") in recorder.paths
+    assert progress in recorder.paths
     assert not (spool / "progress" / f"{job}.json").exists()
     assert list((spool / "work").iterdir()) == []
     assert list((spool / "jobs").iterdir()) == []
