@@ -81,7 +81,10 @@ def _receive(sock: socket.socket) -> list[str]:
 
 
 def test_daemon_sends_ready_watchdog_and_status_to_notify_socket(tmp_path):
-    """A real daemon with NOTIFY_SOCKET and WATCHDOG_USEC=1 s sends READY=1, STATUS=, WATCHDOG=1 twice a second, STOPPING=1."""
+    """A real daemon with NOTIFY_SOCKET and WATCHDOG_USEC=1 s sends READY=1, STATUS=, WATCHDOG=1 again and again, STOPPING=1.
+
+    The pings' period (half of WatchdogSec) is pinned on a fake clock by the tick and Notifier tests below.
+    """
     folder = tempfile.mkdtemp(prefix="wd-notify-")  # a short path: AF_UNIX paths end at 107 bytes
     sock = _bind_datagram(os.path.join(folder, "notify"))
     daemon = Daemon(tmp_path)
@@ -89,20 +92,14 @@ def test_daemon_sends_ready_watchdog_and_status_to_notify_socket(tmp_path):
         daemon.start(wait_ready=False, env={"NOTIFY_SOCKET": os.path.join(folder, "notify"),
                                             "WATCHDOG_USEC": "1000000"})
         fields: list[str] = []
-        first_ping = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and fields.count("WATCHDOG=1") < 3:
             assert daemon.process.poll() is None, daemon.tail()
-            for field in _receive(sock):
-                fields.append(field)
-                if field == "WATCHDOG=1" and first_ping is None:
-                    first_ping = time.monotonic()
+            fields += _receive(sock)
         assert "READY=1" in fields, fields
         assert fields.count("WATCHDOG=1") >= 3, fields
         assert any(field.startswith("STATUS=") for field in fields), fields
         assert fields.index("READY=1") < fields.index("WATCHDOG=1")
-        # three pings at half of WatchdogSec (0.5 s) take about 1 s, not the 5 s of the default period
-        assert time.monotonic() - first_ping < 3.0
         assert daemon.stop() == 0
         tail = []
         while True:
