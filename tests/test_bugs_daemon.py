@@ -147,3 +147,42 @@ def test_a_cpu_fallback_is_not_served_as_the_gpu_transcript_later(sshd, tmp_path
         runner.stop()
         assert daemon.stop() == 0
 
+
+# bug 4: one Result builder, the runner's executed_on kept
+
+
+def test_the_runners_executed_on_reaches_the_outbox(gpu_host, tmp_path):
+    """A remote Result keeps what the runner said of where it ran (runner name, machine, GPU, compute type,
+    out-of-memory retries) under the daemon's route and host."""
+    server, runner = gpu_host
+    daemon = daemon_for(tmp_path, server.host_settings(), "auto").start()
+    try:
+        shutil.copy(JFK, daemon.inbox / "jfk.flac")
+        executed = result_of(daemon, "jfk", timeout=120)["executed_on"]
+        assert (executed["route"], executed["host"], executed["runner"]) == ("remote", "testhost", "gpu-test")
+        assert executed["device"] == "cpu" and executed["compute_type"] == "int8" and executed["oom_retries"] == 0
+        assert executed["hostname"] and "gpu" in executed and executed["batch_size"] == 1
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_the_one_shot_cli_and_the_daemon_write_the_same_result(tmp_path):
+    """`whisperdrop transcribe` writes a Result of the same shape as the daemon's local route (one builder)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "daemon").mkdir()
+    daemon = Daemon(tmp_path / "daemon", transcription={"provider": "local"}).start()
+    try:
+        shutil.copy(JFK, daemon.inbox / "jfk.flac")
+        from_daemon = result_of(daemon, "jfk", timeout=120)
+    finally:
+        assert daemon.stop() == 0
+    done = subprocess.run([sys.executable, "-m", "whisperdrop", "transcribe", str(JFK), "-o", str(tmp_path / "cli")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from_cli = json.loads((tmp_path / "cli" / "jfk.json").read_text())
+    assert set(from_cli) == set(from_daemon)
+    assert from_cli["executed_on"] == from_daemon["executed_on"]
+    assert from_cli["executed_on"]["compute_type"] == "int8"
+    assert from_cli["job_id"] == from_daemon["job_id"] and from_cli["source"]["sha256"] == from_daemon["source"]["sha256"]

@@ -126,7 +126,8 @@ async def _transcribe_files(config, files: list[Path], output: Path) -> int:
     from whisperdrop.daemon.route import Router
     from whisperdrop.daemon.service import build_remote
     from whisperdrop.engine import EngineError
-    from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions, job_id as make_job_id
+    from whisperdrop import result as results
+    from whisperdrop.spool import TranscribeOptions, job_id as make_job_id
 
     display = _ProgressLine()
     options = TranscribeOptions.from_config(config.transcription)
@@ -160,14 +161,12 @@ async def _transcribe_files(config, files: list[Path], output: Path) -> int:
                             source_sha256=digest, source_size=path.stat().st_size, options=options.to_dict(),
                             duration=extracted.duration, audio_size=extracted.bytes_out, audio_sha256=extracted.sha256)
                 routed = await router.transcribe(shell, extracted.path, options, cancel=cancel, progress=progress)
-                document = {
-                    **routed.result, "schema": RESULT_SCHEMA, "job_id": job,
-                    "executed_on": {"route": routed.route, "host": routed.host, "device": routed.device},
-                    "fallback_reason": routed.fallback_reason, "transfer": routed.transfer,
-                    "source": {"path": name, "size": path.stat().st_size, "sha256": digest},
-                }
-                document["timings"] = {**routed.result.get("timings", {}), "extract_s": round(extracted.seconds, 3),
-                                       **routed.timings, "total_s": round(time.monotonic() - started, 3)}
+                made = results.transcribed(
+                    routed.result, job_id=job, route=routed.route, host=routed.host,
+                    fallback_reason=routed.fallback_reason, transfer=routed.transfer,
+                    timings={"extract_s": round(extracted.seconds, 3), **routed.timings})
+                document = results.for_source(made, path=name, size=path.stat().st_size, sha256=digest,
+                                              timings={"total_s": round(time.monotonic() - started, 3)})
                 base, _ = outbox.plan_outputs(output, path.stem, list(config.transcription.outputs), job)
                 outbox.write_outputs(base, document, list(config.transcription.outputs))
                 where = routed.route + (f" on {routed.host}" if routed.host else "")

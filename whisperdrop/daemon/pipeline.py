@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from whisperdrop import log
+from whisperdrop import log, result as results
 from whisperdrop.daemon import outbox
 from whisperdrop.daemon.extract import MediaError, extract
 from whisperdrop.daemon.ledger import Job, Ledger, Source
@@ -31,7 +31,7 @@ from whisperdrop.daemon.local import LocalTranscriber
 from whisperdrop.daemon.route import Router
 from whisperdrop.engine import Cancelled, Engine, EngineError
 from whisperdrop.files import fsync_directory
-from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions, job_id as make_job_id
+from whisperdrop.spool import TranscribeOptions, job_id as make_job_id
 
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 300.0
@@ -317,6 +317,8 @@ class Pipeline:
 
     def _progress_callback(self, job_id: str):
         loop = asyncio.get_running_loop()
+        every = float(self.config.logging.progress_seconds)
+        logged = [time.monotonic()]  # a transcription shorter than `every` logs no progress
 
         def report(done: float, duration: float) -> None:
             now = time.monotonic()
@@ -326,6 +328,11 @@ class Pipeline:
             progress = {"transcribe": round(done / duration, 3) if duration else 1.0, "done_s": round(done, 1),
                         "duration_s": round(duration, 1)}
             loop.call_soon_threadsafe(functools.partial(self.ledger.update_job, job_id, progress=progress))
+            if now - logged[0] >= every and done < duration:  # now and then, for a person watching the log
+                logged[0] = now
+                loop.call_soon_threadsafe(functools.partial(
+                    self.log.info, "job.progress", job_id=job_id, percent=round(100 * progress["transcribe"], 1),
+                    done_s=progress["done_s"], duration_s=progress["duration_s"]))
 
         return report
 
@@ -358,16 +365,11 @@ class Pipeline:
             if error.kind == "audio":
                 raise Permanent("audio", str(error), "the audio could not be decoded; check the source file") from error
             raise
-        result = {
-            **routed.result,
-            "job_id": job.job_id,
-            "executed_on": {"route": routed.route, "host": routed.host, "device": routed.device},
-            "fallback_reason": routed.fallback_reason,
-        }
-        timings = {**job.timings, **routed.timings}
-        transfer = {**job.transfer, **routed.transfer}
-        result["timings"] = {**result.get("timings", {}), **timings}
-        result["transfer"] = transfer
+        result = results.transcribed(
+            routed.result, job_id=job.job_id, route=routed.route, host=routed.host,
+            fallback_reason=routed.fallback_reason, timings={**job.timings, **routed.timings},
+            transfer={**job.transfer, **routed.transfer},
+        )
         await asyncio.get_running_loop().run_in_executor(
             self._io, outbox.write_atomic, cached, _json_bytes(result))
         await self._commit_transcribed(job, result)
@@ -424,23 +426,18 @@ class Pipeline:
         path = self.inbox / source.relpath
         relative = Path(source.relpath)
         folder = self.outbox_root / relative.parent
-        document = {
-            **result,
-            "schema": RESULT_SCHEMA,
-            "job_id": job.job_id,
-            "source": {"path": source.relpath, "size": source.size, "sha256": job.source_sha256},
-        }
-        timings = dict(document.get("timings", {}))
-        timings["settle_s"] = round(source.settle_s, 3)
+        added = {"settle_s": round(source.settle_s, 3)}
         if os.path.lexists(path) and not same_version(path, source.size, source.mtime_ns):
             # another version sits at this path now: it gets its own job; this Result is not its transcript
             self._on_loop(self._replaced, job, source).result()
             return
         base, already = outbox.plan_outputs(folder, relative.stem, self.formats, job.job_id, result)
         if not already:
-            timings["total_s"] = round(source.settle_s + (time.time() - source.taken_at), 3)
-            document["timings"] = timings
+            added["total_s"] = round(source.settle_s + (time.time() - source.taken_at), 3)
+            document = results.for_source(result, path=source.relpath, size=source.size, sha256=job.source_sha256,
+                                          timings=added)
             outbox.write_outputs(base, document, self.formats)
+        timings = {**(result.get("timings") or {}), **added}
         policy = self.config.after_success
         if os.path.lexists(path):
             if policy == "archive":

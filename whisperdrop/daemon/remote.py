@@ -266,11 +266,9 @@ class RemotePool:
             for key in ("queue_s", "transcribe_s", "load_s"):
                 if key in runner_timings:
                     timings[key] = runner_timings[key]
-            executed = result.get("executed_on", {})
             self._mark_up(state)
             return Routed(
                 result=result, route="remote", host=state.name,
-                device=executed.get("device") or result.get("engine", {}).get("device", "unknown"),
                 timings={key: value for key, value in timings.items() if key != "submitted_at"},
                 transfer=transfer,
             )

@@ -18,12 +18,12 @@ from whisperdrop.spool import TranscribeOptions
 
 @dataclass(frozen=True)
 class Routed:
-    """What the route stage returns: the engine's Result and where and how it was made."""
+    """What the route stage returns: the engine's (or the runner's) Result, the route and host that
+    made it, why it got there, and the figures of the route's own stages."""
 
     result: dict
     route: str  # "local" or "remote"
     host: str | None
-    device: str
     fallback_reason: str | None = None
     timings: dict = field(default_factory=dict)
     transfer: dict = field(default_factory=dict)
@@ -68,7 +68,6 @@ class Router:
             result=result,
             route="local",
             host=None,
-            device=result["engine"]["device"],
             fallback_reason=fallback_reason,
             timings={"queue_s": 0.0, **result["timings"]},
         )

@@ -1,0 +1,62 @@
+"""The Result document (schema `whisperdrop.result/1`), built in one place for every route.
+
+The engine makes the transcript part (text, language, segments, duration, model, options, engine);
+on a GPU host the runner adds `executed_on` (its name, machine, device, GPU, compute type, batch
+size, out-of-memory retries). `transcribed` adds what the daemon knows (its route and host name, the
+fallback reason, the figures of its own stages) without dropping any of that; `for_source` adds the
+source file a copy of the Result is written for. The daemon's local and remote routes and the
+one-shot `whisperdrop transcribe` all go through these two functions, so their Results agree.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from whisperdrop.spool import RESULT_SCHEMA
+
+HOSTNAME = socket.gethostname()
+
+
+def executed_on(made: dict, route: str, host: str | None) -> dict:
+    """Where a Result was made: the runner's own `executed_on` (its `host`, the runner's name, kept as
+    `runner`), else the engine's device and compute type on this machine; then the daemon's `route`
+    (`local` or `remote`) and `host` (the configured GPU host's name, None for local) over them."""
+    engine = made.get("engine") or {}
+    ran = dict(made.get("executed_on") or {})
+    if "host" in ran:
+        ran["runner"] = ran.pop("host")
+    if not ran:  # made here, by the local engine
+        ran = {"hostname": HOSTNAME, "compute_type": engine.get("compute_type"),
+               "batch_size": engine.get("batch_size", 1)}
+    ran.setdefault("device", engine.get("device", "unknown"))
+    ran.pop("route", None)
+    return {"route": route, "host": host, **ran}
+
+
+def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallback_reason: str | None,
+                timings: dict, transfer: dict) -> dict:
+    """The Result of a job once transcribed, from `made` (the engine's or the runner's Result).
+
+    `timings` (the daemon's stage figures) go over the ones in `made`; `transfer` replaces its own.
+    Returns a new dict; `made` is not changed.
+    """
+    return {
+        **made,
+        "schema": RESULT_SCHEMA,
+        "job_id": job_id,
+        "executed_on": executed_on(made, route, host),
+        "fallback_reason": fallback_reason,
+        "timings": {**(made.get("timings") or {}), **timings},
+        "transfer": dict(transfer),
+    }
+
+
+def for_source(result: dict, *, path: str, size: int, sha256: str, timings: dict) -> dict:
+    """The Result as written beside one source file: `source` (relative path, size, sha256) added and
+    `timings` (settle_s, total_s...) over the job's. Returns a new dict."""
+    return {
+        **result,
+        "schema": RESULT_SCHEMA,
+        "source": {"path": path, "size": size, "sha256": sha256},
+        "timings": {**(result.get("timings") or {}), **timings},
+    }
