@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from whisperdrop.daemon import outbox
+from whisperdrop.subtitles import Limits
 
 RESULT = {
     "job_id": "a" * 64,
@@ -34,6 +35,41 @@ def test_outputs_written_with_json_last_and_no_temp_left(tmp_path):
     assert [path.name for path in written] == ["talk.srt", "talk.vtt", "talk.txt", "talk.json"]
     assert sorted(os.listdir(tmp_path)) == ["talk.json", "talk.srt", "talk.txt", "talk.vtt"]
     assert json.loads((tmp_path / "talk.json").read_text())["job_id"] == "a" * 64
+
+
+def long_segment_result() -> dict:
+    """One 25 s segment, as batched transcription makes them, with word timestamps."""
+    words, at = [], 0.0
+    for index in range(60):
+        text = f" word{index}" + ("." if index % 12 == 11 else "")
+        words.append({"start": round(at, 3), "end": round(at + 0.3, 3), "word": text, "probability": 0.9})
+        at += 0.42
+    segment = {"id": 1, "start": 0.0, "end": round(at, 3), "text": "".join(word["word"] for word in words),
+               "words": words}
+    return {"job_id": "c" * 64, "text": segment["text"], "segments": [segment]}
+
+
+def test_json_keeps_whisper_segments_while_subtitles_are_cut_from_words(tmp_path):
+    """The JSON holds the segment exactly as whisper made it; SRT and VTT show it as short cues."""
+    result = long_segment_result()
+    outbox.write_outputs(tmp_path / "talk", result, ["srt", "vtt", "txt"])
+    assert json.loads((tmp_path / "talk.json").read_text())["segments"] == result["segments"]
+    srt = (tmp_path / "talk.srt").read_text()
+    assert srt.count(" --> ") >= 5 and "00:00:00,000 --> 00:00:25" not in srt
+    assert (tmp_path / "talk.txt").read_text() == result["text"].strip() + "\n"
+
+
+def test_configured_subtitle_limits_shape_the_files_and_the_crash_check(tmp_path):
+    """write_outputs cuts cues within the limits it is given, and plan_outputs, given the same limits,
+    takes a set a crash left without its JSON as this job's (other limits render other bytes)."""
+    result = long_segment_result()
+    narrow = Limits(max_line_chars=16, max_lines=1, max_cue_seconds=2.0, pause_seconds=0.5)
+    outbox.write_outputs(tmp_path / "talk", result, ["srt"], narrow)
+    blocks = [block.split("\n") for block in (tmp_path / "talk.srt").read_text().strip("\n").split("\n\n")]
+    assert len(blocks) >= 20 and all(len(block) == 3 and len(block[2]) <= 16 for block in blocks)
+    (tmp_path / "talk.json").unlink()  # as if the crash came before the JSON
+    assert outbox.plan_outputs(tmp_path, "talk", ["srt"], "c" * 64, result, narrow) == (tmp_path / "talk", False)
+    assert outbox.plan_outputs(tmp_path, "talk", ["srt"], "c" * 64, result) == (tmp_path / "talk-1", False)
 
 
 def test_collision_gets_a_suffix_and_same_job_is_recognised(tmp_path):

@@ -168,7 +168,8 @@ async def _transcribe_files(config, files: list[Path], output: Path) -> int:
                 document = results.for_source(made, path=name, size=path.stat().st_size, sha256=digest,
                                               timings={"total_s": round(time.monotonic() - started, 3)})
                 base, _ = outbox.plan_outputs(output, path.stem, list(config.transcription.outputs), job)
-                outbox.write_outputs(base, document, list(config.transcription.outputs))
+                outbox.write_outputs(base, document, list(config.transcription.outputs),
+                                     outbox.Limits.from_config(config.subtitles))
                 where = routed.route + (f" on {routed.host}" if routed.host else "")
                 note = f" (fallback: {routed.fallback_reason})" if routed.fallback_reason else ""
                 display.done(f"{name}: {base}.json  [{extracted.duration:.1f} s of audio, {where}{note}, "

@@ -136,6 +136,12 @@ SCHEMA: dict[str, Any] = {
         "beam_size": Option(int, 5, "Beam search width.", check=_positive),
         "outputs": Option(list, ["srt", "vtt", "txt"], "Formats written beside `<stem>.json`.", check=_outputs),
     },
+    "subtitles": {
+        "max_line_chars": Option(int, 42, "Longest line of an SRT or VTT cue, in characters.", check=_positive),
+        "max_lines": Option(int, 2, "Lines a cue may have.", check=_positive),
+        "max_cue_seconds": Option(NUMBER, 7.0, "Longest time a cue stays on screen.", check=_positive),
+        "pause_seconds": Option(NUMBER, 0.5, "A silence this long between words always ends a cue, as a sentence end does.", check=_positive),
+    },
     "local": {
         "model": Option(str, "bundled:tiny.en", "Model for local CPU transcription (the fallback)."),
         "device": Option(str, "cpu", "Device for local transcription: cpu, cuda or auto.", choices=("cpu", "cuda", "auto")),

@@ -1,5 +1,6 @@
 """The outbox stage: render a Result to JSON, SRT, VTT and TXT, write each atomically, then move the
-source away (archive) or into `failed/` beside an error record.
+source away (archive) or into `failed/` beside an error record. The subtitle cues (SRT, VTT) are
+built in `whisperdrop.subtitles`; the one-shot CLI writes through `write_outputs` too.
 
 Every file is written to a temporary name, fsynced and renamed, and the folder fsynced, so a crash
 leaves either the finished file or none. The JSON is written last: its presence, with this job's
@@ -17,40 +18,23 @@ import stat
 from pathlib import Path
 
 from whisperdrop.files import fsync_directory, write_atomic  # write_atomic: callers use outbox.write_atomic too
+from whisperdrop.subtitles import Limits, render_srt, render_vtt
 
 FORMATS = ("srt", "vtt", "txt")
 
 
-def _timestamp(seconds: float, separator: str) -> str:
-    milliseconds = max(0, round(seconds * 1000))
-    hours, milliseconds = divmod(milliseconds, 3_600_000)
-    minutes, milliseconds = divmod(milliseconds, 60_000)
-    secs, milliseconds = divmod(milliseconds, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{milliseconds:03d}"
-
-
-def render_srt(result: dict) -> str:
-    blocks = []
-    for number, segment in enumerate(result["segments"], start=1):
-        span = f"{_timestamp(segment['start'], ',')} --> {_timestamp(segment['end'], ',')}"
-        blocks.append(f"{number}\n{span}\n{segment['text'].strip()}\n")
-    return "\n".join(blocks)
-
-
-def render_vtt(result: dict) -> str:
-    blocks = ["WEBVTT\n"]
-    for segment in result["segments"]:
-        span = f"{_timestamp(segment['start'], '.')} --> {_timestamp(segment['end'], '.')}"
-        blocks.append(f"{span}\n{segment['text'].strip()}\n")
-    return "\n".join(blocks)
-
-
-def render_txt(result: dict) -> str:
+def render_txt(result: dict, limits: Limits | None = None) -> str:
+    """One line a segment, as whisper cut them (`limits` is for the subtitle formats; unused here)."""
     lines = [segment["text"].strip() for segment in result["segments"]]
     return "\n".join(line for line in lines if line) + "\n"
 
 
 RENDERERS = {"srt": render_srt, "vtt": render_vtt, "txt": render_txt}
+
+
+def render(fmt: str, result: dict, limits: Limits) -> bytes:
+    """`result` in format `fmt` (one of FORMATS), encoded as UTF-8."""
+    return RENDERERS[fmt](result, limits).encode("utf-8")
 
 
 def _json_made_by(path: Path) -> tuple[str | None, str | None]:
@@ -63,14 +47,15 @@ def _json_made_by(path: Path) -> tuple[str | None, str | None]:
 
 
 def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str,
-                 result: dict | None = None) -> tuple[Path, bool]:
+                 result: dict | None = None, limits: Limits = Limits()) -> tuple[Path, bool]:
     """Choose the base path (without suffix) for a source's outputs in `folder`.
 
     Returns (base, already_written): `already_written` is True when `<base>.json` holds this job's
     Result already (a restart, or the same file dropped again), made by `result`'s model when given
     (a fallback model's Result of the same job is another transcript). Otherwise no file of the set exists,
     or (given `result`) the set has no JSON and every file present is byte for byte what `result`
-    renders: a crash in `write_outputs` left it, and the set is completed in place, not beside it.
+    renders (SRT and VTT within the subtitle `limits` that `write_outputs` is given): a crash in
+    `write_outputs` left it, and the set is completed in place, not beside it.
     """
     for index in range(10_000):
         base = folder / (stem if index == 0 else f"{stem}-{index}")
@@ -82,32 +67,33 @@ def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str,
         names = [json_path] + [base.with_name(f"{base.name}.{fmt}") for fmt in formats]
         if not any(os.path.lexists(name) for name in names):
             return base, False
-        if result is not None and not os.path.lexists(json_path) and _ours(base, formats, result):
+        if result is not None and not os.path.lexists(json_path) and _ours(base, formats, result, limits):
             return base, False
     raise FileExistsError(errno.EEXIST, f"no free output name for {stem!r} in {folder}")
 
 
-def _ours(base: Path, formats: list[str], result: dict) -> bool:
+def _ours(base: Path, formats: list[str], result: dict, limits: Limits) -> bool:
     """Whether every format file present at `base` is a regular file holding what `result` renders."""
     for fmt in formats:
         path = base.with_name(f"{base.name}.{fmt}")
         if not os.path.lexists(path):
             continue
         try:
-            if not stat.S_ISREG(os.lstat(path).st_mode) or path.read_bytes() != RENDERERS[fmt](result).encode("utf-8"):
+            if not stat.S_ISREG(os.lstat(path).st_mode) or path.read_bytes() != render(fmt, result, limits):
                 return False
         except OSError:
             return False
     return True
 
 
-def write_outputs(base: Path, result: dict, formats: list[str]) -> list[Path]:
-    """Write the configured formats and then `<base>.json`; return the paths written."""
+def write_outputs(base: Path, result: dict, formats: list[str], limits: Limits = Limits()) -> list[Path]:
+    """Write the configured formats (SRT and VTT cues within `limits`) and then `<base>.json`; return
+    the paths written."""
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for fmt in formats:
         path = base.with_name(f"{base.name}.{fmt}")
-        write_atomic(path, RENDERERS[fmt](result).encode("utf-8"), durable=False)  # the folder is fsynced below
+        write_atomic(path, render(fmt, result, limits), durable=False)  # the folder is fsynced below
         written.append(path)
     json_path = base.with_name(base.name + ".json")
     write_atomic(json_path, json.dumps(result, ensure_ascii=False, indent=2).encode("utf-8") + b"\n", durable=False)

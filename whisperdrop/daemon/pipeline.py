@@ -86,6 +86,7 @@ class Pipeline:
             folder.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3")
         self.formats = list(config.transcription.outputs)
+        self.subtitles = outbox.Limits.from_config(config.subtitles)  # how SRT and VTT cues are cut
         self.local = LocalTranscriber(config.local, engine)
         self.router = Router(config, self.local, remote)
         self.options = self.router.planned_options(TranscribeOptions.from_config(config.transcription))
@@ -424,12 +425,12 @@ class Pipeline:
             # another version sits at this path now: it gets its own job; this Result is not its transcript
             self._on_loop(self._replaced, job, source).result()
             return
-        base, already = outbox.plan_outputs(folder, relative.stem, self.formats, job.job_id, result)
+        base, already = outbox.plan_outputs(folder, relative.stem, self.formats, job.job_id, result, self.subtitles)
         if not already:
             added["total_s"] = round(source.settle_s + (time.time() - source.taken_at), 3)
             document = results.for_source(result, path=source.relpath, size=source.size, sha256=job.source_sha256,
                                           timings=added)
-            outbox.write_outputs(base, document, self.formats)
+            outbox.write_outputs(base, document, self.formats, self.subtitles)
         timings = {**(result.get("timings") or {}), **added}
         policy = self.config.after_success
         if os.path.lexists(path):
