@@ -210,7 +210,9 @@ def test_file_replaced_while_it_is_transcribed(tmp_path):
         wait_event(daemon, "stage.extract", path="x.wav", timeout=180)
         move_in(daemon, new, "x.wav")
         daemon.wait_for(lambda: not (daemon.inbox / "x.wav").exists(), timeout=240, what="x.wav leaves the inbox")
-        time.sleep(12)  # past the settle time: anything still to take is taken
+        # The job that moved it out logs stage.outbox once its outputs and the move are done: the
+        # inbox is empty, so there is nothing left to take.
+        wait_event(daemon, "stage.outbox", path="x.wav")
         assert daemon.stop(timeout=30) == 0
     finally:
         daemon.kill()
