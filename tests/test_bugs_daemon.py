@@ -186,3 +186,27 @@ def test_the_one_shot_cli_and_the_daemon_write_the_same_result(tmp_path):
     assert from_cli["executed_on"] == from_daemon["executed_on"]
     assert from_cli["executed_on"]["compute_type"] == "int8"
     assert from_cli["job_id"] == from_daemon["job_id"] and from_cli["source"]["sha256"] == from_daemon["source"]["sha256"]
+
+
+# bug 3: a kept file is not taken again
+
+
+def test_a_kept_file_is_not_taken_again_on_each_start(tmp_path):
+    """With after_success keep, a file already done is recognised at the next starts without being hashed
+    or delivered again: one intake and one job.done over three starts."""
+    (tmp_path / "daemon").mkdir()
+    daemon = Daemon(tmp_path / "daemon", after_success="keep", transcription={"provider": "local"},
+                    logging={"format": "json", "level": "debug"}).start()
+    try:
+        write_variant_wav(daemon.inbox / "kept.wav", 7)
+        daemon.wait_for(lambda: daemon.count("job.done") == 1, timeout=120, what="job.done")
+        for _start in range(2):
+            assert daemon.stop() == 0
+            daemon.start()
+            daemon.wait_for(lambda: any(event.get("event") in ("stage.intake", "intake.already_done")
+                                        for event in daemon.events(since_start=True)),
+                            timeout=60, what="the kept file looked at again")
+        assert daemon.count("stage.intake") == 1 and daemon.count("job.done") == 1
+        assert (daemon.inbox / "kept.wav").exists() and len(daemon.outputs()) == 1
+    finally:
+        assert daemon.stop() == 0

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS sources (
     taken_at REAL NOT NULL,
     finished_at REAL,
     outputs TEXT,
-    last_error TEXT
+    last_error TEXT,
+    inode INTEGER
 );
 CREATE INDEX IF NOT EXISTS sources_job ON sources(job_id);
 CREATE INDEX IF NOT EXISTS sources_path ON sources(relpath, state);
@@ -64,7 +65,7 @@ CREATE INDEX IF NOT EXISTS jobs_stage ON jobs(stage);
 """
 
 # Columns added after the first release: (table, column, type). Added to an older ledger on open.
-_ADDED_COLUMNS = (("jobs", "model", "TEXT"),)
+_ADDED_COLUMNS = (("jobs", "model", "TEXT"), ("sources", "inode", "INTEGER"))
 
 _JSON_COLUMNS = ("timings", "transfer", "progress", "options", "outputs")
 
@@ -111,6 +112,7 @@ class Source:
     finished_at: float | None = None
     outputs: dict | None = None
     last_error: str | None = None
+    inode: int | None = None  # with size and mtime_ns: the version taken, told apart without reading it
 
 
 def _decode(row: sqlite3.Row) -> dict:
@@ -194,12 +196,13 @@ class Ledger:
     # sources
 
     def add_source(self, relpath: str, job_id: str, size: int, mtime_ns: int, settle_s: float,
-                   now: float | None = None) -> Source:
+                   now: float | None = None, inode: int | None = None) -> Source:
+        """Record an inbox file taken for `job_id`, pending. Returns the new row."""
         now = time.time() if now is None else now
         cursor = self.db.execute(
-            "INSERT INTO sources (relpath, job_id, size, mtime_ns, state, settle_s, taken_at)"
-            " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-            (relpath, job_id, size, mtime_ns, settle_s, now),
+            "INSERT INTO sources (relpath, job_id, size, mtime_ns, state, settle_s, taken_at, inode)"
+            " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+            (relpath, job_id, size, mtime_ns, settle_s, now, inode),
         )
         source = self.source(cursor.lastrowid)
         assert source is not None
@@ -213,6 +216,13 @@ class Ledger:
         """The pending row for an inbox path, if it is already taken."""
         row = self.db.execute(
             "SELECT * FROM sources WHERE relpath = ? AND state = 'pending' ORDER BY id DESC LIMIT 1", (relpath,)
+        ).fetchone()
+        return Source(**_decode(row)) if row else None
+
+    def done_source(self, relpath: str) -> Source | None:
+        """The latest finished (`done`) row for an inbox path: a kept file, when it is still there."""
+        row = self.db.execute(
+            "SELECT * FROM sources WHERE relpath = ? AND state = 'done' ORDER BY id DESC LIMIT 1", (relpath,)
         ).fetchone()
         return Source(**_decode(row)) if row else None
 

@@ -132,6 +132,8 @@ class Pipeline:
             return
         if pending:
             self.ledger.update_source(pending.id, state="replaced", last_error="the file changed after it was taken")
+        elif self.config.after_success == "keep" and self._already_done(relpath, info):
+            return
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
@@ -155,13 +157,23 @@ class Pipeline:
         elif job.stage == "done" and job.model not in (None, job.options.get("model")):
             self._reopen_substitute(job)
         settle_s = max(0.0, time.time() - info.st_mtime)
-        source = self.ledger.add_source(relpath, job_id, info.st_size, info.st_mtime_ns, settle_s)
+        source = self.ledger.add_source(relpath, job_id, info.st_size, info.st_mtime_ns, settle_s, inode=info.st_ino)
         self.log.info(
             "stage.intake", path=relpath, job_id=job_id, bytes=info.st_size, settle_s=round(settle_s, 3),
             hash_s=round(time.monotonic() - started, 3), source_id=source.id,
             duplicate=job.stage != "new" or len(self.ledger.sources_of(job_id)) > 1,
         )
         self.schedule(job_id)
+
+    def _already_done(self, relpath: str, info: os.stat_result) -> bool:
+        """True when the file at `relpath` is the very version already done and kept (same size, mtime
+        and inode): a restart's rescan finds every kept file, and none is hashed or delivered again."""
+        kept = self.ledger.done_source(relpath)
+        if kept is None or (kept.size, kept.mtime_ns, kept.inode) != (info.st_size, info.st_mtime_ns, info.st_ino):
+            return False
+        self.log.debug("intake.already_done", path=relpath, job_id=kept.job_id,
+                       reason="kept after success and unchanged since")
+        return True
 
     def _reopen_substitute(self, job: Job) -> None:
         """A finished job whose cached Result came from another model (the local fallback's) is not
