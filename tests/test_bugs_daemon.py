@@ -210,3 +210,42 @@ def test_a_kept_file_is_not_taken_again_on_each_start(tmp_path):
         assert (daemon.inbox / "kept.wav").exists() and len(daemon.outputs()) == 1
     finally:
         assert daemon.stop() == 0
+
+
+# bug 7: bounded reads and growth
+
+
+def test_remote_documents_are_read_with_a_size_cap(sshd, tmp_path):
+    """A progress or heartbeat document over 1 MiB on the GPU host is not read into memory (it counts as
+    unreadable), and a Result over the result cap is refused with a ProtocolError naming the host."""
+    import asyncio
+
+    import pytest
+
+    from whisperdrop.daemon import transfer
+    from whisperdrop.spool import ProtocolError
+
+    job = "c" * 64
+    for folder in ("work", "progress", "runners", "results"):
+        (sshd.spool / folder).mkdir(parents=True, exist_ok=True)
+    padding = " " * (transfer.MAX_DOCUMENT_BYTES + 10)
+    (sshd.spool / "work" / f"{job}.json").write_text("{}")
+    (sshd.spool / "progress" / f"{job}.json").write_text('{"done_s": 1.0, "duration_s": 2.0}' + padding)
+    (sshd.spool / "runners" / "huge.json").write_text('{"name": "huge", "updated_at": 1.0}' + padding)
+    (sshd.spool / "runners" / "small.json").write_text('{"name": "small", "updated_at": 1.0}')
+    with open(sshd.spool / "results" / f"{job}.json", "w") as stream:
+        stream.write('{"text": "", "segments": []}')
+        stream.truncate(transfer.MAX_RESULT_BYTES + 1)
+
+    async def scenario():
+        host = transfer.Host(sshd.host_settings(), connect_timeout=5.0, keepalive_interval=5.0)
+        try:
+            assert await host.state(job) == ("running", None)
+            assert [beat["name"] for beat in await host.heartbeats()] == ["small"]
+            with pytest.raises(ProtocolError, match="testhost.*larger than"):
+                await host.fetch_result(job, tmp_path / "result.json")
+            assert not (tmp_path / "result.json").exists()
+        finally:
+            await host.close()
+
+    asyncio.run(scenario())

@@ -52,6 +52,10 @@ SAFETY_MARGIN = BLOCK_SIZE * WINDOW
 """The largest resume margin (see resume_offset): a resume re-sends at most (WINDOW + 1) blocks,
 2040 KiB for the largest block, under 2 MiB."""
 KEEPALIVE_COUNT_MAX = 3
+MAX_DOCUMENT_BYTES = 1 << 20
+"""The most read of a job's state, progress, failure or heartbeat document (the runner's own cap)."""
+MAX_RESULT_BYTES = 64 << 20
+"""The most read of a Result: hours of audio with word timestamps come to a few MiB."""
 
 _PREFERRED_CIPHERS = (
     "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
@@ -503,8 +507,10 @@ class Host:
             raise
         await self._timed(operation, remote.close())
 
-    async def _read(self, operation: str, sftp: asyncssh.SFTPClient, path: str) -> bytes | None:
-        """The bytes of a remote file, or None when it does not exist."""
+    async def _read(self, operation: str, sftp: asyncssh.SFTPClient, path: str,
+                    limit: int = MAX_DOCUMENT_BYTES) -> bytes | None:
+        """The bytes of a remote file, or None when it does not exist. Reads at most `limit` + 1 bytes
+        and raises spool.ProtocolError when the file is larger than `limit`."""
         try:
             remote = await self._timed(operation, sftp.open(path, "rb"))
         except HostError as error:
@@ -512,16 +518,22 @@ class Host:
                 return None
             raise
         try:
-            data = await self._timed(operation, remote.read())
+            data = await self._timed(operation, remote.read(limit + 1))
         except BaseException:
             await self._close_quietly(remote)
             raise
         await self._timed(operation, remote.close())
+        if len(data) > limit:
+            raise spool.ProtocolError(f"host {self.name}: {path} is larger than {limit} bytes; not read")
         return data
 
     async def _read_json(self, operation: str, sftp: asyncssh.SFTPClient, path: str) -> tuple[bool, Any]:
-        """(exists, parsed document or None when unparsable)."""
-        data = await self._read(operation, sftp, path)
+        """(exists, parsed document or None when unparsable or over MAX_DOCUMENT_BYTES)."""
+        try:
+            data = await self._read(operation, sftp, path)
+        except spool.ProtocolError as error:
+            self._log.warning("oversized_document", path=path, error=str(error))
+            return True, None
         if data is None:
             return False, None
         try:
@@ -558,10 +570,10 @@ class Host:
         """Copy results/<id>.json to `dest` (via dest.tmp, fsync, rename) and return it parsed.
 
         Raises HostError (network, missing result) or spool.ProtocolError (not a valid Result for
-        this job; `dest` is then left untouched).
+        this job, or over MAX_RESULT_BYTES; `dest` is then left untouched).
         """
         sftp = await self._client()
-        data = await self._read("fetch_result", sftp, self.layout.result(job_id))
+        data = await self._read("fetch_result", sftp, self.layout.result(job_id), MAX_RESULT_BYTES)
         if data is None:
             raise HostError(self.name, "fetch_result", f"no {self.layout.result(job_id)}", transient=False,
                             hint="the job has no result (yet); check state() first")
