@@ -249,3 +249,34 @@ def test_remote_documents_are_read_with_a_size_cap(sshd, tmp_path):
             await host.close()
 
     asyncio.run(scenario())
+
+
+# bug 8: an unexpected error ends in failed/, with the evidence
+
+
+def test_an_unexpected_error_is_retried_a_few_times_then_fails_visibly(tmp_path):
+    """A job that keeps failing with an unexpected error (here, a corrupt cached Result) is tried max_attempts
+    times, then its source goes to failed/ beside an error record naming the error; the daemon carries on."""
+    import hashlib
+
+    from whisperdrop.spool import TranscribeOptions, job_id
+
+    (tmp_path / "daemon").mkdir()
+    daemon = Daemon(tmp_path / "daemon", max_attempts=2, transcription={"provider": "local"})
+    source = write_variant_wav(tmp_path / "broken.wav", 8)
+    job = job_id(hashlib.sha256(source.read_bytes()).hexdigest(), TranscribeOptions())
+    (daemon.root / "state" / "results").mkdir(parents=True)
+    (daemon.root / "state" / "results" / f"{job}.json").write_bytes(b"\x00 not json")
+    daemon.start()
+    try:
+        shutil.copy(source, daemon.inbox / "broken.wav")
+        record_path = daemon.failed / "broken.wav.error.json"
+        daemon.wait_for(record_path.exists, timeout=120, what="failed/broken.wav.error.json")
+        record = json.loads(record_path.read_text())
+        assert record["kind"] == "error" and "JSONDecodeError" in record["error"] and record["job_id"] == job
+        assert "2 attempts" in record["error"] and record["what_to_do"]
+        assert (daemon.failed / "broken.wav").exists() and not (daemon.inbox / "broken.wav").exists()
+        write_variant_wav(daemon.inbox / "fine.wav", 9)  # one failing job never stops the others
+        assert result_of(daemon, "fine", timeout=120)["executed_on"]["route"] == "local"
+    finally:
+        assert daemon.stop() == 0

@@ -43,3 +43,85 @@ def test_a_result_for_a_source_adds_the_source_and_its_timings():
     assert document["source"] == {"path": "a/b.wav", "size": 3, "sha256": "f" * 64}
     assert document["timings"] == {"load_s": 0.1, "transcribe_s": 1.0, "extract_s": 0.2, "settle_s": 2.0}
     assert "source" not in done
+
+
+# The pipeline itself, in this process: a real config, ledger, PyAV and engine (tiny.en), no daemon.
+
+
+def pipeline_for(tmp_path, **settings):
+    """A Pipeline (provider local) over folders in tmp_path; `settings` override the config's top level."""
+    import yaml
+
+    from whisperdrop import config as config_module
+    from whisperdrop.daemon.pipeline import Pipeline
+
+    for name in ("inbox", "outbox", "archive", "failed", "state"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"transcription": {"provider": "local"}, **settings}))
+    return Pipeline(config_module.load(tmp_path / "config.yaml"))
+
+
+async def until(predicate, what: str, timeout: float = 120.0) -> None:
+    """Wait (on the loop) until `predicate()` holds; fail naming `what` after `timeout` s."""
+    import asyncio
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def test_finished_jobs_leave_no_task_or_progress_entry_behind(tmp_path):
+    """Once a job is done, the pipeline holds no task and no progress timestamp for it (they were never pruned)."""
+    import asyncio
+
+    from daemon_helpers import write_speech_wav
+
+    pipeline = pipeline_for(tmp_path)
+    source = write_speech_wav(tmp_path / "inbox" / "short.wav", 1, 3.0)
+
+    async def scenario():
+        await pipeline.start()
+        try:
+            await pipeline.take(source)
+            await until(lambda: (tmp_path / "archive" / "short.wav").exists(), "the source archived")
+            await until(lambda: pipeline.busy() == 0, "the job's task to end")
+            assert pipeline._tasks == {} and pipeline._last_progress == {}
+        finally:
+            await pipeline.drain(5.0)
+            pipeline.close()
+
+    asyncio.run(scenario())
+
+
+def test_cached_results_expire_unless_their_job_is_unfinished(tmp_path):
+    """Results in state/results older than results_days are removed, except an unfinished job's; newer ones stay."""
+    import asyncio
+    import os
+    import time
+
+    pipeline = pipeline_for(tmp_path, results_days=2)
+    day = 86400.0
+    now = time.time()
+    files = {}
+    for name, age_days, stage in (("old-done", 3, "done"), ("old-open", 3, "transcribed"), ("new-done", 1, "done"),
+                                  ("orphan", 3, None)):
+        job_id = name.ljust(64, "0")
+        if stage is not None:
+            pipeline.ledger.create_job(job_id, "f" * 64, 1, {})
+            pipeline.ledger.update_job(job_id, stage=stage)
+        path = pipeline.result_path(job_id)
+        path.write_text("{}")
+        os.utime(path, (now - age_days * day, now - age_days * day))
+        files[name] = path
+
+    async def scenario():
+        await pipeline.start()
+        try:
+            assert await pipeline.expire_results(now) == 2
+        finally:
+            await pipeline.drain(5.0)
+            pipeline.close()
+
+    asyncio.run(scenario())
+    assert sorted(name for name, path in files.items() if path.exists()) == ["new-done", "old-open"]

@@ -41,13 +41,27 @@ def _seconds(value: float | None) -> str:
 
 
 def print_status(data: dict, out: TextIO = sys.stdout) -> None:
-    """Print collect_status's dict as text: stages, queue, jobs in progress, hosts, last errors."""
+    """Print collect_status's dict as text: the daemon, the inbox, stages, queue, jobs in progress,
+    hosts, last errors."""
+    daemon = data["daemon"]
+    if daemon["running"]:
+        uptime = f", up {format_age(daemon['uptime_s'])}" if daemon["uptime_s"] is not None else ""
+        print(f"daemon: running, pid {daemon['pid']}{uptime}", file=out)
+    else:
+        last = f" (last ran as pid {daemon['pid']})" if daemon["pid"] else " (it has not run with this state_dir)"
+        print(f"daemon: NOT running{last}; nothing is taken from the inbox until it starts "
+              "(systemctl start whisperdrop, or whisperdrop run)", file=out)
+    if data["inbox_files"] is None:
+        print("inbox: cannot be read by this user", file=out)
+    else:
+        print(f"inbox: {data['inbox_files']} file(s), {data['pending_sources']} of them taken", file=out)
     stages = "  ".join(f"{stage} {count}" for stage, count in data["stages"].items())
     print(f"jobs by stage: {stages}", file=out)
-    print(f"queue: {data['queue_length']} unfinished job(s), {data['pending_sources']} source file(s) waiting; "
-          f"provider {data['provider']}; last ledger change {format_age(data['ledger_updated_age_s'])} ago", file=out)
+    change = data["ledger_updated_age_s"]
+    print(f"queue: {data['queue_length']} unfinished job(s); provider {data['provider']}; "
+          + (f"last ledger change {format_age(change)} ago" if change is not None else "no job yet"), file=out)
     if data["active"]:
-        print("\nin progress:", file=out)
+        print("\nin progress:" if daemon["running"] else "\nunfinished (they resume when the daemon starts):", file=out)
         for job in data["active"]:
             progress = job["progress"]
             where = f" on {job['host']}" if job["host"] else ""
@@ -57,7 +71,9 @@ def print_status(data: dict, out: TextIO = sys.stdout) -> None:
                 line += f"  (attempt {job['attempts']}, retry in {job['retry_in_s']:.0f} s)"
             print(line, file=out)
     if data["hosts"]:
-        print("\nGPU hosts:", file=out)
+        seen = data["hosts_snapshot_age_s"]
+        print("\nGPU hosts" + (f" (as the daemon last saw them, {format_age(seen)} ago):" if seen is not None
+                               else ":"), file=out)
         for host in data["hosts"]:
             _print_host(host, out)
     if data["recent_errors"]:
@@ -75,8 +91,9 @@ def _print_host(host: dict, out: TextIO) -> None:
     for runner in host["runners"]:
         current = runner["current"] or {}
         doing = f", working on {str(current.get('job_id'))[:12]}" if current.get("job_id") else ", idle"
-        print(f"    runner {runner['name']}: {runner['device']} {runner['gpu'] or ''}, model {runner['model']}, "
-              f"queue {runner['queue_length']}{doing}, heartbeat {format_age(runner['heartbeat_age_s'])} ago", file=out)
+        device = " ".join(str(part) for part in (runner["device"], runner["gpu"]) if part)
+        print(f"    runner {runner['name']}: {device or 'device unknown'}, model {runner['model']}, "
+              f"queue {runner['queue_length']}{doing}, heartbeat {format_age(runner['heartbeat_age_s'])} old", file=out)
 
 
 def print_stats(data: dict, out: TextIO = sys.stdout) -> None:

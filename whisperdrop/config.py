@@ -110,6 +110,14 @@ SCHEMA: dict[str, Any] = {
         str, "archive", "What happens to a source once its outputs are written: `archive`, `keep` or `delete`.",
         choices=("archive", "keep", "delete"),
     ),
+    "max_attempts": Option(
+        int, 5, "Tries at a job that keeps failing with an unexpected error before its source goes to `failed/` "
+        "beside the error. File-system errors and a missing model are retried until fixed.", check=_positive,
+    ),
+    "results_days": Option(
+        NUMBER, 30.0, "Days a finished job's Result stays in state_dir/results, so the same file dropped again "
+        "is not transcribed again; 0 keeps them for ever.", check=_not_negative,
+    ),
     "watch": {
         "settle_seconds": Option(NUMBER, 2.0, "A file is taken once it has not changed for this long.", check=_not_negative),
         "rescan_seconds": Option(NUMBER, 60.0, "Full rescan of the inbox, behind the inotify events.", check=_positive),

@@ -37,14 +37,15 @@ def check_local(config: Any) -> list[Check]:
     """The config, its folders and logging targets, and (unless provider is remote) loading the
     local model, as Checks in that order. Never raises for a failed check."""
     checks = [Check("config", "valid", True, str(config.source or "embedded default"))]
-    problems = config_module.check_directories(config)
-    if problems:
-        for problem in problems:
-            checks.append(Check("config", "directories", False, problem,
-                                "create the folder and give it to the daemon's user (chown whisperdrop:)"))
-    else:
-        checks.append(Check("config", "directories", True, "inbox, outbox, archive, failed and state_dir are usable"))
-    for key in ("file", "metrics_textfile"):
+    # The same read-only check as `check-config` and `run`: folders, key and known_hosts files.
+    problems = config_module.check(config)
+    for problem in problems:
+        detail, _, fix = problem.partition("; ")
+        checks.append(Check("config", "check", False, detail, fix))
+    if not problems:
+        checks.append(Check("config", "check", True, "the folders can be used and the files it names exist"
+                            if config_module.role(config) == "daemon" else "a GPU runner config; its spool can be used"))
+    for key in ("metrics_textfile",):  # logging.file's folder is made at start; this one must exist
         target = config.logging[key]
         if target:
             folder = Path(target).parent

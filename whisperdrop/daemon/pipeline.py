@@ -35,6 +35,7 @@ from whisperdrop.spool import TranscribeOptions, job_id as make_job_id
 
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 300.0
+EXPIRE_EVERY_S = 3600.0  # how often cached Results older than `results_days` are looked for
 HASH_CHUNK = 1 << 20
 
 
@@ -215,7 +216,15 @@ class Pipeline:
         return sum(1 for task in self._tasks.values() if not task.done())
 
     async def run_job(self, job_id: str) -> None:
-        """Advance a job until it is finished, retrying transient failures with back-off."""
+        """Advance a job until it is finished, retrying failures with back-off (see `_retry`)."""
+        try:
+            await self._run_job(job_id)
+        finally:  # a finished job keeps no task and no progress entry: a long-running daemon stays small
+            if self._tasks.get(job_id) is asyncio.current_task():
+                del self._tasks[job_id]
+            self._last_progress.pop(job_id, None)
+
+    async def _run_job(self, job_id: str) -> None:
         while not self.stopping.is_set():
             job = self.ledger.job(job_id)
             if job is None:
@@ -231,20 +240,33 @@ class Pipeline:
             except Permanent as error:
                 self._fail(job, error)
                 continue
-            except Exception as error:  # transient: network, disk, engine hiccups; logged with evidence
+            except Exception as error:  # network, disk, engine hiccups, or a bug; logged with evidence
                 delay = self._retry(job, error)
+                if delay is None:
+                    continue
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=delay)
             except asyncio.TimeoutError:
                 pass
 
-    def _retry(self, job: Job, error: Exception) -> float:
+    def _retry(self, job: Job, error: Exception) -> float | None:
+        """Record a failed attempt; return the seconds to wait before the next, or None when the job
+        failed for good: an error other than the machine's own (file system, missing model), seen
+        `max_attempts` times, fails the job with that error as its evidence."""
         attempts = job.attempts + 1
-        delay = backoff(attempts)
         message = f"{type(error).__name__}: {error}"
+        until_fixed = _retried_until_fixed(error)
+        if not until_fixed and attempts >= self.config.max_attempts:
+            self.log.error("job.retry", job_id=job.job_id, stage=job.stage, attempts=attempts, retry_in_s=None,
+                           error=message, exc_info=True)
+            self._fail(job, Permanent("error", f"{message} (after {attempts} attempts, at stage {job.stage})",
+                                      _failure_hint("error")))
+            return None
+        delay = backoff(attempts)
         self.ledger.update_job(job.job_id, attempts=attempts, last_error=message, retry_at=time.time() + delay)
         self.log.error("job.retry", job_id=job.job_id, stage=job.stage, attempts=attempts, retry_in_s=delay,
                        error=message, hint=getattr(error, "hint", None) or _hint_for(error),
+                       attempts_left=None if until_fixed else self.config.max_attempts - attempts,
                        exc_info=not isinstance(error, (OSError, EngineError)))
         return delay
 
@@ -488,12 +510,42 @@ class Pipeline:
         return asyncio.run_coroutine_threadsafe(_call(function, *args, **kwargs), self._loop)
 
     async def start(self) -> None:
+        """Bind to the running loop and start the hourly expiry of cached Results."""
         self._loop = asyncio.get_running_loop()
+        self._expiry = self._loop.create_task(self._expire_periodically(), name="results-expiry")
+
+    async def _expire_periodically(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.expire_results()
+            except OSError as error:  # housekeeping must never stop the daemon; say so and try later
+                self.log.warning("results.expire_failed", folder=str(self.results_dir), error=str(error))
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=EXPIRE_EVERY_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def expire_results(self, now: float | None = None) -> int:
+        """Remove cached Results (state/results) older than `results_days` at `now` (default: the time),
+        except those of unfinished jobs. Returns how many were removed; raises OSError."""
+        days = float(self.config.results_days)
+        if days <= 0:
+            return 0
+        cutoff = (time.time() if now is None else now) - days * 86400.0
+        keep = {job.job_id for job in self.ledger.unfinished_jobs()}
+        removed = await asyncio.get_running_loop().run_in_executor(
+            self._io, _remove_older, self.results_dir, cutoff, keep)
+        if removed:
+            self.log.info("results.expired", removed=removed, older_than_days=days)
+        return removed
 
     async def drain(self, timeout: float) -> bool:
         """Stop starting stages, cancel cooperative work, wait up to `timeout` s. True if all parked."""
         self.stopping.set()
         self.cancel.set()
+        expiry = getattr(self, "_expiry", None)
+        if expiry is not None:
+            expiry.cancel()
         tasks = [task for task in self._tasks.values() if not task.done()]
         if not tasks:
             return True
@@ -524,6 +576,26 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _remove_older(folder: Path, cutoff: float, keep: set[str]) -> int:
+    """Remove `<job>.json` files in `folder` last changed before `cutoff`, except jobs in `keep`."""
+    removed = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(".json") or name[:-5] in keep or not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def _retried_until_fixed(error: Exception) -> bool:
+    """Errors of the machine, not of the job (a file system refusing, a model missing): retried with
+    back-off until a person fixes them, however often, since every job would fail the same way."""
+    return isinstance(error, OSError) or (isinstance(error, EngineError) and error.kind == "model")
+
+
 def _hint_for(error: Exception) -> str:
     if isinstance(error, PermissionError):
         return f"whisperdrop cannot write {error.filename!r}: fix its owner or permissions; the source stays in the inbox"
@@ -540,4 +612,7 @@ def _failure_hint(kind: str) -> str:
     if kind in ("media", "audio"):
         return ("the file is not media with an audio stream that PyAV can decode; check it plays, re-export or "
                 "re-download it, then move it back into the inbox")
+    if kind == "error":
+        return ("an unexpected error, the same at every attempt; the daemon's log has its traceback (job.retry); "
+                "move the file back into the inbox to try again")
     return "see the error; move the file back into the inbox to try again"

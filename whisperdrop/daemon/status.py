@@ -2,18 +2,111 @@
 
 Both read the ledger read-only (SQLite allows that beside the running daemon) through its query
 methods, and the host snapshot `state_dir/hosts.json` the daemon rewrites; they need no socket
-and change nothing.
+and change nothing. Whether the daemon runs is told by `state_dir/daemon.pid`: the running daemon
+holds an flock on it, which the kernel releases however the process ends (kill -9 included).
 """
 
 from __future__ import annotations
 
+import fcntl
+import fnmatch
+import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from whisperdrop.daemon.ledger import Job, Ledger
 from whisperdrop.daemon.metrics import STAGE_TIMINGS, read_hosts, reason_class
 
 LEDGER_NAME = "ledger.sqlite3"
+PID_NAME = "daemon.pid"
+LOCK_WAIT_S = 2.0  # a lock held this long is a daemon's, not a `status` that looked at the same moment
+INBOX_SCAN_LIMIT = 100_000  # inbox entries `status` looks at before it stops counting
+
+
+class DaemonRunning(Exception):
+    """Another daemon holds the state folder's lock."""
+
+
+def hold_daemon_lock(state_dir: Path) -> int:
+    """Take the daemon's lock, `state_dir/daemon.pid` (flock, exclusive), and write our pid and start
+    time in it. Returns the descriptor: keep it open for the life of the process; the kernel drops
+    the lock when the process ends, however it ends. Raises DaemonRunning when another process holds
+    it (after LOCK_WAIT_S, so a `status` reading it at that moment is no obstacle), OSError."""
+    path = Path(state_dir) / PID_NAME
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                holder = _read_pid_file(path).get("pid")
+                os.close(descriptor)
+                raise DaemonRunning(f"a daemon is already running with state_dir {state_dir}"
+                                    f"{f' (pid {holder})' if holder else ''}; stop it first, or give this "
+                                    "one a state_dir of its own") from None
+            time.sleep(0.05)
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, json.dumps({"pid": os.getpid(), "started_at": time.time()}).encode() + b"\n")
+    return descriptor
+
+
+def _read_pid_file(path: Path) -> dict:
+    try:
+        document = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def daemon_state(state_dir: Path, now: float | None = None) -> dict:
+    """{"running", "pid", "started_at", "uptime_s"} of the daemon of `state_dir`: running when some
+    process holds the flock on daemon.pid; pid and started_at are what the last daemon wrote there
+    (None when none ever did). Takes a shared lock for an instant only; never raises."""
+    now = time.time() if now is None else now
+    path = Path(state_dir) / PID_NAME
+    written = _read_pid_file(path)
+    state = {"running": False, "pid": written.get("pid"), "started_at": written.get("started_at"), "uptime_s": None}
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return state
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        state["running"] = True
+        if isinstance(state["started_at"], (int, float)):
+            state["uptime_s"] = round(now - state["started_at"], 1)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)  # also drops the shared lock, if we took it
+    return state
+
+
+def count_inbox_files(inbox: Path, ignore: list[str], recursive: bool) -> int | None:
+    """Files in the inbox that the watcher would take (not matching `ignore`, no symlinks), up to
+    INBOX_SCAN_LIMIT entries looked at; None when the inbox cannot be read."""
+    count = seen = 0
+    folders = [Path(inbox)]
+    try:
+        while folders and seen < INBOX_SCAN_LIMIT:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    seen += 1
+                    if any(fnmatch.fnmatch(entry.name, pattern) for pattern in ignore):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        if recursive:
+                            folders.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        count += 1
+    except OSError:
+        return None
+    return count
 
 
 class NoLedger(Exception):
@@ -72,18 +165,21 @@ def job_progress(job: Job) -> dict:
             "duration_s": progress.get("duration_s") or job.duration}
 
 
-def _host_status(name: str, host: dict | None, now: float) -> dict:
-    """One configured host's entry of `status`, from its entry in the snapshot (None: not in it)."""
+def _host_status(name: str, host: dict | None, seen_at: float | None) -> dict:
+    """One configured host's entry of `status`, from its entry in the snapshot (None: not in it)
+    written at `seen_at`. A runner's heartbeat age is its age when the daemon read it: the snapshot
+    is as old as the daemon's last look at the host, and the runner has beaten since."""
     if host is None:
         return {"name": name, "up": None, "note": "not contacted yet (no job has needed it)"}
     runners = []
     for beat in host.get("runners") or []:
         updated = beat.get("updated_at")
+        known = isinstance(updated, (int, float)) and seen_at is not None
         runners.append({
             "name": beat.get("name"), "device": beat.get("device"), "gpu": beat.get("gpu"),
             "model": beat.get("model"), "queue_length": beat.get("queue_length"),
             "current": beat.get("current") or None, "jobs_done": beat.get("jobs_done"),
-            "heartbeat_age_s": _round(now - updated, 1) if isinstance(updated, (int, float)) else None,
+            "heartbeat_age_s": _round(max(0.0, seen_at - updated), 1) if known else None,
         })
     return {"name": name, "up": bool(host.get("up")), "failures": host.get("failures", 0),
             "last_error": host.get("last_error"), "in_flight": host.get("in_flight", 0), "runners": runners,
@@ -93,8 +189,10 @@ def _host_status(name: str, host: dict | None, now: float) -> dict:
 def collect_status(config: Any, now: float | None = None, errors: int = 5) -> dict:
     """Everything `status` shows for `config` at `now` (default: the time), as one JSON-ready dict:
     jobs by stage, the unfinished jobs with their progress, each configured host from the snapshot,
-    and the last `errors` errors. Raises NoLedger, sqlite3.Error."""
+    and the last `errors` errors; whether the daemon runs, and the files in the inbox. Raises
+    NoLedger, sqlite3.Error."""
     now = time.time() if now is None else now
+    daemon = daemon_state(config.path("state_dir"), now)
     ledger = open_ledger(config)
     try:
         stages = ledger.stage_counts()
@@ -112,14 +210,15 @@ def collect_status(config: Any, now: float | None = None, errors: int = 5) -> di
         last_change = ledger.last_change()
     finally:
         ledger.close()
-    hosts_doc = read_hosts(config.path("state_dir") / "hosts.json")
-    snapshot = {host.get("name"): host for host in (hosts_doc or {}).get("hosts", [])}
-    hosts = [_host_status(host["name"], snapshot.get(host["name"]), now) for host in config.remote.hosts]
+    hosts_doc = read_hosts(config.path("state_dir") / "hosts.json") or {}
+    snapshot = {host.get("name"): host for host in hosts_doc.get("hosts", [])}
+    seen_at = hosts_doc.get("updated_at") if isinstance(hosts_doc.get("updated_at"), (int, float)) else None
+    hosts = [_host_status(host["name"], snapshot.get(host["name"]), seen_at) for host in config.remote.hosts]
     return {
-        "now": now, "provider": config.transcription.provider, "stages": stages,
+        "now": now, "daemon": daemon, "provider": config.transcription.provider, "stages": stages,
         "queue_length": len(active), "pending_sources": pending_sources, "active": active,
-        "hosts": hosts, "hosts_snapshot_age_s": _round(now - hosts_doc["updated_at"], 1)
-        if hosts_doc and isinstance(hosts_doc.get("updated_at"), (int, float)) else None,
+        "inbox_files": count_inbox_files(config.inbox, list(config.watch.ignore), config.watch.recursive),
+        "hosts": hosts, "hosts_snapshot_age_s": _round(now - seen_at, 1) if seen_at is not None else None,
         "recent_errors": recent, "ledger_updated_age_s": _round(now - last_change, 1) if last_change else None,
     }
 
