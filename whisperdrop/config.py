@@ -200,6 +200,7 @@ class Config(dict):
 
     source: Path | None = None
     default_inbox: bool = False  # `inbox` is the default `inbox` folder, which `run` creates
+    sections: frozenset = frozenset()  # the top-level keys the file sets (see `role`)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -322,6 +323,7 @@ def validate(data: Any, base: Path, source: str = "<embedded default>") -> Confi
     config = Config(_wrap(tree))
     config.source = None if source == "<embedded default>" else Path(source)
     config.default_inbox = default_inbox
+    config.sections = frozenset(data)
     return config
 
 
@@ -342,8 +344,11 @@ def find(explicit: str | os.PathLike | None = None) -> Path | None:
     named = explicit or os.environ.get(ENV_VAR)
     if named:
         path = Path(named).expanduser()
+        how = "-c" if explicit else f"${ENV_VAR}"
+        if path.is_dir():
+            raise ConfigError(str(path), [f"the config file given by {how} is a folder; name the file "
+                                          f"(for example {path / 'config.yaml'})"])
         if not path.is_file():
-            how = "-c" if explicit else f"${ENV_VAR}"
             raise ConfigError(str(path), [f"the config file given by {how} does not exist; check the path"])
         return path
     return next((path for path in search_path() if path.is_file()), None)
@@ -355,30 +360,156 @@ def load(explicit: str | os.PathLike | None = None) -> Config:
     if path is None:
         return validate({}, Path.cwd())
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with open(path, encoding="utf-8") as stream:  # a stream, so that YAML errors name the file
+            data = yaml.safe_load(stream)
     except yaml.YAMLError as error:
         raise ConfigError(str(path), [f"not valid YAML: {error}"]) from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), [f"not a text file (byte {error.start} is not UTF-8)"]) from error
     except OSError as error:
         raise ConfigError(str(path), [f"cannot be read: {error.strerror}"]) from error
     return validate(data, path.resolve().parent, str(path))
 
 
-def check_directories(config: Config) -> list[str]:
-    """Problems with the configured folders: a missing inbox, folders that cannot be written."""
+RUNNER_SECTIONS = frozenset({"runner", "logging"})
+
+
+def role(config: Config) -> str:
+    """"runner" when the file configures only the GPU runner (a `runner` section, and nothing but
+    `logging` beside it, like the README's runner.yaml), else "daemon"."""
+    sections = set(config.sections)
+    return "runner" if "runner" in sections and sections <= RUNNER_SECTIONS else "daemon"
+
+
+def _folder_problem(key: str, path: Path, made_by: str) -> str | None:
+    """What stops `made_by` from using folder `path` (config key `key`), without creating anything:
+    an existing path must be a folder this user can write; a missing one must be creatable (its
+    nearest existing parent a folder this user can write). None when usable."""
+    shown = repr(str(path))
+    if path.exists():
+        if not path.is_dir():
+            return f"At '{key}': {shown} is not a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"At '{key}': {shown} is not writable by this user; fix its owner or permissions"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"At '{key}': {made_by} cannot create {shown}: {str(parent)!r} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return (f"At '{key}': {made_by} cannot create {shown}: {str(parent)!r} is not writable by this user; "
+                "create the folder and give it to the user that runs whisperdrop")
+    return None
+
+
+def _file_problem(key: str, path: Path) -> str | None:
+    """A file the config names that is missing, not a file, or unreadable; None when it can be read."""
+    shown = repr(str(path))
+    if not path.exists():
+        return f"At '{key}': {shown} does not exist"
+    if not path.is_file():
+        return f"At '{key}': {shown} is not a file"
+    if not os.access(path, os.R_OK):
+        return f"At '{key}': {shown} cannot be read by this user; fix its owner or permissions"
+    return None
+
+
+_PUBLIC_KEY_STARTS = (b"ssh-", b"ecdsa-sha2-", b"sk-ssh-", b"sk-ecdsa-", b"---- BEGIN SSH2 PUBLIC KEY")
+
+
+def is_public_key(path: Path) -> bool:
+    """True when `path` holds an SSH public key (OpenSSH one-line or RFC 4716), not a private key.
+    An unreadable file counts as not one."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(64).lstrip()
+    except OSError:
+        return False
+    return head.startswith(_PUBLIC_KEY_STARTS)
+
+
+def _host_problems(index: int, host: dict) -> list[str]:
+    """A host's key file and known_hosts file: missing, unreadable, or a public key given as `key`."""
     problems = []
-    if not config.inbox.is_dir():
+    where = f"remote.hosts[{index}]"
+    if host.get("key"):
+        key = Path(host["key"])
+        problem = _file_problem(f"{where}.key", key)
+        if problem:
+            problems.append(problem + "; point it at the host's private key, or remove it to use ssh-agent "
+                                      "and the usual ~/.ssh/id_* keys")
+        elif is_public_key(key):
+            private = key.with_suffix("") if key.suffix == ".pub" else None
+            named = (f"the private key is probably {private}" if private is not None and private.is_file()
+                     else "give the private key file (the one without .pub)")
+            problems.append(f"At '{where}.key': {str(key)!r} is a public key; 'key' takes the private key: {named}")
+    if host.get("known_hosts"):
+        known_hosts = Path(host["known_hosts"])
+        problem = _file_problem(f"{where}.known_hosts", known_hosts)
+        if problem:
+            port = f"-p {host['port']} " if host.get("port", 22) != 22 else ""
+            problems.append(problem + f"; after checking the host key's fingerprint: ssh-keyscan {port}"
+                                      f"{shlex.quote(str(host['host']))} >> {shlex.quote(str(known_hosts))}")
+    return problems
+
+
+def check(config: Config, role_name: str | None = None) -> list[str]:
+    """Every problem that stops `whisperdrop run` (role "daemon") or `whisperdrop runner` (role
+    "runner") from starting with `config`, each with its key path; [] when it can start. The role
+    defaults to `role(config)`. Reads only: nothing is created, so `check-config` and `run` share it
+    (`run` makes the folders afterwards with `make_folders`)."""
+    role_name = role_name or role(config)
+    problems: list[str] = []
+    if config.logging.file:
+        problems.append(_folder_problem("logging.file", Path(config.logging.file).parent, "logging"))
+    if role_name == "runner":
+        problems.append(_folder_problem("runner.spool", Path(config.runner.spool), "the runner"))
+        if config.runner.name is not None:
+            from whisperdrop.spool import ProtocolError, check_runner_name
+
+            try:
+                check_runner_name(config.runner.name)
+            except ProtocolError as error:
+                problems.append(f"At 'runner.name': {error}")
+        return [problem for problem in problems if problem]
+    source = str(config.source) if config.source else "the config file"
+    if role(config) == "runner":
+        problems.append(f"At '<top>': {source} configures only the GPU runner (sections: "
+                        f"{', '.join(sorted(config.sections))}); start that with `whisperdrop runner -c {source}`, "
+                        "or add the daemon's keys (inbox, outbox, transcription...) to run the daemon with it")
+    if config.inbox.is_dir():
+        if not os.access(config.inbox, os.R_OK | os.W_OK | os.X_OK):
+            problems.append(f"At 'inbox': {str(config.inbox)!r} is not readable and writable by this user "
+                            "(sources are moved out of it); fix its owner or permissions")
+    elif config.inbox.exists():
+        problems.append(f"At 'inbox': {str(config.inbox)!r} is not a folder")
+    elif config.default_inbox:  # the default `inbox` beside the config (or in the working directory) is made
+        problems.append(_folder_problem("inbox", config.inbox, "the daemon"))
+    else:  # an inbox you named must exist: a typo or an unmounted disk must not get a fresh empty folder
         problems.append(
-            f"At 'inbox': {str(config.inbox)!r} does not exist; create it (mkdir -p) or point 'inbox' at your folder"
-        )
+            f"At 'inbox': {str(config.inbox)!r} does not exist; create it (mkdir -p) or point 'inbox' at your folder")
     for key in ("outbox", "archive", "failed", "state_dir"):
+        problems.append(_folder_problem(key, config.path(key), "the daemon"))
+    if config.transcription.provider == "remote" and not config.remote.hosts:
+        problems.append("At 'transcription.provider': 'remote' needs at least one entry in 'remote.hosts'; "
+                        "add a GPU host or use provider 'auto' or 'local'")
+    for index, host in enumerate(config.remote.hosts):
+        problems += _host_problems(index, host)
+    return [problem for problem in problems if problem]
+
+
+def make_folders(config: Config) -> list[str]:
+    """Create the daemon's folders that do not exist yet (the default inbox; outbox, archive, failed,
+    state_dir), after `check` found no problem. Returns a problem per folder that could not be made."""
+    keys = (["inbox"] if config.default_inbox else []) + ["outbox", "archive", "failed", "state_dir"]
+    problems = []
+    for key in keys:
         path = config.path(key)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             problems.append(f"At '{key}': cannot create {str(path)!r}: {error.strerror}")
-            continue
-        if not os.access(path, os.W_OK | os.X_OK):
-            problems.append(f"At '{key}': {str(path)!r} is not writable by this user; fix its owner or permissions")
     return problems
 
 
@@ -387,13 +518,13 @@ def insecure_files(config: Config) -> list[str]:
     known_hosts group- or world-writable, a private key readable or writable by group or others.
 
     Returns one message per file, naming it and the command that fixes it; missing files are skipped
-    (other checks report them)."""
+    (`check` reports them)."""
     checked: list[tuple[str, Path, bool]] = []  # (what, path, private)
     if config.source is not None:
         checked.append(("the config file", Path(config.source), False))
     for index, host in enumerate(config.remote.hosts):
-        if host.get("key"):
-            checked.append((f"remote.hosts[{index}].key", Path(host["key"]), True))
+        if host.get("key"):  # a public key given by mistake is `check`'s to report, not a private key exposed
+            checked.append((f"remote.hosts[{index}].key", Path(host["key"]), not is_public_key(Path(host["key"]))))
         if host.get("known_hosts"):
             checked.append((f"remote.hosts[{index}].known_hosts", Path(host["known_hosts"]), False))
     warnings = []
