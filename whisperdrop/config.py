@@ -184,6 +184,10 @@ SCHEMA: dict[str, Any] = {
         "level": Option(str, "info", "debug, info, warning or error.", choices=("debug", "info", "warning", "error")),
         "format": Option(str, "auto", "json, console, or auto (console on a terminal, JSON otherwise).", choices=("auto", "json", "console")),
         "file": Option(str, None, "Also append JSON lines to this file (reopened on SIGHUP).", nullable=True),
+        "progress_seconds": Option(
+            NUMBER, 30.0, "A transcription running longer than this logs `job.progress` this often; 0: every "
+            "progress report (at most one a second).", check=_not_negative,
+        ),
         "metrics_textfile": Option(str, None, "Prometheus textfile-collector file, rewritten atomically.", nullable=True),
     },
 }

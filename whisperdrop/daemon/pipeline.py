@@ -352,6 +352,8 @@ class Pipeline:
 
     def _progress_callback(self, job_id: str):
         loop = asyncio.get_running_loop()
+        every = float(self.config.logging.progress_seconds)
+        logged = [time.monotonic()]  # a transcription shorter than `every` logs no progress
 
         def report(done: float, duration: float) -> None:
             now = time.monotonic()
@@ -361,6 +363,11 @@ class Pipeline:
             progress = {"transcribe": round(done / duration, 3) if duration else 1.0, "done_s": round(done, 1),
                         "duration_s": round(duration, 1)}
             loop.call_soon_threadsafe(functools.partial(self.ledger.update_job, job_id, progress=progress))
+            if now - logged[0] >= every and done < duration:  # now and then, for a person watching the log
+                logged[0] = now
+                loop.call_soon_threadsafe(functools.partial(
+                    self.log.info, "job.progress", job_id=job_id, percent=round(100 * progress["transcribe"], 1),
+                    done_s=progress["done_s"], duration_s=progress["duration_s"]))
 
         return report
 
