@@ -48,8 +48,10 @@ def test_a_result_for_a_source_adds_the_source_and_its_timings():
 # The pipeline itself, in this process: a real config, ledger, PyAV and engine (tiny.en), no daemon.
 
 
-def pipeline_for(tmp_path, **settings):
+def pipeline_for(tmp_path, clock=None, **settings):
     """A Pipeline (provider local) over folders in tmp_path; `settings` override the config's top level."""
+    import time
+
     import yaml
 
     from whisperdrop import config as config_module
@@ -58,7 +60,7 @@ def pipeline_for(tmp_path, **settings):
     for name in ("inbox", "outbox", "archive", "failed", "state"):
         (tmp_path / name).mkdir(exist_ok=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"transcription": {"provider": "local"}, **settings}))
-    return Pipeline(config_module.load(tmp_path / "config.yaml"))
+    return Pipeline(config_module.load(tmp_path / "config.yaml"), clock=clock or time.time)
 
 
 async def until(predicate, what: str, timeout: float = 120.0) -> None:
@@ -125,3 +127,52 @@ def test_cached_results_expire_unless_their_job_is_unfinished(tmp_path):
 
     asyncio.run(scenario())
     assert sorted(name for name, path in files.items() if path.exists()) == ["new-done", "old-open"]
+
+
+class FakeClock:
+    """Wall time that moves only when a test moves it."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_stages_advance_one_step_at_a_time_on_a_fake_clock(tmp_path):
+    """Driven by hand, a dropped file's job goes new -> extracted -> transcribed -> done, one stage per
+    advance(job, now), each committed to the ledger and stamped with the fake clock's time."""
+    import asyncio
+    import dataclasses
+
+    import pytest
+
+    from daemon_helpers import write_speech_wav
+
+    clock = FakeClock(1_000_000.0)
+    pipeline = pipeline_for(tmp_path, clock=clock)
+    scheduled: list[str] = []
+    pipeline.intake.schedule = scheduled.append  # no background task: this test is the loop
+    source = write_speech_wav(tmp_path / "inbox" / "step.wav", 2, 3.0)
+
+    async def scenario():
+        try:
+            await pipeline.take(source)
+            job = pipeline.ledger.job(scheduled[0])
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                job.stage = "done"  # a Job is a value: only the ledger changes
+            seen = [(job.stage, job.updated_at)]
+            while job.stage != "done":
+                clock.now += 60.0
+                job = await pipeline.advance(job, clock.now)
+                seen.append((job.stage, job.updated_at))
+            assert seen == [("new", 1_000_000.0), ("extracted", 1_000_060.0), ("transcribed", 1_000_120.0),
+                            ("done", 1_000_180.0)]
+            assert job.finished_at == 1_000_180.0 and job.route == "local" and job.model == "bundled:tiny.en"
+            assert (tmp_path / "archive" / "step.wav").exists() and (tmp_path / "outbox" / "step.json").exists()
+            assert pipeline.ledger.sources_of(job.job_id) == []  # delivered: no pending source left
+        finally:
+            await pipeline.drain(5.0)
+            pipeline.close()
+
+    asyncio.run(scenario())

@@ -1,8 +1,9 @@
-"""Routing's pure parts, driven with a fake clock: runner liveness from heartbeats, and host load."""
+"""Routing's pure parts, driven with a fake clock: runner liveness from heartbeats, host load, the
+choice of hosts for a job and what happens when none serves it."""
 
 from __future__ import annotations
 
-from whisperdrop.daemon.health import RunnerWatch, load
+from whisperdrop.daemon.health import RunnerWatch, backoff, candidates, load, when_none_served
 
 MAX_AGE = 60.0
 
@@ -59,3 +60,31 @@ def test_load_prefers_short_queues_on_fast_hosts():
     slow = [beat(queue_length=1)]
     assert load(fast, in_flight=0) == 0.1 and load(slow, in_flight=1) == 2.0
     assert load([], in_flight=0) == 0.0
+
+
+def test_the_route_is_a_pure_choice_of_job_health_and_policy():
+    """Short audio goes local under auto; a job already on a host stays there; otherwise healthy hosts by load."""
+    healthy = [("slow", 2.0), ("fast", 0.5)]
+    assert candidates(provider="auto", duration=3.0, local_below=10.0, resumed=None, healthy=healthy) == (
+        [], "short audio: 3.0 s is below remote.local_below_seconds (10 s)")
+    assert candidates(provider="remote", duration=3.0, local_below=10.0, resumed=None, healthy=healthy) == (
+        ["fast", "slow"], None)
+    assert candidates(provider="auto", duration=3.0, local_below=10.0, resumed="slow", healthy=[]) == (["slow"], None)
+    assert candidates(provider="auto", duration=60.0, local_below=0.0, resumed=None, healthy=[]) == ([], None)
+
+
+def test_when_no_host_serves_auto_falls_back_and_remote_waits():
+    """With no host served: auto goes local with every reason; remote waits for the next probe, 1 s to retry_max."""
+    reasons = ["a: down", "b: no live runner"]
+    assert when_none_served(provider="auto", reasons=reasons, next_probe_s=3.0, retry_max=300.0) == (
+        "local", "a: down; b: no live runner")
+    assert when_none_served(provider="auto", reasons=[], next_probe_s=None, retry_max=300.0) == (
+        "local", "no GPU host is configured")
+    assert when_none_served(provider="remote", reasons=reasons, next_probe_s=42.0, retry_max=30.0) == ("wait", 30.0)
+    assert when_none_served(provider="remote", reasons=reasons, next_probe_s=-5.0, retry_max=30.0) == ("wait", 1.0)
+    assert when_none_served(provider="remote", reasons=reasons, next_probe_s=None, retry_max=30.0) == ("wait", 5.0)
+
+
+def test_one_back_off_doubles_to_its_cap():
+    """The back-off shared by host probes and job retries doubles from its start and stops at its cap."""
+    assert [backoff(failures, 5.0, 30.0) for failures in range(0, 6)] == [5.0, 5.0, 10.0, 20.0, 30.0, 30.0]

@@ -128,3 +128,36 @@ def load(runners: list[dict], in_flight: int) -> float:
         audio, busy = beat.get("audio_seconds_done") or 0, beat.get("transcribe_seconds_done") or 0
         speed += audio / busy if audio and busy else 1.0
     return (queue + in_flight) / max(speed, 1e-6)
+
+
+def backoff(failures: int, initial: float, cap: float) -> float:
+    """Seconds to wait after the `failures`-th failure in a row: doubling from `initial`, capped at `cap`.
+    The one back-off for host probes and job retries."""
+    return min(cap, initial * (2 ** max(0, failures - 1)))
+
+
+def candidates(*, provider: str, duration: float, local_below: float, resumed: str | None,
+               healthy: list[tuple[str, float]]) -> tuple[list[str], str | None]:
+    """Which hosts to try for a job, best first, or why it goes local at once. Pure.
+
+    `resumed` is the host a job was already uploaded or submitted to (it stays there); `healthy`
+    the (name, load) of hosts checked healthy now. Returns (hosts, local_reason): short audio under
+    provider `auto` goes local with a reason and no host; otherwise the resumed host alone, or the
+    healthy hosts by load (lowest first).
+    """
+    if resumed is None and provider == "auto" and local_below and duration < local_below:
+        return [], f"short audio: {duration:.1f} s is below remote.local_below_seconds ({local_below:g} s)"
+    if resumed is not None:
+        return [resumed], None
+    return [name for name, _load in sorted(healthy, key=lambda item: item[1])], None
+
+
+def when_none_served(*, provider: str, reasons: list[str], next_probe_s: float | None,
+                     retry_max: float) -> tuple[str, str | float]:
+    """What to do when no host served a job. Pure. Returns ("local", fallback reason) under provider
+    `auto`, or ("wait", seconds) under `remote`: until the next host probe is due (`next_probe_s`,
+    5 s when unknown), at least 1 s and at most `retry_max`."""
+    reason = "; ".join(reasons) or "no GPU host is configured"
+    if provider != "remote":
+        return "local", reason
+    return "wait", min(retry_max, max(1.0, 5.0 if next_probe_s is None else next_probe_s))

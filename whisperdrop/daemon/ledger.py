@@ -16,7 +16,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 JOB_STAGES = ("new", "extracted", "uploaded", "submitted", "transcribed", "done", "failed")
 FINISHED = ("done", "failed")
@@ -70,9 +70,9 @@ _ADDED_COLUMNS = (("jobs", "model", "TEXT"), ("sources", "inode", "INTEGER"))
 _JSON_COLUMNS = ("timings", "transfer", "progress", "options", "outputs")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """A row of `jobs` (mutable copy; write changes back with `Ledger.update_job`)."""
+    """A row of `jobs`, as read: a value. Change the row with `Ledger.update_job` and read it again."""
 
     job_id: str
     stage: str
@@ -97,9 +97,9 @@ class Job:
     model: str | None = None  # the model whose Result is cached (a fallback's may differ from options["model"])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
-    """A row of `sources`: one file taken from the inbox."""
+    """A row of `sources`: one file taken from the inbox, as read (a value)."""
 
     id: int
     relpath: str
@@ -126,8 +126,10 @@ def _decode(row: sqlite3.Row) -> dict:
 class Ledger:
     """The SQLite ledger. Used from one thread (the daemon's event loop); reads from others open their own."""
 
-    def __init__(self, path: Path, *, readonly: bool = False):
+    def __init__(self, path: Path, *, readonly: bool = False, clock: Callable[[], float] = time.time):
+        """Open (creating if needed) the ledger at `path`; `clock` stamps every change (injectable for tests)."""
         self.path = Path(path)
+        self.clock = clock
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
         else:
@@ -157,7 +159,7 @@ class Ledger:
 
     def create_job(self, job_id: str, source_sha256: str, source_size: int, options: dict, now: float | None = None) -> Job:
         """Insert a new job at stage `new`, or return the existing one with that id."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         self.db.execute(
             "INSERT OR IGNORE INTO jobs (job_id, stage, created_at, updated_at, source_sha256, source_size, options)"
             " VALUES (?, 'new', ?, ?, ?, ?, ?)",
@@ -169,7 +171,7 @@ class Ledger:
 
     def update_job(self, job_id: str, now: float | None = None, **changes: Any) -> None:
         """Write `changes` (column=value) to a job and stamp updated_at; one committed transaction."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         changes["updated_at"] = now
         if changes.get("stage") in FINISHED:
             changes.setdefault("finished_at", now)
@@ -189,6 +191,14 @@ class Ledger:
         ).fetchall()
         return [Job(**_decode(row)) for row in rows]
 
+    def finished_with_pending_sources(self) -> list[str]:
+        """Ids of done or failed jobs that still have a pending source (a crash between the job's last
+        stage and its sources' delivery, or a file dropped again): they are delivered on start-up."""
+        return [job_id for (job_id,) in self.db.execute(
+            "SELECT DISTINCT s.job_id FROM sources s JOIN jobs j USING (job_id)"
+            " WHERE s.state = 'pending' AND j.stage IN ('done', 'failed')"
+        )]
+
     def jobs(self, since: float = 0.0) -> Iterator[Job]:
         for row in self.db.execute("SELECT * FROM jobs WHERE updated_at >= ? ORDER BY created_at", (since,)):
             yield Job(**_decode(row))
@@ -198,7 +208,7 @@ class Ledger:
     def add_source(self, relpath: str, job_id: str, size: int, mtime_ns: int, settle_s: float,
                    now: float | None = None, inode: int | None = None) -> Source:
         """Record an inbox file taken for `job_id`, pending. Returns the new row."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         cursor = self.db.execute(
             "INSERT INTO sources (relpath, job_id, size, mtime_ns, state, settle_s, taken_at, inode)"
             " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
@@ -235,7 +245,7 @@ class Ledger:
 
     def update_source(self, source_id: int, **changes: Any) -> None:
         if changes.get("state") in FINISHED:
-            changes.setdefault("finished_at", time.time())
+            changes.setdefault("finished_at", self.clock())
         columns = ", ".join(f"{key} = ?" for key in changes)
         values = [json.dumps(value) if key in _JSON_COLUMNS and value is not None else value
                   for key, value in changes.items()]

@@ -3,6 +3,9 @@
 `transcription.provider`: `local` (this machine), `remote` (a GPU host, waiting for one), `auto`
 (a GPU host, falling back to the local engine). The Result says which rung served the job
 (`executed_on`) and why it got there (`fallback_reason`).
+
+The route's input is a `Work` value: the job's audio, options and how far a remote attempt got.
+The daemon makes it from a ledger Job (`Work.of`); the one-shot CLI from the audio it extracted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,38 @@ from typing import Any, Callable
 
 from whisperdrop.daemon.local import LocalTranscriber
 from whisperdrop.spool import TranscribeOptions
+
+REMOTE_STAGES = ("uploaded", "submitted")  # how far a remote attempt got; "extracted" is not started
+
+
+@dataclass(frozen=True)
+class Work:
+    """One job's audio on its way to a transcript: what the route stage needs, nothing more.
+
+    `stage` is `extracted` (nothing sent yet), `uploaded` or `submitted` (on `host` already, so a
+    restart resumes there); `transfer` and `timings` are the figures so far.
+    """
+
+    job_id: str
+    audio: Path
+    options: TranscribeOptions
+    audio_size: int
+    audio_sha256: str
+    duration: float
+    stage: str = "extracted"
+    host: str | None = None
+    transfer: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, job: Any, audio: Path) -> "Work":
+        """The Work of a ledger Job whose extracted audio is at `audio`."""
+        return cls(
+            job_id=job.job_id, audio=Path(audio), options=TranscribeOptions(**job.options),
+            audio_size=job.audio_size or 0, audio_sha256=job.audio_sha256 or "", duration=job.duration or 0.0,
+            stage=job.stage if job.stage in REMOTE_STAGES else "extracted", host=job.host,
+            transfer=dict(job.transfer or {}), timings=dict(job.timings or {}),
+        )
 
 
 @dataclass(frozen=True)
@@ -35,7 +70,7 @@ class Router:
     def __init__(self, config: dict, local: LocalTranscriber, remote: Any | None = None):
         self.provider = config["transcription"]["provider"]
         self.local = local
-        self.remote = remote  # a RemotePool (issue: remote GPU path); None when no hosts are configured
+        self.remote = remote  # a RemotePool; None when no hosts are configured
 
     def planned_options(self, options: TranscribeOptions) -> TranscribeOptions:
         """The options a job is planned with (and its id hashed over): the configured ones for a GPU
@@ -46,24 +81,21 @@ class Router:
 
     async def transcribe(
         self,
-        job: Any,
-        audio: Path,
-        options: TranscribeOptions,
+        work: Work,
         *,
         cancel: threading.Event,
         progress: Callable[[float, float], None] | None = None,
         mark: Callable[..., None] | None = None,
     ) -> Routed:
-        """Transcribe `audio` for `job` on the chosen route; `mark(stage, **fields)` records progress
-        of remote stages in the ledger. Raises EngineError, Cancelled, or the remote route's errors
-        when provider is `remote`."""
+        """Transcribe `work` on the chosen route; `mark(stage, **fields)` records each remote step in
+        the ledger. Raises EngineError or Cancelled (a host's failures become a fallback reason)."""
         fallback_reason = None  # without hosts, local is the plan, not a fallback
         if self.remote is not None and self.provider in ("auto", "remote"):
-            outcome = await self.remote.transcribe(job, audio, options, cancel=cancel, progress=progress, mark=mark)
+            outcome = await self.remote.transcribe(work, cancel=cancel, progress=progress, mark=mark)
             if outcome.routed is not None:
                 return outcome.routed
             fallback_reason = outcome.reason
-        result = await self.local.transcribe(audio, options, cancel=cancel, progress=progress)
+        result = await self.local.transcribe(work.audio, work.options, cancel=cancel, progress=progress)
         return Routed(
             result=result,
             route="local",

@@ -1,0 +1,120 @@
+"""The intake stage: a settled inbox file becomes a source of a job in the ledger.
+
+`Intake.take(path)` is the watcher's callback. It stats the file, recognises cheaply what it has
+seen (a pending source of the same version, a kept file already done: size, mtime and inode),
+hashes anything else in a worker thread, finds or creates the job (same bytes and options: same
+job) and records the source; the caller's `schedule(job_id)` starts the job's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Callable
+
+from whisperdrop.daemon.ledger import Job
+from whisperdrop.daemon.stages import Context
+from whisperdrop.engine import Cancelled
+from whisperdrop.files import sha256_file
+from whisperdrop.spool import TranscribeOptions, job_id as make_job_id
+
+
+class Intake:
+    """Takes inbox files for jobs planned with `options`; `schedule(job_id)` starts a job's work."""
+
+    def __init__(self, context: Context, options: TranscribeOptions, schedule: Callable[[str], None],
+                 stopping: asyncio.Event):
+        self.context = context
+        self.options = options
+        self.schedule = schedule
+        self.stopping = stopping
+        self._taking: set[str] = set()
+
+    def relpath(self, path: Path) -> str:
+        return path.relative_to(self.context.inbox).as_posix()
+
+    async def take(self, path: Path) -> None:
+        """Take a settled inbox file: hash it, find or create its job, and schedule the job. Never
+        raises for the file's sake: an unreadable or vanished file is logged or passed over."""
+        if self.stopping.is_set():
+            return
+        relpath = self.relpath(path)
+        if relpath in self._taking:
+            return
+        self._taking.add(relpath)
+        try:
+            await self._take(path, relpath)
+        finally:
+            self._taking.discard(relpath)
+
+    async def _take(self, path: Path, relpath: str) -> None:
+        context, ledger, log = self.context, self.context.ledger, self.context.log
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(info.st_mode):
+            log.warning("intake.skipped", path=relpath, reason="not a regular file (symlinks are not followed)")
+            return
+        pending = ledger.pending_source(relpath)
+        if pending and (pending.size, pending.mtime_ns) == (info.st_size, info.st_mtime_ns):
+            self.schedule(pending.job_id)
+            return
+        if pending:
+            ledger.update_source(pending.id, state="replaced", last_error="the file changed after it was taken")
+        elif context.config.after_success == "keep" and self._already_done(relpath, info):
+            return
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            digest = await loop.run_in_executor(context.io, sha256_file, path, context.cancel)
+            after = os.lstat(path)
+        except FileNotFoundError:
+            return
+        except Cancelled:
+            return
+        except OSError as error:
+            log.error("intake.unreadable", path=relpath, error=str(error),
+                      hint="check the file's permissions; it stays in the inbox")
+            return
+        if (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
+            log.info("intake.changed", path=relpath, reason="the file changed while it was read; waiting for it to settle")
+            return
+        job_id = make_job_id(digest, self.options)
+        job = ledger.create_job(job_id, digest, info.st_size, self.options.to_dict())
+        if job.stage == "failed":  # a person moved a failed file back: that is the signal to try again
+            ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
+        elif job.stage == "done" and job.model not in (None, job.options.get("model")):
+            self._reopen_substitute(job)
+        settle_s = max(0.0, time.time() - info.st_mtime)
+        source = ledger.add_source(relpath, job_id, info.st_size, info.st_mtime_ns, settle_s, inode=info.st_ino)
+        log.info(
+            "stage.intake", path=relpath, job_id=job_id, bytes=info.st_size, settle_s=round(settle_s, 3),
+            hash_s=round(time.monotonic() - started, 3), source_id=source.id,
+            duplicate=job.stage != "new" or len(ledger.sources_of(job_id)) > 1,
+        )
+        self.schedule(job_id)
+
+    def _already_done(self, relpath: str, info: os.stat_result) -> bool:
+        """True when the file at `relpath` is the very version already done and kept (same size, mtime
+        and inode): a restart's rescan finds every kept file, and none is hashed or delivered again."""
+        kept = self.context.ledger.done_source(relpath)
+        if kept is None or (kept.size, kept.mtime_ns, kept.inode) != (info.st_size, info.st_mtime_ns, info.st_ino):
+            return False
+        self.context.log.debug("intake.already_done", path=relpath, job_id=kept.job_id,
+                               reason="kept after success and unchanged since")
+        return True
+
+    def _reopen_substitute(self, job: Job) -> None:
+        """A finished job whose cached Result came from another model (the local fallback's) is not
+        this job's transcript: forget that Result and transcribe the job again with its own model."""
+        self.context.result_path(job.job_id).unlink(missing_ok=True)
+        self.context.ledger.update_job(job.job_id, stage="new", model=None, route=None, host=None,
+                                       fallback_reason=None, timings={}, transfer={}, attempts=0, last_error=None,
+                                       finished_at=None)
+        self.context.log.info("job.reopened", job_id=job.job_id, cached_model=job.model,
+                              model=job.options.get("model"),
+                              reason="its Result came from a fallback model; transcribing it with the job's own model")

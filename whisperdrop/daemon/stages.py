@@ -1,0 +1,298 @@
+"""The job stages as a table: each entry takes a Job and the time, does one step, and commits the
+stage it reaches to the ledger before it returns (huey's `loop(now)`, one job at a time).
+
+    new -> extract -> extracted -> transcribe (route: local, or remote upload/submit/await/fetch,
+    each remote step committed as it ends) -> transcribed -> deliver -> done
+                                                        permanent error -> failed -> deliver (to failed/)
+
+`Stages.step(job, now)` runs the entry for the job's stage. Errors: `Permanent` (the file can never
+be transcribed; the job fails) or anything else (retried by the pipeline); `Cancelled` parks the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from whisperdrop import log as logging, result as results
+from whisperdrop.daemon import delivery
+from whisperdrop.daemon.extract import MediaError, extract
+from whisperdrop.daemon.ledger import Job, Ledger, Source
+from whisperdrop.daemon.route import Router, Work
+from whisperdrop.engine import EngineError
+from whisperdrop.files import write_atomic
+
+PROGRESS_EVERY_S = 1.0  # progress reaches the ledger at most this often (and at the end)
+
+
+class Permanent(Exception):
+    """A failure that no retry fixes: the source goes to `failed/` with this message and hint."""
+
+    def __init__(self, kind: str, message: str, hint: str):
+        super().__init__(message)
+        self.kind = kind
+        self.hint = hint
+
+
+@dataclass
+class Context:
+    """What the stages work with: the config, the ledger, the route, the folders and the executors.
+    Owned by the Pipeline; the ledger is used from the event loop's thread only."""
+
+    config: Any
+    ledger: Ledger
+    router: Router
+    io: ThreadPoolExecutor
+    cancel: threading.Event
+    formats: list[str]
+    log: Any = field(default_factory=lambda: logging.get("pipeline"))
+    last_progress: dict[str, float] = field(default_factory=dict)  # job id -> monotonic time of its last report
+
+    @property
+    def inbox(self) -> Path:
+        return Path(self.config.inbox)
+
+    @property
+    def work_dir(self) -> Path:
+        return self.config.path("state_dir") / "work"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.config.path("state_dir") / "results"
+
+    def audio_path(self, job_id: str) -> Path:
+        return self.work_dir / f"{job_id}.opus"
+
+    def result_path(self, job_id: str) -> Path:
+        return self.results_dir / f"{job_id}.json"
+
+
+class Stages:
+    """The stage table over one Context; `extract_slots` bounds concurrent PyAV work."""
+
+    def __init__(self, context: Context, extract_slots: asyncio.Semaphore):
+        self.context = context
+        self.extract_slots = extract_slots
+        self.table: dict[str, Callable[[Job, float], Any]] = {
+            "new": self.extract,
+            "extracted": self.transcribe, "uploaded": self.transcribe, "submitted": self.transcribe,
+            "transcribed": self.deliver, "done": self.deliver, "failed": self.deliver,
+        }
+
+    async def step(self, job: Job, now: float) -> None:
+        """Run the table's entry for `job.stage` at `now`. Raises Permanent, Cancelled or another error."""
+        entry = self.table.get(job.stage)
+        if entry is None:
+            raise RuntimeError(f"job {job.job_id} has an unknown stage {job.stage!r}")
+        await entry(job, now)
+
+    # extract
+
+    def _first_source(self, job: Job, now: float) -> tuple[Source, Path] | None:
+        context = self.context
+        for source in context.ledger.sources_of(job.job_id):
+            path = context.inbox / source.relpath
+            if os.path.lexists(path):
+                return source, path
+            context.ledger.update_source(source.id, state="vanished", last_error="removed from the inbox before it was done")
+            context.log.warning("intake.vanished", path=source.relpath, job_id=job.job_id)
+        return None
+
+    async def extract(self, job: Job, now: float) -> None:
+        """new -> extracted: the first source still in the inbox to 16 kHz mono Opus in state/work.
+        Raises Permanent("media") for a file PyAV cannot use."""
+        context = self.context
+        found = self._first_source(job, now)
+        if found is None:  # every source left the inbox before extraction: forget the job
+            context.ledger.delete_job(job.job_id)
+            return
+        source, path = found
+        loop = asyncio.get_running_loop()
+        async with self.extract_slots:
+            if not delivery.same_version(path, source.size, source.mtime_ns):
+                self.replaced(job, source)
+                return
+            try:
+                extracted = await loop.run_in_executor(
+                    context.io, lambda: extract(path, context.audio_path(job.job_id),
+                                                context.config.audio.bitrate_kbps, cancel=context.cancel))
+            except MediaError as error:
+                if not delivery.same_version(path, source.size, source.mtime_ns):
+                    self.replaced(job, source)
+                    return
+                raise Permanent("media", f"{error.reason}", error.hint) from error
+            if not delivery.same_version(path, source.size, source.mtime_ns):  # changed while read: a mix
+                context.audio_path(job.job_id).unlink(missing_ok=True)
+                self.replaced(job, source)
+                return
+        context.ledger.update_job(
+            job.job_id, stage="extracted", duration=extracted.duration, audio_size=extracted.bytes_out,
+            audio_sha256=extracted.sha256, timings={**job.timings, "extract_s": round(extracted.seconds, 3)},
+            attempts=0, last_error=None,
+        )
+        context.log.info(
+            "stage.extract", job_id=job.job_id, path=source.relpath, bytes_in=extracted.bytes_in,
+            bytes_out=extracted.bytes_out, duration_s=round(extracted.duration, 3), seconds=round(extracted.seconds, 3),
+            speed=round(extracted.duration / extracted.seconds, 1) if extracted.seconds else None,
+            codec=extracted.source_codec, container=extracted.source_container,
+        )
+
+    def replaced(self, job: Job, source: Source) -> None:
+        """The inbox file is no longer the version this job hashed: drop this source (the watcher
+        takes the new version as a job of its own); a job left with no source is deleted next step."""
+        self.context.ledger.update_source(source.id, state="replaced", last_error="the file changed after it was taken")
+        self.context.log.info("intake.changed", path=source.relpath, job_id=job.job_id,
+                              reason="the file was replaced or rewritten after it was taken; the new version is taken on its own")
+
+    # transcribe
+
+    def _progress_callback(self, job_id: str) -> Callable[[float, float], None]:
+        """A progress report for the engine or the runner: the ledger's `progress`, once a second."""
+        context = self.context
+        loop = asyncio.get_running_loop()
+
+        def report(done: float, duration: float) -> None:
+            moment = time.monotonic()
+            if moment - context.last_progress.get(job_id, 0.0) < PROGRESS_EVERY_S and done < duration:
+                return
+            context.last_progress[job_id] = moment
+            progress = {"transcribe": round(done / duration, 3) if duration else 1.0, "done_s": round(done, 1),
+                        "duration_s": round(duration, 1)}
+            loop.call_soon_threadsafe(functools.partial(context.ledger.update_job, job_id, progress=progress))
+
+        return report
+
+    def _mark(self, job_id: str) -> Callable[..., None]:
+        """`mark(stage, **fields)`: the remote steps commit the stage each one reaches."""
+        def mark(stage: str | None = None, **fields: Any) -> None:
+            changes = dict(fields)
+            if stage:
+                changes["stage"] = stage
+            self.context.ledger.update_job(job_id, **changes)
+
+        return mark
+
+    async def transcribe(self, job: Job, now: float) -> None:
+        """extracted (or uploaded, submitted) -> transcribed: route the audio, cache the Result in
+        state/results, commit. Raises Permanent("audio") for audio the engine cannot decode."""
+        context = self.context
+        cached = context.result_path(job.job_id)
+        if cached.exists():  # transcribed before a crash, ledger not yet updated: never transcribe twice
+            await self._recover_cached(job, cached, now)
+            return
+        audio = context.audio_path(job.job_id)
+        if not audio.exists():
+            context.log.warning("job.audio_missing", job_id=job.job_id, action="extracting again")
+            context.ledger.update_job(job.job_id, stage="new")
+            return
+        try:
+            routed = await context.router.transcribe(
+                Work.of(job, audio), cancel=context.cancel, progress=self._progress_callback(job.job_id),
+                mark=self._mark(job.job_id))
+        except EngineError as error:
+            if error.kind == "audio":
+                raise Permanent("audio", str(error), "the audio could not be decoded; check the source file") from error
+            raise
+        finally:
+            context.last_progress.pop(job.job_id, None)
+        result = results.transcribed(
+            routed.result, job_id=job.job_id, route=routed.route, host=routed.host,
+            fallback_reason=routed.fallback_reason, timings={**job.timings, **routed.timings},
+            transfer={**job.transfer, **routed.transfer},
+        )
+        await asyncio.get_running_loop().run_in_executor(context.io, write_atomic, cached, _json_bytes(result))
+        await self._commit_transcribed(job, result, now)
+
+    async def _recover_cached(self, job: Job, cached: Path, now: float) -> None:
+        """A crash hit between caching a Result and committing it: finish the commit from the cache."""
+        result = await asyncio.get_running_loop().run_in_executor(self.context.io, _read_json, cached)
+        await self._commit_transcribed(job, result, now, recovered=True)
+
+    async def _commit_transcribed(self, job: Job, result: dict, now: float, recovered: bool = False) -> None:
+        """After the Result is cached here: remove the job's remote files, commit the stage with the
+        route and figures, and log `stage.transcribe`. Everything comes from the cached Result, so a
+        restart finishes this exactly as the first run would have."""
+        context = self.context
+        executed = result.get("executed_on") or {}
+        route, host = executed.get("route"), executed.get("host")
+        timings, transfer = result.get("timings") or job.timings, result.get("transfer") or job.transfer
+        if route == "remote" and context.router.remote is not None:
+            await context.router.remote.cleanup(host, job.job_id)  # the Result is safe here now
+        context.ledger.update_job(
+            job.job_id, stage="transcribed", route=route, host=host,
+            fallback_reason=result.get("fallback_reason"), model=result.get("model"), timings=timings,
+            transfer=transfer, attempts=0, last_error=None, progress=None,
+        )
+        seconds = timings.get("transcribe_s") or 0.0
+        duration = result.get("duration") or job.duration or 0.0
+        context.log.info(
+            "stage.transcribe", job_id=job.job_id, route=route, host=host, device=executed.get("device"),
+            model=result.get("model"), duration_s=duration, seconds=seconds,
+            rtf=round(seconds / duration, 4) if duration else None, fallback_reason=result.get("fallback_reason"),
+            language=result.get("language"), bytes=transfer.get("bytes"), recovered=recovered,
+        )
+
+    # deliver
+
+    async def deliver(self, job: Job, now: float) -> None:
+        """transcribed (or done, failed) -> done: outputs for every pending source of the job, each
+        source then leaving the inbox; a failed job's sources go to failed/ instead."""
+        context = self.context
+        loop = asyncio.get_running_loop()
+        if job.stage == "failed":
+            for source in context.ledger.sources_of(job.job_id):
+                record, moved = await loop.run_in_executor(context.io, delivery.fail_source, context.config, job, source)
+                context.ledger.update_source(source.id, state="failed", last_error=record["error"])
+                context.log.error("stage.failed", job_id=job.job_id, path=source.relpath, kind=record["kind"],
+                                  error=record["error"], hint=record["what_to_do"], moved_to=str(moved))
+            return
+        cached = context.result_path(job.job_id)
+        if not cached.exists():
+            context.log.warning("job.result_missing", job_id=job.job_id, action="transcribing again")
+            stage = "new" if not context.audio_path(job.job_id).exists() else "extracted"
+            context.ledger.update_job(job.job_id, stage=stage)
+            return
+        result = await loop.run_in_executor(context.io, _read_json, cached)
+        for source in context.ledger.sources_of(job.job_id):
+            started = time.monotonic()
+            done = await loop.run_in_executor(
+                context.io, delivery.deliver_source, context.config, job, source, result, context.formats)
+            if done.replaced:
+                self.replaced(job, source)
+                continue
+            self._delivered(job, source, done, time.monotonic() - started)
+        if job.stage != "done":
+            context.ledger.update_job(job.job_id, stage="done")
+            context.audio_path(job.job_id).unlink(missing_ok=True)
+
+    def _delivered(self, job: Job, source: Source, done: delivery.Delivered, seconds: float) -> None:
+        """Record one delivered source and log `stage.outbox` and `job.done`."""
+        context = self.context
+        context.ledger.update_source(source.id, state="done", outputs={"base": done.base})
+        timings = done.timings or {}
+        context.log.info(
+            "stage.outbox", job_id=job.job_id, path=source.relpath, output=done.base + ".json",
+            formats=context.formats, already_written=done.already, after_success=context.config.after_success,
+            seconds=round(seconds, 3),
+        )
+        context.log.info(
+            "job.done", job_id=job.job_id, path=source.relpath, route=job.route, host=job.host,
+            duration_s=job.duration, total_s=timings.get("total_s"), fallback_reason=job.fallback_reason,
+            bytes_source=source.size, bytes_sent=(job.transfer or {}).get("bytes", 0), timings=timings,
+        )
+
+
+def _json_bytes(document: dict) -> bytes:
+    return json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
