@@ -345,9 +345,26 @@ def cmd_runner(args: argparse.Namespace) -> int:
         _print_problems(f"whisperdrop runner: cannot start with {config.source or 'the embedded default'}:", problems)
         return 2
     _setup_logging(config, args)
+    if config.runner.backend == "slurm":
+        from whisperdrop.gpu_runner.slurm import main as slurm_main
+
+        return slurm_main(config)
     from whisperdrop.gpu_runner.service import main as runner_main
 
     return runner_main(config)
+
+
+def cmd_slurm_task(args: argparse.Namespace) -> int:
+    """A compute node's side of the Slurm backend: do one claimed job from the spool (the batch
+    script the runner writes calls this; it is no command for people)."""
+    config = _load_config(args)
+    _setup_logging(config, args)
+    from whisperdrop.gpu_runner.slurm import run_task
+
+    settings = dict(config["runner"])
+    if args.spool:
+        settings["spool"] = os.path.abspath(args.spool)
+    return run_task(settings, args.job)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -382,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     runner = commands.add_parser("runner", help="GPU host: transcribe jobs from the spool")
     _add_common(runner)
     runner.set_defaults(handler=cmd_runner)
+
+    task = commands.add_parser("slurm-task", help="Slurm compute node: do one job the Slurm runner submitted")
+    _add_common(task)
+    task.add_argument("--spool", help="the spool on the shared file system (default: runner.spool)")
+    task.add_argument("--job", required=True, metavar="ID", help="the job id (64 hex digits)")
+    task.set_defaults(handler=cmd_slurm_task)
 
     from whisperdrop import cli_report
 

@@ -179,6 +179,27 @@ SCHEMA: dict[str, Any] = {
         "heartbeat_seconds": Option(NUMBER, 5.0, "Interval between heartbeats.", check=_positive),
         "expire_days": Option(NUMBER, 7.0, "Leftover spool files older than this are removed.", check=_positive),
         "max_models": Option(int, 2, "Loaded models kept in memory at once.", check=_positive),
+        "backend": Option(
+            str, "local", "`local`: transcribe on this host's GPU; `slurm`: hand each job to `sbatch` on the "
+            "cluster whose shared file system holds the spool (run the runner on its login node).",
+            choices=("local", "slurm"),
+        ),
+        "slurm": {
+            "partition": Option(str, None, "sbatch --partition; null: the cluster's default.", nullable=True),
+            "account": Option(str, None, "sbatch --account; null: your default account.", nullable=True),
+            "qos": Option(str, None, "sbatch --qos; null: the default.", nullable=True),
+            "gres": Option(str, "gpu:1", "sbatch --gres for each task; null asks for no GPU.", nullable=True),
+            "time_limit": Option(
+                str, "1:00:00", "sbatch --time for each task ([days-]hours:minutes:seconds); a job killed by it "
+                "fails with kind `slurm_timeout`.", nullable=True,
+            ),
+            "extra_args": Option(list, [], "Further sbatch arguments, one per item (e.g. --mem=16G).", check=_strings),
+            "setup": Option(
+                str, "", "Shell lines each batch script runs before the task (module load cuda, conda activate...).",
+            ),
+            "max_array": Option(int, 16, "Most jobs submitted in one sbatch (a job array).", check=_positive),
+            "poll_seconds": Option(NUMBER, 10.0, "Seconds between squeue polls and submissions.", check=_positive),
+        },
     },
     "logging": {
         "level": Option(str, "info", "debug, info, warning or error.", choices=("debug", "info", "warning", "error")),

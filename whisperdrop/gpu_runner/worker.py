@@ -113,6 +113,7 @@ class Worker:
         self._heartbeat_lock = threading.Lock()
         self._current: dict | None = None
         self._loading: ModelKey | None = None  # the model the engine is asked for right now
+        self.placement: dict = {}           # merged into executed_on (where a batch backend's task ran)
         self.jobs_done = 0
         self.jobs_failed = 0
         self._audio_seconds_done = 0.0
@@ -162,9 +163,37 @@ class Worker:
                 self._current = None
         return True
 
-    def _do(self, job_id: str, token: str, claimed_at: float) -> None:
+    def do_claimed(self, job_id: str, token: str, document: dict, claimed_at: float,
+                   placement: dict | None = None) -> bool:
+        """Do a job another process claimed already (work/<id>.json holds `token`; a Slurm task's case)
+        without stamping it again: verify, transcribe, publish or fail exactly as `step` does.
+
+        `document` is the job document as queued; `placement` goes into the Result's executed_on.
+        Returns False when stopped through `cancel` (the claim is left for its owner), else True.
+        Never raises for a bad job.
+        """
+        self.placement = dict(placement or {})
+        with self._lock:
+            self._current = {"job_id": job_id, "token": token, "started_at": claimed_at, "done_s": 0.0,
+                             "duration_s": None}
         try:
-            original = self.store.stamp(job_id, token, claimed_at)
+            self._do(job_id, token, claimed_at, original=document)
+        except Cancelled:
+            return False
+        except _Failure as failure:
+            self._fail(job_id, token, failure)
+        except Exception as error:  # a bug or a disk error: recorded like step's
+            self.log.exception("runner.job_crashed", job_id=job_id)
+            self._fail(job_id, token, _Failure("runner", f"{type(error).__name__}: {error}", True))
+        finally:
+            with self._lock:
+                self._current = None
+        return True
+
+    def _do(self, job_id: str, token: str, claimed_at: float, original: dict | None = None) -> None:
+        try:
+            if original is None:
+                original = self.store.stamp(job_id, token, claimed_at)
         except ProtocolError as error:
             raise _Failure("protocol", str(error), False) from error
         if self.store.has_result(job_id):
@@ -245,7 +274,7 @@ class Worker:
         result["executed_on"] = {
             "route": "remote", "host": self.name, "hostname": HOSTNAME, "device": self.device, "gpu": self.gpu,
             "compute_type": final["compute_type"], "batch_size": final["batch_size"],
-            "oom_retries": len(attempts) - 1,
+            "oom_retries": len(attempts) - 1, **self.placement,
         }
         timings = dict(result.get("timings") or {})
         timings["queue_s"] = _round(claimed_at - job.submitted_at) if job.submitted_at else None
