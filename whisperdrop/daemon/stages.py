@@ -158,6 +158,8 @@ class Stages:
         """A progress report for the engine or the runner: the ledger's `progress`, once a second."""
         context = self.context
         loop = asyncio.get_running_loop()
+        every = float(context.config.logging.progress_seconds)
+        logged = [time.monotonic()]  # a transcription shorter than `every` logs no progress
 
         def report(done: float, duration: float) -> None:
             moment = time.monotonic()
@@ -167,6 +169,11 @@ class Stages:
             progress = {"transcribe": round(done / duration, 3) if duration else 1.0, "done_s": round(done, 1),
                         "duration_s": round(duration, 1)}
             loop.call_soon_threadsafe(functools.partial(context.ledger.update_job, job_id, progress=progress))
+            if moment - logged[0] >= every and done < duration:  # now and then, for a person watching the log
+                logged[0] = moment
+                loop.call_soon_threadsafe(functools.partial(
+                    context.log.info, "job.progress", job_id=job_id, percent=round(100 * progress["transcribe"], 1),
+                    done_s=progress["done_s"], duration_s=progress["duration_s"]))
 
         return report
 
