@@ -77,7 +77,7 @@ def fail_source(config: Any, job: Job, source: Source) -> tuple[dict, Path]:
         "job_id": job.job_id,
         "kind": kind,
         "error": message,
-        "what_to_do": failure_hint(kind),
+        "what_to_do": job.hint or failure_hint(kind),
         "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "retry": "move the file back into the inbox once it is fixed; it will be taken again",
     }

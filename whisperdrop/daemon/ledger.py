@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT,
     timings TEXT NOT NULL DEFAULT '{}',
     transfer TEXT NOT NULL DEFAULT '{}',
-    model TEXT
+    model TEXT,
+    hint TEXT
 );
 CREATE TABLE IF NOT EXISTS sources (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -65,7 +66,7 @@ CREATE INDEX IF NOT EXISTS jobs_stage ON jobs(stage);
 """
 
 # Columns added after the first release: (table, column, type). Added to an older ledger on open.
-_ADDED_COLUMNS = (("jobs", "model", "TEXT"), ("sources", "inode", "INTEGER"))
+_ADDED_COLUMNS = (("jobs", "model", "TEXT"), ("sources", "inode", "INTEGER"), ("jobs", "hint", "TEXT"))
 
 _JSON_COLUMNS = ("timings", "transfer", "progress", "options", "outputs")
 
@@ -95,6 +96,7 @@ class Job:
     timings: dict = field(default_factory=dict)
     transfer: dict = field(default_factory=dict)
     model: str | None = None  # the model whose Result is cached (a fallback's may differ from options["model"])
+    hint: str | None = None  # a failed job's what-to-do, as the error that failed it said it
 
 
 @dataclass(frozen=True)

@@ -179,8 +179,9 @@ class Pipeline:
         return delay
 
     def _fail(self, job: Job, error: Permanent) -> None:
-        self.ledger.update_job(job.job_id, stage="failed", last_error=f"{error.kind}: {error}")
-        self.log.error("job.failed", job_id=job.job_id, kind=error.kind, error=str(error), hint=error.hint)
+        """Commit the failure with its hint; the deliver stage moves each source to failed/ and logs
+        `job.failed` once per source, with the record's words (one error line per failure)."""
+        self.ledger.update_job(job.job_id, stage="failed", last_error=f"{error.kind}: {error}", hint=error.hint)
 
     # housekeeping
 

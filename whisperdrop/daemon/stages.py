@@ -128,7 +128,9 @@ class Stages:
                 if not delivery.same_version(path, source.size, source.mtime_ns):
                     self.replaced(job, source)
                     return
-                raise Permanent("media", f"{error.reason}", error.hint) from error
+                # PyAV names the file by the inbox path it is about to leave: name it as the record does
+                reason = error.reason.replace(str(path), source.relpath)
+                raise Permanent("media", reason, error.hint) from error
             if not delivery.same_version(path, source.size, source.mtime_ns):  # changed while read: a mix
                 context.audio_path(job.job_id).unlink(missing_ok=True)
                 self.replaced(job, source)
@@ -258,7 +260,7 @@ class Stages:
             for source in context.ledger.sources_of(job.job_id):
                 record, moved = await loop.run_in_executor(context.io, delivery.fail_source, context.config, job, source)
                 context.ledger.update_source(source.id, state="failed", last_error=record["error"])
-                context.log.error("stage.failed", job_id=job.job_id, path=source.relpath, kind=record["kind"],
+                context.log.error("job.failed", job_id=job.job_id, path=source.relpath, kind=record["kind"],
                                   error=record["error"], hint=record["what_to_do"], moved_to=str(moved))
             return
         cached = context.result_path(job.job_id)

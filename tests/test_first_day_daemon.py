@@ -1,0 +1,59 @@
+"""Issue 13, a new user's first day, met through a real daemon process: failure records, names that
+pair up, duplicates, the log schema, stopping. One daemon serves the drop-in tests of this module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from daemon_helpers import Daemon, write_variant_wav
+from media import JFK, make_text_as_mp3
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    running = Daemon(tmp_path_factory.mktemp("first-day")).start()
+    yield running
+    assert running.stop(timeout=60) == 0
+
+
+def drop(daemon: Daemon, source: Path, relative: str) -> Path:
+    """Copy `source` into the inbox as a user would: a temporary name, then a rename."""
+    target = daemon.inbox / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".part")
+    shutil.copyfile(source, temporary)
+    os.rename(temporary, target)
+    return target
+
+
+def wait_failed(daemon: Daemon, relative: str, timeout: float = 90) -> dict:
+    record = daemon.failed / (relative + ".error.json")
+    daemon.wait_for(lambda: record.exists() and (daemon.failed / relative).exists(), timeout=timeout,
+                    what=f"failed/{relative}")
+    return json.loads(record.read_text())
+
+
+def test_empty_file_error_record_keeps_the_specific_hint_in_one_error_line(daemon):
+    """An empty file's error.json says to copy it again (the hint the extractor gave), its message does
+    not name the inbox path the file left, and the daemon logs one error line for it."""
+    (daemon.inbox / "empty-hint.mp3").write_bytes(b"")
+    record = wait_failed(daemon, "empty-hint.mp3")
+    assert "copy the file again" in record["what_to_do"].lower()
+    assert str(daemon.inbox) not in record["error"] and "empty" in record["error"]
+    errors = [event for event in daemon.events() if event.get("level") == "error"
+              and (event.get("job_id") == record["job_id"] or event.get("path") == "empty-hint.mp3")]
+    assert len(errors) == 1, errors
+    assert errors[0]["hint"] == record["what_to_do"] and errors[0]["path"] == "empty-hint.mp3"
+
+
+def test_not_media_error_names_the_file_by_its_inbox_relative_path(daemon):
+    """A text file named .mp3: the record names notes.mp3 but not the inbox folder it left."""
+    (daemon.inbox / "sub").mkdir(exist_ok=True)
+    make_text_as_mp3(daemon.inbox / "sub" / "notes-path.mp3")
+    record = wait_failed(daemon, "sub/notes-path.mp3")
+    assert "notes-path.mp3" in record["error"] and str(daemon.inbox) not in record["error"]
