@@ -28,7 +28,9 @@ from slurm_cluster import SlurmCluster
 from test_remote import remote_daemon, result_of
 
 from whisperdrop.daemon.extract import extract
-from whisperdrop.gpu_runner.slurm import batch_script, placement_from, sbatch_arguments
+from whisperdrop.gpu_runner.slurm import MAX_ATTEMPTS, SlurmRunner
+from whisperdrop.gpu_runner.slurm_commands import batch_script, sbatch_arguments
+from whisperdrop.gpu_runner.slurm_task import placement_from
 from whisperdrop.spool import ProtocolError, TranscribeOptions, dumps, make_job_document
 
 TINY = TranscribeOptions(model="bundled:tiny.en")
@@ -73,6 +75,105 @@ def test_placement_names_the_slurm_job_and_its_gpu():
     assert placed["slurm"] == {"job_id": "17", "array_job_id": "15", "array_task_id": "2", "node": "gpu01",
                                "cuda_visible_devices": "0"}
     assert placement_from({"SLURM_JOB_ID": "9"})["slurm_job_id"] == "9"
+
+
+class FakeSlurm:
+    """Slurm's command layer as a table the test writes: submissions get ids 1, 2, ...; `states` maps
+    a Slurm id to the state squeue shows (absent: Slurm forgot it)."""
+
+    def __init__(self):
+        self.submitted: list[list[str]] = []
+        self.states: dict[str, str] = {}
+        self.cancelled: list[str] = []
+        self.on_sbatch = None
+
+    def sbatch(self, argv: list[str]) -> str:
+        self.submitted.append(argv)
+        slurm_id = str(len(self.submitted))
+        self.states[slurm_id] = "PENDING"
+        return slurm_id
+
+    def jobs(self, user: str) -> dict:
+        return {slurm_id: {"state": state, "reason": "Resources" if state == "PENDING" else "None",
+                           "name": "whisperdrop-x"} for slurm_id, state in self.states.items()}
+
+    def pending_count(self, partition) -> int:
+        return sum(1 for state in self.states.values() if state == "PENDING")
+
+    def state_of(self, slurm_id: str):
+        return self.states.get(slurm_id)
+
+    def cancel(self, slurm_id: str) -> None:
+        self.cancelled.append(slurm_id)
+        self.states[slurm_id] = "CANCELLED"
+
+
+def fake_runner(tmp_path: Path) -> tuple[SlurmRunner, FakeSlurm, Path]:
+    slurm = FakeSlurm()
+    spool = tmp_path / "spool"
+    runner = SlurmRunner({"spool": str(spool), "name": "cluster", "heartbeat_seconds": 1.0}, slurm=slurm)
+    return runner, slurm, spool
+
+
+def test_a_job_slurm_keeps_killing_is_retried_a_bounded_number_of_times(tmp_path):
+    """A job cancelled from outside goes to Slurm again, MAX_ATTEMPTS runs in all, then fails with kind
+    slurm_cancelled; progress/<id>.json showed Slurm's state and reason meanwhile."""
+    runner, slurm, spool = fake_runner(tmp_path)
+    job = submit(spool, b"audio", "bounded")
+    assert runner.step()
+    assert slurm_state(spool, job) == {"job_id": "1", "state": "PENDING", "reason": None, "attempt": 1}
+    runner.step()
+    assert slurm_state(spool, job)["reason"] == "Resources"
+    assert runner.heartbeat_document(0.0)["queue_length"] == 1  # pending in the cluster
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        slurm.states[str(attempt)] = "CANCELLED"
+        runner.step()
+    assert len(slurm.submitted) == MAX_ATTEMPTS
+    failure = read(spool / "failed" / f"{job}.json")
+    assert failure["kind"] == "slurm_cancelled" and f"after {MAX_ATTEMPTS} tries" in failure["message"]
+    assert not (spool / "work" / f"{job}.json").exists() and not runner.tracked
+
+
+def test_out_of_memory_and_a_forgotten_job_end_as_they_should(tmp_path):
+    """An OUT_OF_MEMORY kill fails the job as kind oom at once; a job Slurm forgot is submitted again."""
+    runner, slurm, spool = fake_runner(tmp_path)
+    first = submit(spool, b"audio one", "oom")
+    runner.step()
+    second = submit(spool, b"audio two", "forgotten")
+    runner.step()
+    slurm.states["1"] = "OUT_OF_MEMORY"
+    del slurm.states["2"]
+    runner.step()
+    assert read(spool / "failed" / f"{first}.json")["kind"] == "oom"
+    assert len(slurm.submitted) == 3 and runner.tracked[second].attempt == 2
+
+
+def test_a_restart_returns_a_claim_never_submitted_and_adopts_a_submitted_one(tmp_path):
+    """After a crash, a claim marked for a batch Slurm never got goes back to jobs/; one whose batch
+    was recorded is followed again without a second sbatch."""
+    runner, slurm, spool = fake_runner(tmp_path)
+    submitted = submit(spool, b"audio one", "submitted")
+    runner.step()
+    lost = submit(spool, b"audio two", "lost")
+    slurm.sbatch = lambda argv: (_ for _ in ()).throw(KeyboardInterrupt)  # the runner dies inside sbatch
+    with pytest.raises(KeyboardInterrupt):
+        runner.step()
+    assert (spool / "work" / f"{lost}.json").exists()
+    again = FakeSlurm()
+    again.states = {"1": "PENDING"}
+    restarted = SlurmRunner({"spool": str(spool), "name": "cluster", "heartbeat_seconds": 1.0}, slurm=again)
+    assert restarted.adopt() == [submitted]
+    assert (spool / "jobs" / f"{lost}.json").exists() and not again.submitted
+
+
+def test_a_job_the_daemon_removed_is_cancelled_in_slurm(tmp_path):
+    """A job whose work/ file vanished without a Result or failure is scancelled, and not resubmitted."""
+    runner, slurm, spool = fake_runner(tmp_path)
+    job = submit(spool, b"audio", "removed")
+    runner.step()
+    (spool / "work" / f"{job}.json").unlink()
+    runner.step()
+    assert slurm.cancelled == ["1"] and len(slurm.submitted) == 1 and not runner.tracked
 
 
 # ------------------------------------------------------------------------------- real Slurm layer
@@ -258,9 +359,9 @@ def test_a_job_cancelled_from_outside_is_submitted_again_and_completes(slurm_run
     spool = tmp_path / "spool"
     runner = slurm_runner().start()
     job = submit(spool, jfk_opus, "cancelled")
-    state = wait_for(lambda: (slurm_state(spool, job) or {}).get("state") == "PENDING" and slurm_state(spool, job),
-                     120, "the job to be pending in Slurm", runner.tail)
-    assert state["job_id"] and state["reason"], state
+    state = wait_for(lambda: (slurm_state(spool, job) or {}).get("reason") and slurm_state(spool, job),
+                     120, "the job to be pending in Slurm with a reason", runner.tail)
+    assert state["state"] == "PENDING" and state["job_id"] and state["reason"] not in ("None", ""), state
     node.run("scancel", state["job_id"])
     wait_for(lambda: runner.events("slurm.job_killed"), 120, "the runner to see the cancel", runner.tail)
     node.resume()

@@ -11,14 +11,13 @@ to MAX_ATTEMPTS tries; a time limit or out-of-memory kill, or the last try, fail
 says so. A job whose files the daemon removed is `scancel`ed. A restarted runner adopts its claims
 from the spool and Slurm instead of submitting them again.
 
-On the compute node `run_task` (`whisperdrop slurm-task`) does one claimed job through the worker's
-own verify/transcribe/publish path (`Worker.do_claimed`), its `executed_on` naming the Slurm job.
+On the compute node `slurm_task.run_task` (`whisperdrop slurm-task`) does one claimed job through the
+worker's own verify/transcribe/publish path (`Worker.do_claimed`), its `executed_on` naming the Slurm job.
 
 No shell ever sees a job document or a file name: commands are argument lists; the batch script is
-fixed text, job ids checked by `check_job_id`, and config values quoted with `shlex.quote` (except
-`runner.slurm.setup`, shell lines the operator writes in the config on purpose).
+fixed text, checked job ids and quoted values (see `slurm_commands`).
 
-Direction of imports: slurm -> worker, store -> spool, files.
+Direction of imports: slurm -> slurm_task -> worker; slurm, slurm_task -> slurm_commands, store -> spool, files.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ from __future__ import annotations
 import math
 import os
 import pwd
-import shlex
-import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -37,17 +33,17 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from whisperdrop import __version__, log
-from whisperdrop.config import defaults as config_defaults
 from whisperdrop.files import write_atomic
+from whisperdrop.gpu_runner.slurm_commands import (ACTIVE_STATES, Slurm, SlurmError, batch_script, claim_of,
+                                                   sbatch_arguments, settings_of, strict_job_id)
+from whisperdrop.gpu_runner.slurm_task import run_task
 from whisperdrop.gpu_runner.store import HOSTNAME, SpoolStore, read_document, unlink_quietly
-from whisperdrop.spool import ProtocolError, check_job_id, check_runner_name, dumps
+from whisperdrop.spool import ProtocolError, check_runner_name, dumps
+
+__all__ = ["SlurmRunner", "main", "run_task"]
 
 MAX_ATTEMPTS = 3                 # Slurm runs of one job before it fails
-COMMAND_TIMEOUT = 60.0           # seconds for one sbatch, squeue, scontrol or scancel
 EXPIRE_EVERY_SECONDS = 3600.0
-ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
-                           "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
-                           "RESV_DEL_HOLD"})
 # How a job that Slurm ended without a Result or failure record is failed: kind, retried here, hint.
 ENDINGS = {
     "TIMEOUT": ("slurm_timeout", False, "the job hit its time limit: raise runner.slurm.time_limit"),
@@ -59,19 +55,6 @@ ENDINGS = {
     "PREEMPTED": ("slurm_preempted", True, "a higher-priority job preempted it"),
 }
 DEFAULT_ENDING = ("slurm", True, "the task ended without a Result: see its log in <spool>/slurm/")
-
-
-def strict_job_id(value: Any) -> str:
-    """`check_job_id`, and not one character more: its pattern's `$` lets a trailing newline through,
-    which must never reach a batch script. Raises ProtocolError."""
-    check_job_id(value)
-    if len(value) != 64:
-        raise ProtocolError(f"not a job id: {value!r}")
-    return value
-
-
-class SlurmError(Exception):
-    """A Slurm command that failed: which command, its exit status and what it printed."""
 
 
 @dataclass
@@ -86,119 +69,6 @@ class Tracked:
     slurm_id: str | None = None
     state: str | None = None
     reason: str | None = None
-
-
-def settings_of(runner: dict) -> dict:
-    """The `runner` config mapping with every missing key (also under `slurm`) at its default."""
-    merged = {**config_defaults()["runner"], **dict(runner)}
-    merged["slurm"] = {**config_defaults()["runner"]["slurm"], **dict(runner.get("slurm") or {})}
-    return merged
-
-
-class Slurm:
-    """The Slurm commands, each an argument list run with a timeout (never a shell). `env` is the
-    environment they run with (tests point SLURM_CONF at their own cluster)."""
-
-    def __init__(self, env: dict | None = None, on_sbatch: Callable[[list[str]], None] | None = None):
-        self.env = env
-        self.on_sbatch = on_sbatch or (lambda argv: None)
-
-    def run(self, argv: list[str]) -> str:
-        """Run `argv`; its stdout. Raises SlurmError (command, status, output) on failure or timeout."""
-        command = [shutil.which(argv[0]) or argv[0], *argv[1:]]
-        try:
-            done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                                  stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise SlurmError(f"{argv[0]}: {type(error).__name__}: {error}") from error
-        if done.returncode != 0:
-            raise SlurmError(f"{' '.join(map(shlex.quote, argv))} exited with {done.returncode}: "
-                             f"{(done.stderr or done.stdout).strip()[-1000:]}")
-        return done.stdout
-
-    def sbatch(self, argv: list[str]) -> str:
-        """Submit (`argv` starts after `sbatch`); the job id sbatch --parsable printed."""
-        self.on_sbatch(argv)
-        output = self.run(["sbatch", "--parsable", *argv]).strip()
-        slurm_id = output.split(";")[0].strip()
-        if not slurm_id.isdigit():
-            raise SlurmError(f"sbatch printed {output!r}, not a job id")
-        return slurm_id
-
-    def jobs(self, user: str) -> dict[str, dict]:
-        """`user`'s jobs Slurm still knows, one per array task: {"1234_0": {state, reason, name}}."""
-        output = self.run(["squeue", "-h", "-r", "-t", "all", "-u", user, "-o", "%i|%T|%r|%j"])
-        jobs = {}
-        for line in output.splitlines():
-            parts = line.split("|", 3)
-            if len(parts) == 4:
-                jobs[parts[0]] = {"state": parts[1], "reason": parts[2], "name": parts[3]}
-        return jobs
-
-    def pending_count(self, partition: str | None) -> int:
-        """How many jobs (array tasks counted one by one) wait in `partition` (all partitions: None)."""
-        argv = ["squeue", "-h", "-r", "-t", "PENDING", "-o", "%i"]
-        if partition:
-            argv += ["-p", partition]
-        return len(self.run(argv).split())
-
-    def state_of(self, slurm_id: str) -> str | None:
-        """`scontrol show job`'s JobState for one job, None when Slurm no longer knows it."""
-        try:
-            output = self.run(["scontrol", "-o", "show", "job", slurm_id])
-        except SlurmError as error:
-            if "Invalid job id" in str(error):
-                return None
-            raise
-        for field in output.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return None
-
-    def cancel(self, slurm_id: str) -> None:
-        self.run(["scancel", slurm_id])
-
-
-def batch_script(batch: str, job_ids: list[str], *, python: str, spool: str, config_path: str | None,
-                 setup: str) -> str:
-    """The batch script for `job_ids` (array index i does job_ids[i]): fixed text, checked ids and
-    shlex-quoted values; `setup` (operator-written shell lines) runs first. Raises ProtocolError for
-    a bad id or batch name."""
-    if not batch.isalnum():
-        raise ProtocolError(f"not a batch name: {batch!r}")
-    lines = ["#!/bin/sh", f"# whisperdrop batch {batch}: generated by the Slurm runner; do not edit", "set -e"]
-    if setup.strip():
-        lines += ["# runner.slurm.setup", setup.rstrip("\n")]
-    lines.append('case "${SLURM_ARRAY_TASK_ID:-0}" in')
-    for index, job_id in enumerate(job_ids):
-        lines.append(f"    {index}) job={strict_job_id(job_id)} ;;")
-    lines += ['    *) echo "whisperdrop: no job for array index ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;', "esac"]
-    command = [python, "-m", "whisperdrop", "slurm-task", "--spool", spool]
-    if config_path:
-        command += ["--config", config_path]
-    lines.append("exec " + " ".join(shlex.quote(part) for part in command) + ' --job "$job"')
-    return "\n".join(lines) + "\n"
-
-
-def sbatch_arguments(options: dict, *, name: str, output: str, count: int, script: str) -> list[str]:
-    """sbatch's arguments (after `sbatch --parsable`) for a batch of `count` jobs: site options from
-    `options` (runner.slurm), each one list item, and the script's path last."""
-    argv = [f"--job-name={name}", f"--output={output}", "--open-mode=append"]
-    for key in ("partition", "account", "qos", "gres"):
-        if options.get(key):
-            argv.append(f"--{key}={options[key]}")
-    if options.get("time_limit"):
-        argv.append(f"--time={options['time_limit']}")
-    argv += [str(item) for item in options.get("extra_args") or []]
-    if count > 1:
-        argv.append(f"--array=0-{count - 1}")
-    argv.append(script)
-    return argv
-
-
-def _claim(data: Any) -> dict | None:
-    claim = data.get("claim") if isinstance(data, dict) else None
-    return claim if isinstance(claim, dict) else None
 
 
 class SlurmRunner:
@@ -258,7 +128,6 @@ class SlurmRunner:
 
     def _claim_batch(self, now: float) -> list[Tracked]:
         claimed: list[Tracked] = []
-        batch = uuid.uuid4().hex[:16]
         limit = max(1, int(self.options["max_array"]))
         while len(claimed) < limit:
             file_name = self.store.take()
@@ -282,16 +151,25 @@ class SlurmRunner:
                 self.log.info("runner.job_already_done", job_id=job_id)
                 self.store.release(job_id, token)
                 continue
-            claimed.append(Tracked(job_id, token, attempt=1, batch=batch, index=len(claimed)))
+            claimed.append(Tracked(job_id, token, attempt=1, batch="", index=len(claimed)))  # batch: at submit
         return claimed
 
     def _submit(self, jobs: list[Tracked], now: float) -> None:
         """Write each claim's batch and index, the script, sbatch it, record the Slurm id. A failed
         sbatch returns the claims to jobs/ (logged), so the next step tries again."""
         batch = uuid.uuid4().hex[:16]
-        for index, job in enumerate(jobs):
-            job.batch, job.index = batch, index
-            self._mark_claim(job, now)
+        marked = []
+        for job in jobs:
+            job.batch, job.index = batch, len(marked)
+            try:
+                self._mark_claim(job, now)
+            except (OSError, ValueError) as error:  # the daemon removed it meanwhile, or a disk error
+                self.log.warning("slurm.mark_failed", job_id=job.job_id, error=str(error))
+                continue
+            marked.append(job)
+        jobs = marked
+        if not jobs:
+            return
         script = os.path.join(self.folder, f"{batch}.sh")
         pattern = "%A_%a" if len(jobs) > 1 else "%j"
         try:
@@ -327,7 +205,7 @@ class SlurmRunner:
         """Write the batch, index and try into work/<id>.json's claim, before anything is submitted."""
         path = self.layout.job(job.job_id, "work")
         data = read_document(path)
-        claim = dict(_claim(data) or {})
+        claim = dict(claim_of(data) or {})
         claim["slurm"] = {"batch": job.batch, "index": job.index, "attempt": job.attempt, "marked_at": now}
         write_atomic(path, dumps({**data, "claim": claim}), tag=self.name)
 
@@ -456,7 +334,7 @@ class SlurmRunner:
                 data = read_document(self.layout.job(job_id, "work"))
             except (ProtocolError, OSError, ValueError):
                 continue
-            claim = _claim(data)
+            claim = claim_of(data)
             if claim is None or claim.get("claimed_by") != self.name:
                 continue
             mark = claim.get("slurm") if isinstance(claim.get("slurm"), dict) else None
@@ -589,51 +467,6 @@ class SlurmRunner:
 
 
 # ------------------------------------------------------------------------------ compute node side
-
-def placement_from(environ: dict) -> dict:
-    """executed_on's Slurm fields from the task's environment: the job id ("1234" or "1234_0" for an
-    array task), the node and CUDA_VISIBLE_DEVICES."""
-    array_job, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
-    job = environ.get("SLURM_JOB_ID")
-    return {
-        "slurm_job_id": f"{array_job}_{task}" if array_job and task is not None else job,
-        "slurm": {"job_id": job, "array_job_id": array_job, "array_task_id": task,
-                  "node": environ.get("SLURMD_NODENAME"), "cuda_visible_devices": environ.get("CUDA_VISIBLE_DEVICES")},
-    }
-
-
-def run_task(settings: dict, job_id: str, environ: dict | None = None) -> int:
-    """Do one claimed job on a compute node (`whisperdrop slurm-task`): 0 when it ended in a Result or
-    a failure record (or was done already), 1 when stopped, 2 for a job id or claim that is no use."""
-    from whisperdrop.gpu_runner.worker import Worker
-
-    environ = os.environ if environ is None else environ
-    logger = log.get("runner", backend="slurm-task")
-    try:
-        strict_job_id(job_id)
-    except ProtocolError as error:
-        logger.error("slurm.task_bad_job", error=str(error))
-        return 2
-    merged = settings_of(settings)
-    store = SpoolStore(merged["spool"], "slurm-task", heartbeat_seconds=float(merged["heartbeat_seconds"]))
-    try:
-        data = read_document(store.layout.job(job_id, "work"))
-    except (OSError, ValueError) as error:
-        done = store.has_result(job_id)
-        (logger.info if done else logger.error)("slurm.task_no_claim", job_id=job_id, done=done, error=str(error))
-        return 0 if done else 2
-    claim = _claim(data)
-    if claim is None or not isinstance(claim.get("token"), str):
-        logger.error("slurm.task_no_claim", job_id=job_id, error="work document has no claim")
-        return 2
-    document = {key: value for key, value in data.items() if key != "claim"}
-    placement = placement_from(environ)
-    if environ.get("CUDA_VISIBLE_DEVICES"):
-        merged["device_index"] = 0  # Slurm's GPU is the first (only) one the task sees
-    worker = Worker(merged, name=str(claim.get("claimed_by") or "slurm"))
-    worker.log.info("slurm.task_start", job_id=job_id, **placement)
-    finished = worker.do_claimed(job_id, claim["token"], document, float(claim.get("claimed_at") or 0.0), placement)
-    return 0 if finished else 1
 
 
 def main(config: Any) -> int:
