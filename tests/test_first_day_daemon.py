@@ -57,3 +57,24 @@ def test_not_media_error_names_the_file_by_its_inbox_relative_path(daemon):
     make_text_as_mp3(daemon.inbox / "sub" / "notes-path.mp3")
     record = wait_failed(daemon, "sub/notes-path.mp3")
     assert "notes-path.mp3" in record["error"] and str(daemon.inbox) not in record["error"]
+
+
+def test_outputs_and_archive_names_pair_up(daemon, tmp_path):
+    """Each source's outputs and its archived copy share one name: another file of the same stem and
+    the same file dropped again each get a suffix that is the same in outbox/ and archive/."""
+    drop(daemon, JFK, "pair/jfk.flac")
+    daemon.wait_for(lambda: (daemon.archive / "pair" / "jfk.flac").exists(), what="jfk.flac archived")
+    first = json.loads((daemon.outbox / "pair" / "jfk.json").read_text())
+    drop(daemon, write_variant_wav(tmp_path / "jfk.wav", 7), "pair/jfk.wav")  # other bytes, same stem
+    daemon.wait_for(lambda: not (daemon.inbox / "pair" / "jfk.wav").exists(), what="jfk.wav delivered")
+    assert (daemon.archive / "pair" / "jfk-1.wav").exists() and (daemon.outbox / "pair" / "jfk-1.json").exists()
+    other = json.loads((daemon.outbox / "pair" / "jfk-1.json").read_text())
+    assert other["job_id"] != first["job_id"] and other["source"]["path"] == "pair/jfk.wav"
+    drop(daemon, JFK, "pair/jfk.flac")  # the same bytes again
+    daemon.wait_for(lambda: not (daemon.inbox / "pair" / "jfk.flac").exists(), what="second jfk.flac delivered")
+    assert (daemon.archive / "pair" / "jfk-2.flac").exists() and (daemon.outbox / "pair" / "jfk-2.json").exists()
+    again = json.loads((daemon.outbox / "pair" / "jfk-2.json").read_text())
+    assert again["job_id"] == first["job_id"]
+    archived = sorted(path.name for path in (daemon.archive / "pair").iterdir())
+    outputs = sorted(path.name for path in (daemon.outbox / "pair").glob("*.json"))
+    assert [name.rsplit(".", 1)[0] for name in archived] == [name[:-5] for name in outputs]

@@ -52,7 +52,13 @@ def deliver_source(config: Any, job: Job, source: Source, result: dict, formats:
     if os.path.lexists(path) and not same_version(path, source.size, source.mtime_ns):
         return Delivered(replaced=True)  # a new version at this path gets its own job; this is not its transcript
     added = {"settle_s": round(source.settle_s, 3)}
-    base, already = outbox.plan_outputs(outbox_root / relative.parent, relative.stem, formats, job.job_id, result)
+    archive_folder = Path(config.archive) / relative.parent
+    usable = None
+    if config.after_success == "archive" and os.path.lexists(path):  # outputs and archived copy share a name
+        def usable(name: str) -> bool:
+            return outbox.free_or_same(archive_folder / (name + relative.suffix), path)
+    base, already = outbox.plan_outputs(outbox_root / relative.parent, relative.stem, formats, job.job_id, result,
+                                        usable=usable)
     if not already:
         added["total_s"] = round(source.settle_s + (time.time() - source.taken_at), 3)
         document = results.for_source(result, path=source.relpath, size=source.size, sha256=job.source_sha256,
@@ -60,7 +66,7 @@ def deliver_source(config: Any, job: Job, source: Source, result: dict, formats:
         outbox.write_outputs(base, document, formats)
     if os.path.lexists(path):
         if config.after_success == "archive":
-            outbox.move_without_overwrite(path, Path(config.archive) / source.relpath)
+            outbox.move_without_overwrite(path, archive_folder / (base.name + relative.suffix))
         elif config.after_success == "delete":
             os.unlink(path)
             fsync_directory(path.parent)

@@ -16,6 +16,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Callable
 
 from whisperdrop.files import fsync_directory, write_atomic  # write_atomic: callers use outbox.write_atomic too
 from whisperdrop.subtitles import Limits, render_srt, render_vtt
@@ -47,7 +48,8 @@ def _json_made_by(path: Path) -> tuple[str | None, str | None]:
 
 
 def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str,
-                 result: dict | None = None, limits: Limits = Limits()) -> tuple[Path, bool]:
+                 result: dict | None = None, limits: Limits = Limits(),
+                 usable: Callable[[str], bool] | None = None) -> tuple[Path, bool]:
     """Choose the base path (without suffix) for a source's outputs in `folder`.
 
     Returns (base, already_written): `already_written` is True when `<base>.json` holds this job's
@@ -55,10 +57,14 @@ def plan_outputs(folder: Path, stem: str, formats: list[str], job_id: str,
     (a fallback model's Result of the same job is another transcript). Otherwise no file of the set exists,
     or (given `result`) the set has no JSON and every file present is byte for byte what `result`
     renders (SRT and VTT within the subtitle `limits` that `write_outputs` is given): a crash in
-    `write_outputs` left it, and the set is completed in place, not beside it.
+    `write_outputs` left it, and the set is completed in place, not beside it. A name for which
+    `usable(name)` is False (the source's archive name is taken by another file) is passed over, so
+    the outputs and the archived source share one name.
     """
     for index in range(10_000):
         base = folder / (stem if index == 0 else f"{stem}-{index}")
+        if usable is not None and not usable(base.name):
+            continue
         json_path = base.with_name(base.name + ".json")
         if json_path.exists():
             made_job, made_model = _json_made_by(json_path)
@@ -112,6 +118,19 @@ def _free_name(path: Path) -> Path:
         if not os.path.lexists(candidate):
             return candidate
     raise FileExistsError(errno.EEXIST, f"no free name for {path}")
+
+
+def free_or_same(candidate: Path, source: Path) -> bool:
+    """Whether `candidate` is free, or already `source` itself (a hard link a crashed move left)."""
+    try:
+        other = os.lstat(candidate)
+    except FileNotFoundError:
+        return True
+    try:
+        status = os.lstat(source)
+    except FileNotFoundError:
+        return False
+    return (other.st_dev, other.st_ino) == (status.st_dev, status.st_ino)
 
 
 def move_without_overwrite(source: Path, destination: Path) -> Path:
