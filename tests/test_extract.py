@@ -27,7 +27,7 @@ from media import (
     make_truncated_mp4,
     make_video_without_audio,
 )
-from whisperdrop.daemon.extract import SAMPLE_RATE, Extracted, MediaError, extract
+from whisperdrop.daemon.extract import OPUS, SAMPLE_RATE, Extracted, MediaError, OpusSettings, extract
 from whisperdrop.engine import Cancelled
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +133,43 @@ def test_existing_destination_is_replaced_whole(clips, tmp_path):
     assert dest.read_bytes()[:4] == b"OggS"
     assert sha256(dest) == result.sha256
     assert leftovers(tmp_path) == []
+
+
+def ogg_serials(path: Path) -> set[int]:
+    """The stream serial numbers of every Ogg page in `path` (bytes 14-17 of each page header)."""
+    data = path.read_bytes()
+    serials, offset = set(), 0
+    while offset < len(data):
+        assert data[offset:offset + 4] == b"OggS", offset
+        segments = data[offset + 26]
+        body = sum(data[offset + 27:offset + 27 + segments])
+        serials.add(int.from_bytes(data[offset + 14:offset + 18], "little"))
+        offset += 27 + segments + body
+    return serials
+
+
+@pytest.mark.parametrize("name", ["flac", "mp3", "mp4+video"])
+def test_same_source_twice_gives_the_same_bytes(clips, tmp_path, name):
+    """Extracting one source twice writes byte-identical files: the Ogg serial is fixed, not random,
+    so a re-extracted file can resume an upload of the earlier one."""
+    first = extract(clips[name], tmp_path / "first.opus")
+    second = extract(clips[name], tmp_path / "second.opus")
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.sha256 == second.sha256
+    assert ogg_serials(first.path) == ogg_serials(second.path) == {0}
+
+
+def test_encoder_settings_reach_libopus(clips, tmp_path):
+    """Other Opus settings (the benchmark's earlier voip at complexity 10) give another encoding of the
+    same audio, which decodes to the same length; the default is the measured choice."""
+    assert OPUS == OpusSettings(application="audio", complexity=0, frame_ms=60)
+    chosen = extract(clips["flac"], tmp_path / "chosen.opus")
+    earlier = extract(clips["flac"], tmp_path / "earlier.opus", opus=OpusSettings("voip", 10, 60))
+    assert chosen.sha256 != earlier.sha256
+    for result in (chosen, earlier):
+        with av.open(str(result.path)) as container:
+            samples = sum(frame.samples for frame in container.decode(audio=0))
+        assert abs(samples / 48000 - JFK_SECONDS) < 0.1  # libopus decodes at 48 kHz
 
 
 # --- sources that are not usable media: MediaError, naming the file --------------------------------

@@ -31,9 +31,40 @@ import av
 
 from whisperdrop.engine import SAMPLE_RATE, Cancelled, resampler_16k_mono
 from whisperdrop.files import fsync_directory, sha256_file
-OPUS_APPLICATION = "voip"  # tuned for speech; see `extract` for the measurements behind it
-OPUS_FRAME_MS = 60  # fewer, larger frames: less Ogg/Opus overhead at speech bitrates
+
+
+@dataclass(frozen=True)
+class OpusSettings:
+    """How libopus encodes the extracted audio (the bitrate is `extract`'s argument, from the config).
+
+    `application`: libopus's tuning, "audio", "voip" or "lowdelay"; `complexity`: 0 (fastest) to 10
+    (libopus's default, slowest); `frame_ms`: the length of one Opus packet (20, 40, 60, 80, 100, 120).
+    """
+
+    application: str = "audio"
+    complexity: int = 0
+    frame_ms: int = 60
+
+    def codec_options(self) -> dict[str, str]:
+        return {"application": self.application, "compression_level": str(self.complexity),
+                "frame_duration": str(self.frame_ms)}
+
+
+# Chosen by measurement (bench/bench_extraction.py; figures in bench/README.md): on one core, "audio" at
+# complexity 0 extracts 350x to 570x real time, 4 to 6 times the earlier voip at complexity 10, and
+# tiny.en's word error rate is no worse (jfk 0 % both; generated speech 13.8 % against 14.6 %). At a
+# speech bitrate "audio" encodes with CELT, cheap at complexities 0-3; voip (SILK) is a third slower
+# even at complexity 0, and anything at complexity 10 under 90x. "lowdelay" (CELT only) is as fast
+# but lost 3 points of word error rate. 60 ms packets: less framing than 20 ms and a little faster;
+# 120 ms gained nothing measurable.
+OPUS = OpusSettings()
+
+# Muxer options: "bitexact" makes the Ogg stream serial the stream index instead of a random number,
+# and leaves the library version out of the header, so the same source gives the same bytes every time
+# (and an upload of an earlier extraction can be resumed with a new one).
+OGG_OPTIONS = {"fflags": "+bitexact"}
 PROGRESS_EVERY_SECONDS = 5.0
+BLOCK_SECONDS = 1.0  # decoded audio handed to the resampler and encoder at once (see `_transcode`)
 MAX_DECODE_ERRORS = 100  # packets a decoder may reject (skipped, as ffmpeg does) before we give up
 
 # errno values of a source read that may succeed later (a network mount, a disk hiccup): these
@@ -133,19 +164,17 @@ def extract(
     *,
     cancel: threading.Event | None = None,
     progress: Callable[[float], None] | None = None,
+    opus: OpusSettings = OPUS,
 ) -> Extracted:
     """Write the first audio stream of `source` to `dest` as 16 kHz mono Opus in Ogg at `bitrate_kbps`.
 
     `progress(done_seconds)` is called about every 5 s of audio; `cancel` is checked between packets.
+    `opus` sets the encoder (the measured default `OPUS`; the benchmark passes others to compare).
     Returns an `Extracted`. Raises `MediaError` for an unusable source, `OSError` for a destination
     that cannot be written or a source that vanished or cannot be read now, `Cancelled` when
     cancelled. On any failure `dest` is untouched and no temporary file is left.
 
-    Encoder settings: application=voip (libopus's speech tuning) and 60 ms frames. Measured on a
-    2-minute speech mp4 at 12 and 24 kb/s: voip and audio encode at the same speed (about 70x real
-    time on 2 cores) and both leave tiny.en's transcript of jfk exact; 60 ms frames make files about
-    2.5 % smaller than 20 ms (less per-packet overhead), so the bitrate goes to the audio. On pure
-    silence voip is about 5x slower than audio (still about 100x real time).
+    The same source with the same bitrate and settings gives the same bytes (see `OGG_OPTIONS`).
     """
     started = time.monotonic()
     source = Path(source)
@@ -166,7 +195,7 @@ def extract(
         source_container = container.format.name
         stream_index = stream.index  # read now: a stream's fields are not valid once its container closes
         try:
-            samples = _transcode(container, stream, source, temporary, bitrate_kbps, cancel, progress)
+            samples = _transcode(container, stream, source, temporary, bitrate_kbps, opus, cancel, progress)
         except BaseException as failure:
             try:
                 temporary.unlink(missing_ok=True)
@@ -244,26 +273,27 @@ def _transcode(
     source: Path,
     temporary: Path,
     bitrate_kbps: int,
+    opus: OpusSettings,
     cancel: threading.Event | None,
     progress: Callable[[float], None] | None,
 ) -> int:
     """Decode `stream`, resample to 16 kHz mono, encode to Opus and write `temporary` (fsynced).
 
+    Decoded frames are gathered into blocks of `BLOCK_SECONDS` before the resampler and the encoder:
+    their calls cost more per frame than the Opus encoding at the chosen settings (a 16 kHz mp3 has
+    28 frames a second), so a frame at a time kept extraction under 300x real time on one core.
     Returns the number of output samples. Raises what `_decoded_frames` raises, and OSError from
     writing `temporary`."""
     resampler = resampler_16k_mono()
+    block = av.AudioFifo()
     time_base = Fraction(1, SAMPLE_RATE)
     samples = 0
     next_progress = PROGRESS_EVERY_SECONDS
 
     with open(temporary, "wb") as handle:
-        output = av.open(handle, mode="w", format="ogg")
+        output = av.open(handle, mode="w", format="ogg", options=OGG_OPTIONS)
         try:
-            encoder = output.add_stream(
-                "libopus",
-                rate=SAMPLE_RATE,
-                options={"application": OPUS_APPLICATION, "frame_duration": str(OPUS_FRAME_MS)},
-            )
+            encoder = output.add_stream("libopus", rate=SAMPLE_RATE, options=opus.codec_options())
             encoder.layout = "mono"
             encoder.format = "s16"
             encoder.bit_rate = bitrate_kbps * 1000
@@ -280,10 +310,14 @@ def _transcode(
 
             for frame in _decoded_frames(container, stream, source, cancel):
                 frame.pts = None  # output samples are numbered in `write`; gaps in the source do not matter
-                write(resampler.resample(frame))
-                if progress is not None and samples >= next_progress * SAMPLE_RATE:
-                    progress(samples / SAMPLE_RATE)
-                    next_progress = samples / SAMPLE_RATE + PROGRESS_EVERY_SECONDS
+                block.write(frame)  # a change of format mid-stream raises ValueError, as the resampler would
+                if block.samples >= BLOCK_SECONDS * frame.sample_rate:
+                    write(resampler.resample(block.read()))
+                    if progress is not None and samples >= next_progress * SAMPLE_RATE:
+                        progress(samples / SAMPLE_RATE)
+                        next_progress = samples / SAMPLE_RATE + PROGRESS_EVERY_SECONDS
+            if block.samples:
+                write(resampler.resample(block.read()))
             write(resampler.resample(None))
             for packet in encoder.encode(None):
                 output.mux(packet)
