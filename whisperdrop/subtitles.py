@@ -10,8 +10,9 @@ cues are cut from the word timestamps:
    whisper segment.
 2. A phrase that does not fit one cue is split where the split costs least (a dynamic programme over
    its words): after a comma, semicolon, colon or dash before elsewhere, at a longer silence before a
-   shorter one, into as few cues as fit, with no cue much shorter than the others.
-3. A cue's lines are balanced: the fewest lines that hold it, with the longest as short as it can be.
+   shorter one, into as few cues as fit, avoiding cues under 40 % of a full one.
+3. A cue's lines: the fewest that hold it, as even as they can be, broken after a clause mark when
+   that costs little evenness.
 
 A segment without word timestamps (`word_timestamps: false`) gets estimated ones, its time shared
 out over its words by their length, and goes through the same steps: segment-level cues wrapped to
