@@ -249,6 +249,25 @@ def test_real_transcript_of_jfk_makes_valid_subtitles():
     assert len(srt) >= 2  # 11 s of speech, two sentences' worth: more than one cue
 
 
+def test_configured_limits_reach_the_files_transcribe_writes(tmp_path):
+    """`whisperdrop transcribe` with `subtitles:` limits in its config writes SRT and VTT cues within
+    those limits (the daemon's delivery takes the same `outbox.Limits.from_config`)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.yaml").write_text(
+        "subtitles:\n  max_line_chars: 18\n  max_lines: 1\n  max_cue_seconds: 2.5\n  pause_seconds: 0.5\n")
+    done = subprocess.run([sys.executable, "-m", "whisperdrop", "transcribe", str(JFK), "-o", str(tmp_path / "out")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    limits = Limits(18, 1, 2.5, 0.5)
+    srt = parse_srt((tmp_path / "out" / "jfk.srt").read_text())
+    vtt = validate_webvtt((tmp_path / "out" / "jfk.vtt").read_text())
+    for cues in (srt, vtt):
+        assert_within(cues, limits)
+        assert len(cues) >= 4
+
+
 @pytest.mark.parametrize("separator", [",", "."])
 def test_timestamps_past_an_hour(separator):
     """Times past an hour are written HH:MM:SS with milliseconds, in each format's separator."""

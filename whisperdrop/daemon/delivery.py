@@ -57,13 +57,14 @@ def deliver_source(config: Any, job: Job, source: Source, result: dict, formats:
     if config.after_success == "archive" and os.path.lexists(path):  # outputs and archived copy share a name
         def usable(name: str) -> bool:
             return outbox.free_or_same(archive_folder / (name + relative.suffix), path)
+    limits = outbox.Limits.from_config(config.subtitles)  # how SRT and VTT cues are cut
     base, already = outbox.plan_outputs(outbox_root / relative.parent, relative.stem, formats, job.job_id, result,
-                                        usable=usable)
+                                        limits, usable=usable)
     if not already:
         added["total_s"] = round(source.settle_s + (time.time() - source.taken_at), 3)
         document = results.for_source(result, path=source.relpath, size=source.size, sha256=job.source_sha256,
                                       timings=added)
-        outbox.write_outputs(base, document, formats)
+        outbox.write_outputs(base, document, formats, limits)
     if os.path.lexists(path):
         if config.after_success == "archive":
             outbox.move_without_overwrite(path, archive_folder / (base.name + relative.suffix))
