@@ -78,3 +78,26 @@ def test_outputs_and_archive_names_pair_up(daemon, tmp_path):
     archived = sorted(path.name for path in (daemon.archive / "pair").iterdir())
     outputs = sorted(path.name for path in (daemon.outbox / "pair").glob("*.json"))
     assert [name.rsplit(".", 1)[0] for name in archived] == [name[:-5] for name in outputs]
+
+
+def test_duplicate_says_it_was_served_from_an_earlier_job(daemon, tmp_path):
+    """The same file dropped again is marked `cached_from` the earlier job (its id and when), and its
+    timings are this delivery's only, not the first run's load and transcription."""
+    source = write_variant_wav(tmp_path / "dup.wav", 11)
+    drop(daemon, source, "dup/talk.wav")
+    daemon.wait_for(lambda: (daemon.archive / "dup" / "talk.wav").exists(), what="first archived")
+    first = json.loads((daemon.outbox / "dup" / "talk.json").read_text())
+    assert "cached_from" not in first and "transcribe_s" in first["timings"]
+    drop(daemon, source, "dup/talk.wav")
+    daemon.wait_for(lambda: (daemon.archive / "dup" / "talk-1.wav").exists(), what="second archived")
+    second = json.loads((daemon.outbox / "dup" / "talk-1.json").read_text())
+    assert second["cached_from"]["job_id"] == first["job_id"] and second["cached_from"]["at"]
+    assert "transcribe_s" not in second["timings"] and "load_s" not in second["timings"]
+    assert "total_s" in second["timings"] and second["text"] == first["text"]
+
+
+def test_readme_result_section_documents_cached_from():
+    """The README's Result section says what `cached_from` means."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The Result", 1)[1].split("\n### ", 1)[0]
+    assert "cached_from" in section

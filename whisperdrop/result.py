@@ -51,12 +51,19 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
     }
 
 
-def for_source(result: dict, *, path: str, size: int, sha256: str, timings: dict) -> dict:
+def for_source(result: dict, *, path: str, size: int, sha256: str, timings: dict,
+               cached_from: dict | None = None) -> dict:
     """The Result as written beside one source file: `source` (relative path, size, sha256) added and
-    `timings` (settle_s, total_s...) over the job's. Returns a new dict."""
-    return {
+    `timings` (settle_s, total_s...) over the job's. Given `cached_from` (the earlier job's `job_id`
+    and `at`, when it was done), the file was served from that job's cached Result: the timings are
+    this delivery's only, and the earlier run's move into `cached_from.timings`. Returns a new dict."""
+    document = {
         **result,
         "schema": RESULT_SCHEMA,
         "source": {"path": path, "size": size, "sha256": sha256},
         "timings": {**(result.get("timings") or {}), **timings},
     }
+    if cached_from is not None:
+        document["cached_from"] = {**cached_from, "timings": result.get("timings") or {}}
+        document["timings"] = dict(timings)
+    return document

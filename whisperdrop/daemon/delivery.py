@@ -34,13 +34,14 @@ def same_version(path: Path, size: int, mtime_ns: int) -> bool:
 @dataclass(frozen=True)
 class Delivered:
     """What `deliver_source` did: `replaced` (another version is at the path now; nothing written),
-    else the outputs' base path relative to the outbox, whether they were there already, and the
-    timings written with them."""
+    else the outputs' base path relative to the outbox, whether they were there already, the
+    timings written with them, and `cached_from` when the Result was served from an earlier run."""
 
     replaced: bool
     base: str | None = None
     already: bool = False
     timings: dict | None = None
+    cached_from: dict | None = None  # served from the job done earlier: its id and when
 
 
 def deliver_source(config: Any, job: Job, source: Source, result: dict, formats: list[str]) -> Delivered:
@@ -60,10 +61,14 @@ def deliver_source(config: Any, job: Job, source: Source, result: dict, formats:
     limits = outbox.Limits.from_config(config.subtitles)  # how SRT and VTT cues are cut
     base, already = outbox.plan_outputs(outbox_root / relative.parent, relative.stem, formats, job.job_id, result,
                                         limits, usable=usable)
+    cached_from = None
+    if job.finished_at is not None and source.taken_at > job.finished_at:  # dropped again after the job was done
+        cached_from = {"job_id": job.job_id,
+                       "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job.finished_at))}
     if not already:
         added["total_s"] = round(source.settle_s + (time.time() - source.taken_at), 3)
         document = results.for_source(result, path=source.relpath, size=source.size, sha256=job.source_sha256,
-                                      timings=added)
+                                      timings=added, cached_from=cached_from)
         outbox.write_outputs(base, document, formats, limits)
     if os.path.lexists(path):
         if config.after_success == "archive":
@@ -72,7 +77,8 @@ def deliver_source(config: Any, job: Job, source: Source, result: dict, formats:
             os.unlink(path)
             fsync_directory(path.parent)
     return Delivered(replaced=False, base=str(base.relative_to(outbox_root)), already=already,
-                     timings={**(result.get("timings") or {}), **added})
+                     timings=added if cached_from else {**(result.get("timings") or {}), **added},
+                     cached_from=cached_from)
 
 
 def fail_source(config: Any, job: Job, source: Source) -> tuple[dict, Path]:

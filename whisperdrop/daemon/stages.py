@@ -295,7 +295,8 @@ class Stages:
         context.log.info(
             "job.done", job_id=job.job_id, path=source.relpath, route=job.route, host=job.host,
             duration_s=job.duration, total_s=timings.get("total_s"), fallback_reason=job.fallback_reason,
-            bytes_source=source.size, bytes_sent=(job.transfer or {}).get("bytes", 0), timings=timings,
+            bytes_source=source.size, bytes_sent=0 if done.cached_from else (job.transfer or {}).get("bytes", 0),
+            timings=timings, cached_from=done.cached_from,
         )
 
 
