@@ -22,6 +22,7 @@ Direction of imports: slurm -> slurm_task -> worker; slurm, slurm_task -> slurm_
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import pwd
@@ -253,8 +254,8 @@ class SlurmRunner:
             outcome = "done"
         elif os.path.exists(self.layout.failure(job.job_id)):
             outcome = "failed"
-        else:
-            outcome = "removed"
+        else:  # the daemon fetched the outcome and removed the files, or removed them unfinished
+            outcome = "fetched" if state == "COMPLETED" else "removed"
         if outcome == "removed" and state in ACTIVE_STATES:
             try:
                 self.slurm.cancel(job.slurm_id)
@@ -427,6 +428,7 @@ class SlurmRunner:
         self.state = "starting"
         self.log.info("runner.start", spool=self.spool, backend="slurm", partition=self.options["partition"],
                       version=__version__)
+        held = self.hold_lock()
         self.heartbeat()
         self.adopt()
         beat = threading.Thread(target=self._beat, args=(stop,), name=f"runner-heartbeat-{self.name}", daemon=True)
@@ -450,6 +452,8 @@ class SlurmRunner:
         finally:
             stop.set()
             beat.join()
+            if held is not None:
+                os.close(held)
             self.state = "stopped"
             try:
                 self.heartbeat()
@@ -457,6 +461,23 @@ class SlurmRunner:
                 self.log.warning("runner.heartbeat_failed", error=str(error))
             self.log.info("runner.stopped", jobs_done=self.jobs_done, jobs_failed=self.jobs_failed,
                           in_slurm=len(self.tracked))
+
+    def hold_lock(self) -> int | None:
+        """Lock slurm/<name>.lock for as long as the returned descriptor stays open, so that two runners
+        of one name never follow (and resubmit) the same jobs. Raises OSError when another holds it; a
+        file system without locks is logged and served anyway (None)."""
+        path = os.path.join(self.folder, f"{self.name}.lock")
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise OSError(f"another Slurm runner named {self.name} serves {self.spool} (it holds {path})") from None
+        except OSError as error:
+            os.close(descriptor)
+            self.log.warning("slurm.lock_unavailable", path=path, error=str(error))
+            return None
+        return descriptor
 
     def _beat(self, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_seconds):
