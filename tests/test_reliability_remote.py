@@ -480,7 +480,7 @@ def test_link_flaps_resume_uploads_and_lose_nothing(netns_sshd, tmp_path, record
         audio = sum(result["transfer"]["audio_bytes"] for result in figures["results"].values())
         report(record_property, "link_flaps", cuts=flapper.cuts, files=count, lost=figures["lost"],
                duplicates=figures["duplicates"], resumed_uploads=len(resumed), results_resumed_from_gt0=results_resumed,
-               uploads_skipped_complete=len(skipped), submits=daemon.count("submitted"),
+               uploads_skipped_complete=len(skipped), submits=daemon.count("stage.submit"),
                runner_already_done=len(runner.events("runner.job_already_done")), host_down=daemon.count("host.down"),
                bytes_sent=sent, audio_bytes=audio, seconds=round(elapsed, 1))
         assert flapper.cuts >= 3

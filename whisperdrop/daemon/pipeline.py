@@ -128,7 +128,7 @@ class Pipeline:
                 job = await self.advance(job, self.clock())
                 continue
             except (Cancelled, asyncio.CancelledError):
-                self.log.info("job.parked", job_id=job_id, stage=job.stage)
+                self.log.info("job.parked", job_id=job_id, path=self.context.path_of(job_id), stage=job.stage)
                 return
             except Permanent as error:
                 self._fail(job, error)
@@ -165,14 +165,16 @@ class Pipeline:
         message = f"{type(error).__name__}: {error}"
         until_fixed = _retried_until_fixed(error)
         if not until_fixed and attempts >= self.config.max_attempts:
-            self.log.error("job.retry", job_id=job.job_id, stage=job.stage, attempts=attempts, retry_in_s=None,
+            self.log.error("job.retry", job_id=job.job_id, path=self.context.path_of(job.job_id), stage=job.stage,
+                           attempts=attempts, retry_in_s=None,
                            error=message, exc_info=True)
             self._fail(job, Permanent("error", f"{message} (after {attempts} attempts, at stage {job.stage})",
                                       failure_hint("error")))
             return None
         delay = backoff(attempts, RETRY_INITIAL_S, RETRY_MAX_S)
         self.ledger.update_job(job.job_id, attempts=attempts, last_error=message, retry_at=now + delay)
-        self.log.error("job.retry", job_id=job.job_id, stage=job.stage, attempts=attempts, retry_in_s=delay,
+        self.log.error("job.retry", job_id=job.job_id, path=self.context.path_of(job.job_id), stage=job.stage,
+                       attempts=attempts, retry_in_s=delay,
                        error=message, hint=getattr(error, "hint", None) or _hint_for(error),
                        attempts_left=None if until_fixed else self.config.max_attempts - attempts,
                        exc_info=not isinstance(error, (OSError, EngineError)))

@@ -117,6 +117,7 @@ class JobOnHost:
         self.attempt.timings["submitted_at"] = self.pool.clock()
         self.attempt.stage, self.attempt.host = "submitted", self.state.name
         self.mark("submitted", host=self.state.name, timings=self.attempt.timings)
+        self.log.info("stage.submit", job_id=work.job_id, host=self.state.name)
 
     async def await_result(self) -> str:
         """Poll the job's state with back-off until done; "checksum" when the runner found bad audio.

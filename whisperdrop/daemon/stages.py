@@ -71,6 +71,11 @@ class Context:
     def audio_path(self, job_id: str) -> Path:
         return self.work_dir / f"{job_id}.opus"
 
+    def path_of(self, job_id: str) -> str | None:
+        """The inbox-relative path of the job's first pending source, for its log lines (None if none)."""
+        sources = self.ledger.sources_of(job_id)
+        return sources[0].relpath if sources else None
+
     def result_path(self, job_id: str) -> Path:
         return self.results_dir / f"{job_id}.json"
 
@@ -159,6 +164,7 @@ class Stages:
     def _progress_callback(self, job_id: str) -> Callable[[float, float], None]:
         """A progress report for the engine or the runner: the ledger's `progress`, once a second."""
         context = self.context
+        path = context.path_of(job_id)
         loop = asyncio.get_running_loop()
         every = float(context.config.logging.progress_seconds)
         logged = [time.monotonic()]  # a transcription shorter than `every` logs no progress
@@ -174,7 +180,7 @@ class Stages:
             if moment - logged[0] >= every and done < duration:  # now and then, for a person watching the log
                 logged[0] = moment
                 loop.call_soon_threadsafe(functools.partial(
-                    context.log.info, "job.progress", job_id=job_id, percent=round(100 * progress["transcribe"], 1),
+                    context.log.info, "job.progress", job_id=job_id, path=path, percent=round(100 * progress["transcribe"], 1),
                     done_s=progress["done_s"], duration_s=progress["duration_s"]))
 
         return report
@@ -243,7 +249,7 @@ class Stages:
         seconds = timings.get("transcribe_s") or 0.0
         duration = result.get("duration") or job.duration or 0.0
         context.log.info(
-            "stage.transcribe", job_id=job.job_id, route=route, host=host, device=executed.get("device"),
+            "stage.transcribe", job_id=job.job_id, path=context.path_of(job.job_id), route=route, host=host, device=executed.get("device"),
             model=result.get("model"), duration_s=duration, seconds=seconds,
             rtf=round(seconds / duration, 4) if duration else None, fallback_reason=result.get("fallback_reason"),
             language=result.get("language"), bytes=transfer.get("bytes"), recovered=recovered,

@@ -253,7 +253,7 @@ class Host:
             key = await asyncio.wait_for(asyncssh.get_server_host_key(
                 self.address, self.port), self.connect_timeout + 1)
         except (asyncssh.Error, OSError, asyncio.TimeoutError) as error:
-            self._log.debug("host_key_probe_failed", error=str(error))
+            self._log.debug("transfer.host_key_probe_failed", error=str(error))
             return None
         return f"{key.get_algorithm()} {key.get_fingerprint()}" if key else None
 
@@ -323,7 +323,7 @@ class Host:
                             transient=isinstance(error, _NETWORK_ERRORS),
                             hint=f"enable `Subsystem sftp internal-sftp` in sshd_config on {self.address}") from error
         self._connection, self._sftp = connection, sftp
-        self._log.info("connected", seconds=round(time.monotonic() - started, 3),
+        self._log.info("transfer.connected", seconds=round(time.monotonic() - started, 3),
                        cipher=connection.get_extra_info("send_cipher"))
 
     async def _client(self) -> asyncssh.SFTPClient:
@@ -391,7 +391,7 @@ class Host:
             raise ValueError(f"{local_path} has {local_size} bytes, not {size}")
         sftp = await self._client()
         if await self._size(sftp, final, "upload") == size:
-            self._log.info("upload_skipped", job=job_id, reason="complete audio already on the host", bytes=size)
+            self._log.info("transfer.upload_skipped", job_id=job_id, reason="complete audio already on the host", bytes=size)
             return UploadStats(bytes_sent=0, resumed_from=size, seconds=time.monotonic() - started, audio_bytes=size)
 
         # block_size=0: each write() is one SFTP request; _send does the pipelining itself.
@@ -417,9 +417,9 @@ class Host:
         await self._rename("upload", sftp, part, final)
         stats = UploadStats(bytes_sent=sent, resumed_from=offset, seconds=time.monotonic() - started,
                             audio_bytes=size)
-        self._log.info("upload_done", job=job_id, bytes_sent=sent, resumed_from=offset, audio_bytes=size,
-                       sha256=sha256, seconds=round(stats.seconds, 3),
-                       mib_per_s=round(sent / 1048576 / stats.seconds, 1) if stats.seconds > 0 else None)
+        self._log.debug("transfer.upload", job_id=job_id, bytes=sent, resumed_from=offset, audio_bytes=size,
+                        sha256=sha256, seconds=round(stats.seconds, 3),
+                        mbit_s=round(sent * 8 / stats.seconds / 1e6, 1) if stats.seconds > 0 else None)
         return stats
 
     async def _send(self, remote: asyncssh.SFTPClientFile, local_path: Path, offset: int, size: int,
@@ -484,14 +484,14 @@ class Host:
         sftp = await self._client()
         await self._write_file("submit", sftp, temporary, spool.dumps(document))
         await self._rename("submit", sftp, temporary, target)
-        self._log.info("submitted", job=job)
+        self._log.debug("transfer.submitted", job_id=job)
 
     async def _close_quietly(self, remote: asyncssh.SFTPClientFile) -> None:
         """Close a remote file while another error propagates, without hiding that error."""
         try:
             await asyncio.wait_for(remote.close(), self.connect_timeout)
         except (asyncssh.Error, OSError, asyncio.TimeoutError) as error:
-            self._log.debug("close_after_error_failed", error=str(error))
+            self._log.debug("transfer.close_failed", error=str(error))
 
     async def _write_file(self, operation: str, sftp: asyncssh.SFTPClient, path: str, data: bytes) -> None:
         remote = await self._timed(operation, sftp.open(path, "wb"))
@@ -532,14 +532,14 @@ class Host:
         try:
             data = await self._read(operation, sftp, path)
         except spool.ProtocolError as error:
-            self._log.warning("oversized_document", path=path, error=str(error))
+            self._log.warning("transfer.oversized_document", path=path, error=str(error))
             return True, None
         if data is None:
             return False, None
         try:
             return True, json.loads(data)
         except ValueError as error:
-            self._log.warning("unparsable_document", path=path, error=str(error))
+            self._log.warning("transfer.unparsable_document", path=path, error=str(error))
             return True, None
 
     async def state(self, job_id: str) -> tuple[str, dict | None]:
@@ -608,7 +608,7 @@ class Host:
             if isinstance(document, dict):
                 documents.append(document)
             elif exists:
-                self._log.warning("heartbeat_skipped", file=name, reason="not a JSON object")
+                self._log.warning("transfer.heartbeat_skipped", file=name, reason="not a JSON object")
         return documents
 
     async def cleanup(self, job_id: str) -> None:
