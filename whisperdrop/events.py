@@ -36,6 +36,7 @@ EVENTS: dict[str, Event] = {
     "daemon.stopping": _daemon("busy_jobs", "A stop was asked (SIGTERM, SIGINT); jobs park at their next stage."),
     "daemon.stop_deadline": _daemon("seconds note stacks", "The stop took too long: every thread's stack, then exit."),
     "daemon.stopped": _daemon("clean seconds", "Exited; `seconds` from the stop request to the end."),
+    "daemon.local_unavailable": _daemon("model error hint fallback", "At start: the local model cannot load; `run` exits 1 (every job local) or runs with the local fallback off (`fallback`: off)."),
     "ledger.recovered": _daemon("jobs stages", "At start: unfinished jobs taken up again where they stopped."),
     # one job, in order
     "stage.intake": _daemon("job_id path source_id bytes settle_s hash_s duplicate", "A settled file taken: hashed, its job found or made."),

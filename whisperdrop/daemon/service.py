@@ -16,11 +16,12 @@ import time
 import traceback
 from typing import Any
 
-from whisperdrop import log
+from whisperdrop import engine, log
 from whisperdrop.notify import Notifier
 from whisperdrop.daemon.metrics import MetricsWriter
 from whisperdrop.daemon.pipeline import Pipeline
 from whisperdrop.daemon.watch import InboxWatcher
+from whisperdrop.engine import Engine, EngineError
 
 STOP_TIMEOUT_S = 8.0
 STOP_DEADLINE_S = 9.5
@@ -42,6 +43,11 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     notifier = notifier or Notifier()
     remote = build_remote(config)
     pipeline = Pipeline(config, remote=remote)
+    if not await _check_local_model(config, pipeline, remote, logger):  # every job would fail: say so, exit
+        if remote is not None:
+            await remote.close()
+        pipeline.close()
+        return 1
     await pipeline.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -104,6 +110,50 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     # The deadline stays armed: asyncio.run's own teardown (joining executor threads) comes after
     # this, and the caller exits the process right after it (see cli.cmd_run).
     return 0
+
+
+LOCAL_MODEL_HINT = ("set local.model to bundled:tiny.en or a CTranslate2 model folder, or fetch the model on a "
+                    "machine with network and point local.model at its folder (README, Models); "
+                    "`whisperdrop doctor` checks it")
+
+
+async def _check_local_model(config: Any, pipeline: Pipeline, remote: Any | None, logger: Any) -> bool:
+    """Find at start whether the local model can load, as `doctor` does, instead of by every job
+    looping in job.retry. Where every job runs here (provider local, or no hosts) the model is loaded
+    now (the first job then finds it loaded); a failure is logged and False returned (`run` exits 1).
+    Where the local engine is only the fallback (provider auto with hosts), the model is looked up
+    without loading it; if it is missing, the fallback is switched off (jobs wait for a host) and a
+    warning says why. True when the daemon can go on."""
+    provider = config.transcription.provider
+    if remote is not None and provider == "remote":
+        return True
+    every_job_local = remote is None or provider == "local"
+    local = config.local
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            None, _load_local_model if every_job_local else _find_local_model, local, pipeline.local.engine)
+    except (EngineError, RuntimeError, ValueError, OSError) as error:
+        message = str(error) if isinstance(error, EngineError) else f"{local.model}: {type(error).__name__}: {error}"
+        if every_job_local:
+            logger.error("daemon.local_unavailable", model=local.model, error=message, hint=LOCAL_MODEL_HINT,
+                         fallback=None)
+            return False
+        pipeline.router.provider = remote.provider = "remote"  # the local rung is off: jobs wait for a host
+        logger.warning("daemon.local_unavailable", model=local.model, error=message, fallback="off",
+                       hint=f"jobs wait for a GPU host instead of falling back to this machine; {LOCAL_MODEL_HINT}")
+    return True
+
+
+def _find_local_model(local: Any, engine_object: Engine) -> None:
+    """Raise EngineError when `local.model` is not available here (offline and not cached, no folder)."""
+    engine.resolve_model_path(local.model)
+
+
+def _load_local_model(local: Any, engine_object: Engine) -> None:
+    """Load `local`'s model into the local route's engine, under the key its transcriptions use."""
+    device = engine.resolve_device(local.device)
+    engine_object.load(engine.ModelKey(local.model, device, engine.resolve_compute_type(local.compute_type, device),
+                                       0, local.threads))
 
 
 def _arm_stop_deadline(logger: Any) -> threading.Timer:
