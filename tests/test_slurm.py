@@ -176,6 +176,24 @@ def test_a_job_the_daemon_removed_is_cancelled_in_slurm(tmp_path):
     assert slurm.cancelled == ["1"] and len(slurm.submitted) == 1 and not runner.tracked
 
 
+def test_a_running_task_whose_claim_is_gone_gets_time_to_exit_before_a_cancel(tmp_path, monkeypatch):
+    """A task that published and is exiting (its Result fetched and removed by the daemon) is not
+    cancelled: it ends as "fetched"; one still running after the grace period is cancelled."""
+    runner, slurm, spool = fake_runner(tmp_path)
+    fetched, removed = submit(spool, b"audio one", "fetched"), submit(spool, b"audio two", "removed")
+    runner.step()
+    ids = {job: runner.tracked[job].slurm_id for job in (fetched, removed)}
+    slurm.states = {ids[fetched]: "RUNNING", ids[removed]: "RUNNING"}
+    for job in (fetched, removed):
+        (spool / "work" / f"{job}.json").unlink()
+    runner.step()
+    assert not slurm.cancelled and set(runner.tracked) == {fetched, removed}
+    slurm.states[ids[fetched]] = "COMPLETED"
+    monkeypatch.setattr("whisperdrop.gpu_runner.slurm.GONE_GRACE_SECONDS", 0.0)
+    runner.step()
+    assert slurm.cancelled == [ids[removed]] and not runner.tracked
+
+
 def test_two_slurm_runners_of_one_name_never_serve_one_spool(tmp_path):
     """A second Slurm runner with the same name on the same spool cannot take the lock the first holds."""
     first, _, spool = fake_runner(tmp_path)

@@ -45,6 +45,7 @@ __all__ = ["SlurmRunner", "main", "run_task"]
 
 MAX_ATTEMPTS = 3                 # Slurm runs of one job before it fails
 EXPIRE_EVERY_SECONDS = 3600.0
+GONE_GRACE_SECONDS = 30.0        # a running task whose claim is gone may be exiting after its publish
 # How a job that Slurm ended without a Result or failure record is failed: kind, retried here, hint.
 ENDINGS = {
     "TIMEOUT": ("slurm_timeout", False, "the job hit its time limit: raise runner.slurm.time_limit"),
@@ -70,6 +71,7 @@ class Tracked:
     slurm_id: str | None = None
     state: str | None = None
     reason: str | None = None
+    gone_at: float | None = None     # monotonic time its claim was first seen gone while it ran
 
 
 class SlurmRunner:
@@ -247,15 +249,23 @@ class SlurmRunner:
 
     def _claim_gone(self, job: Tracked, state: str | None) -> bool:
         """work/<id>.json is gone or not ours: the task published or failed it, or the daemon removed
-        the job's files (then its Slurm job is cancelled)."""
-        with self._lock:
-            self.tracked.pop(job.job_id, None)
+        the job's files (then its Slurm job is cancelled). A task still running may be one that
+        published and is exiting, its outcome fetched by the daemon already: it gets GONE_GRACE_SECONDS
+        to end on its own before it is cancelled. True once the job is settled."""
         if self.store.has_result(job.job_id):
             outcome = "done"
         elif os.path.exists(self.layout.failure(job.job_id)):
             outcome = "failed"
         else:  # the daemon fetched the outcome and removed the files, or removed them unfinished
             outcome = "fetched" if state == "COMPLETED" else "removed"
+        if outcome == "removed" and state in ACTIVE_STATES and state != "PENDING":
+            moment = time.monotonic()
+            if job.gone_at is None:
+                job.gone_at = moment
+            if moment - job.gone_at < GONE_GRACE_SECONDS:
+                return False
+        with self._lock:
+            self.tracked.pop(job.job_id, None)
         if outcome == "removed" and state in ACTIVE_STATES:
             try:
                 self.slurm.cancel(job.slurm_id)
