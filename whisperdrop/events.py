@@ -33,9 +33,9 @@ def _runner(fields: str, says: str) -> Event:
 EVENTS: dict[str, Event] = {
     # the daemon's life
     "daemon.ready": _daemon("pid config inbox outbox provider hosts recovered_jobs", "Started and watching the inbox."),
-    "daemon.stopping": _daemon("busy_jobs", "A stop was asked (SIGTERM, SIGINT); jobs park at their next stage."),
+    "daemon.stopping": _daemon("busy_jobs", "A stop was asked (SIGTERM, SIGINT); every job is parked at once."),
     "daemon.stop_deadline": _daemon("seconds note stacks", "The stop took too long: every thread's stack, then exit."),
-    "daemon.stopped": _daemon("clean seconds", "Exited; `seconds` from the stop request to the end."),
+    "daemon.stopped": _daemon("clean waited_out seconds", "Stopped; `seconds` from the stop request; `waited_out`: bounded waits that ran out (none on a clean stop)."),
     "daemon.local_unavailable": _daemon("model error hint fallback", "At start: the local model cannot load; `run` exits 1 (every job local) or runs with the local fallback off (`fallback`: off)."),
     "ledger.recovered": _daemon("jobs stages", "At start: unfinished jobs taken up again where they stopped."),
     # one job, in order
@@ -50,7 +50,7 @@ EVENTS: dict[str, Event] = {
     "job.done": _daemon("job_id path route host duration_s total_s fallback_reason bytes_source bytes_sent timings cached_from", "One source done (`cached_from`: served from an earlier run)."),
     "job.retry": _daemon("job_id path stage attempts retry_in_s attempts_left error hint", "A stage failed; tried again after `retry_in_s`."),
     "job.failed": _daemon("job_id path kind error hint moved_to", "A source moved to failed/ beside its error.json (once per source)."),
-    "job.parked": _daemon("job_id path stage", "Stopped at a stage boundary by a stop; resumed at the next start."),
+    "job.parked": _daemon("job_id path stage", "Cut by a stop; its stage starts again at the next start (the ledger has the last one finished)."),
     "job.reopened": _daemon("job_id model cached_model reason", "A done job is transcribed again (its cached Result came from a fallback model)."),
     "job.audio_missing": _daemon("job_id action", "The extracted audio is gone; extracted again."),
     "job.result_missing": _daemon("job_id action", "The cached Result is gone; transcribed again."),

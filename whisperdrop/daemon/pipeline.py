@@ -217,17 +217,21 @@ class Pipeline:
         return removed
 
     async def drain(self, timeout: float) -> bool:
-        """Stop starting stages, cancel cooperative work, wait up to `timeout` s. True if all parked."""
+        """Park every job now: set the flags that worker threads check (so the engine and PyAV stop at
+        their next look), then cancel the jobs' tasks at once, each logging `job.parked`, instead of
+        waiting for a thread to look. Safe: a stage commits what it reached only when it ends, so a cut
+        stage is done again from its start, as after a kill -9. Waits up to `timeout` s for the tasks
+        to end; True if all did."""
         self.stopping.set()
         self.cancel.set()
         if self._expiry is not None:
             self._expiry.cancel()
         tasks = [task for task in self._tasks.values() if not task.done()]
+        for task in tasks:
+            task.cancel()
         if not tasks:
             return True
         done, pending = await asyncio.wait(tasks, timeout=timeout)
-        for task in pending:
-            task.cancel()
         return not pending
 
     def close(self) -> None:

@@ -99,14 +99,20 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     heartbeat.cancel()
     for task in list(intake):
         task.cancel()
+    waited_out = []  # the bounded waits that ran out: none, when the stop goes as it should
     parked = await pipeline.drain(STOP_TIMEOUT_S)
+    if not parked:
+        waited_out.append("jobs")
     if remote is not None:
         await remote.close()
     # Bounded: a task that lost its cancellation (see InboxWatcher.stop) must not hold the stop.
-    await asyncio.wait({watch_task, heartbeat, *intake}, timeout=STOP_TIMEOUT_S / 2)
+    _, pending = await asyncio.wait({watch_task, heartbeat, *intake}, timeout=STOP_TIMEOUT_S / 2)
+    if pending:
+        waited_out.append("watcher")
     await metrics.close()  # the last state, before the ledger closes
     pipeline.close()
-    logger.info("daemon.stopped", seconds=round(time.monotonic() - started, 3), clean=parked)
+    logger.info("daemon.stopped", seconds=round(time.monotonic() - started, 3), clean=parked and not pending,
+                waited_out=waited_out)
     # The deadline stays armed: asyncio.run's own teardown (joining executor threads) comes after
     # this, and the caller exits the process right after it (see cli.cmd_run).
     return 0
