@@ -1,0 +1,37 @@
+"""Issue 13, item 15: the README says what a Result holds, local and remote, and keeps the benchmark
+table in bench/README.md so Troubleshooting is not buried."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def result_section() -> str:
+    readme = (REPO / "README.md").read_text()
+    return readme.split("### The Result", 1)[1].split("\n### ", 1)[0]
+
+
+def test_readme_documents_every_timing_a_remote_result_carries():
+    """runner_s and load_s (from the runner and the engine) are documented with the other timings."""
+    section = result_section()
+    for key in ("settle_s", "extract_s", "load_s", "transcribe_s", "upload_s", "queue_s", "runner_s", "fetch_s",
+                "total_s"):
+        assert f"`{key}`" in section, key
+
+
+def test_readme_says_a_local_result_has_an_empty_transfer():
+    """The README does not promise transfer fields to a local job, whose Result has `"transfer": {}`."""
+    section = " ".join(result_section().split())
+    assert "`{}` for a job transcribed here" in section
+
+
+def test_benchmark_table_lives_in_bench_readme():
+    """The full benchmark table is in bench/README.md; the README keeps a summary and a link to it."""
+    readme = (REPO / "README.md").read_text()
+    bench = (REPO / "bench" / "README.md").read_text()
+    assert "| idle daemon memory (RSS)" not in readme and "| idle daemon memory (RSS)" in bench
+    assert "## The full table" in bench and "bench/README.md#the-full-table" in readme
+    benchmarks = readme.split("## Benchmarks", 1)[1].split("\n## Troubleshooting", 1)[0]
+    assert len(benchmarks.splitlines()) < 80  # a summary, not the table
