@@ -175,6 +175,7 @@ def job_document(**changes) -> dict:
     {"job_id": "../../etc/passwd"},
     {"job_id": "/" + "0" * 63},
     {"job_id": JOB.upper()},
+    {"job_id": JOB + "\n"},  # a regex "$" matches before a trailing newline
     {"schema": "whisperdrop.job/0"},
     {"options": {"model": "tiny", "evil": "$(id)"}},
 ])
@@ -184,7 +185,7 @@ def test_job_document_with_unsafe_fields_is_rejected(changes):
         spool.parse_job(job_document(**changes))
 
 
-@pytest.mark.parametrize("value", ["../runner", "a/b", "", ".hidden", "x" * 65, "a\x00"])
+@pytest.mark.parametrize("value", ["../runner", "a/b", "", ".hidden", "x" * 65, "a\x00", "gpu0\n"])
 def test_runner_names_that_could_escape_runners_are_rejected(value):
     """check_runner_name() allows only plain names, so a heartbeat stays in runners/."""
     with pytest.raises(spool.ProtocolError):

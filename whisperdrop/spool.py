@@ -29,8 +29,8 @@ RESULT_SCHEMA = "whisperdrop.result/1"
 
 DIRECTORIES = ("incoming", "jobs", "work", "progress", "results", "failed", "runners")
 
-_JOB_ID = re.compile(r"^[0-9a-f]{64}$")
-_RUNNER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_JOB_ID = re.compile(r"[0-9a-f]{64}")  # used with fullmatch: "$" would let a trailing newline through
+_RUNNER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class ProtocolError(ValueError):
@@ -85,14 +85,14 @@ def job_id(source_sha256: str, options: TranscribeOptions) -> str:
 
 def check_job_id(value: Any) -> str:
     """Return `value` if it is a job id (64 lowercase hex digits); raise ProtocolError otherwise."""
-    if not isinstance(value, str) or not _JOB_ID.match(value):
+    if not isinstance(value, str) or not _JOB_ID.fullmatch(value):
         raise ProtocolError(f"not a job id: {value!r}")
     return value
 
 
 def check_runner_name(value: Any) -> str:
     """Return `value` if it is usable as a runner name in a file name; raise ProtocolError otherwise."""
-    if not isinstance(value, str) or not _RUNNER_NAME.match(value):
+    if not isinstance(value, str) or not _RUNNER_NAME.fullmatch(value):
         raise ProtocolError(f"runner name {value!r}: use letters, digits, '.', '_' and '-' (64 at most)")
     return value
 
@@ -185,7 +185,7 @@ def parse_job(data: Any, expected_id: str | None = None) -> JobDocument:
     if not isinstance(audio, dict):
         raise ProtocolError("audio must be a mapping")
     size, sha, duration = audio.get("size"), audio.get("sha256"), audio.get("duration", 0.0)
-    if not isinstance(size, int) or size < 0 or not isinstance(sha, str) or not re.match(r"^[0-9a-f]{64}$", sha):
+    if not isinstance(size, int) or size < 0 or not isinstance(sha, str) or not _JOB_ID.fullmatch(sha):
         raise ProtocolError("audio.size must be a non-negative integer and audio.sha256 64 hex digits")
     source_name = data.get("source_name", "")
     if not isinstance(source_name, str) or "/" in source_name or "\x00" in source_name:
