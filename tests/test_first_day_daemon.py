@@ -112,3 +112,29 @@ def test_local_result_timings_and_transfer_are_as_the_readme_says(daemon, tmp_pa
     section = readme.split("### The Result", 1)[1].split("\n### ", 1)[0]
     assert result["transfer"] == {}
     assert [key for key in result["timings"] if f"`{key}`" not in section] == []
+
+
+GERMAN = ("Guten Morgen. Heute sprechen wir über die Entwicklung der erneuerbaren Energien in Deutschland und "
+          "die Frage, wie die Stromnetze in den nächsten zehn Jahren ausgebaut werden müssen. Die Regierung hat "
+          "einen Plan vorgelegt, der viele Milliarden Euro kostet.")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (it speaks the German clip)")
+def test_english_only_model_warns_on_speech_that_is_not_english(daemon, tmp_path):
+    """German speech through the English-only tiny.en gets a language_warning in its Result and in
+    stage.transcribe, naming the multilingual models; English speech (jfk) gets none."""
+    import subprocess
+
+    subprocess.run(["espeak-ng", "-v", "de", "-w", str(tmp_path / "german.wav"), GERMAN], check=True,
+                   capture_output=True)
+    drop(daemon, tmp_path / "german.wav", "lang/german.wav")
+    drop(daemon, write_variant_wav(tmp_path / "english.wav", 17), "lang/english.wav")
+    daemon.wait_for(lambda: (daemon.archive / "lang" / "german.wav").exists()
+                    and (daemon.archive / "lang" / "english.wav").exists(), what="both archived")
+    german = json.loads((daemon.outbox / "lang" / "german.json").read_text())
+    english = json.loads((daemon.outbox / "lang" / "english.json").read_text())
+    assert "not english" in german["language_warning"].lower() and "large-v3" in german["language_warning"]
+    assert english.get("language_warning") is None
+    logged = [event for event in daemon.events() if event.get("event") == "stage.transcribe"
+              and event.get("job_id") == german["job_id"]]
+    assert logged and logged[0]["language_warning"] == german["language_warning"] and logged[0]["level"] == "warning"

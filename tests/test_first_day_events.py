@@ -25,7 +25,8 @@ NAME = re.compile(r"^[a-z][a-z_]*\.[a-z_.]+$")
 
 def log_calls():
     """(file, line, event, keywords) of every `<logger>.<level>("<event>", ...)` call in the package,
-    `functools.partial(<logger>.<level>, "<event>", ...)` included."""
+    `functools.partial(<logger>.<level>, "<event>", ...)` and `(<logger>.<a> if ... else <logger>.<b>)(...)`
+    included."""
     for path in sorted((REPO / "whisperdrop").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call):
@@ -34,6 +35,9 @@ def log_calls():
             if getattr(func, "attr", getattr(func, "id", None)) == "partial" and args \
                     and isinstance(args[0], ast.Attribute) and args[0].attr in LEVELS:
                 func, args = args[0], args[1:]
+            if isinstance(func, ast.IfExp) and all(isinstance(branch, ast.Attribute) and branch.attr in LEVELS
+                                                   for branch in (func.body, func.orelse)):
+                func = func.body  # (log.warning if ... else log.info)("event", ...)
             if not (isinstance(func, ast.Attribute) and func.attr in LEVELS and args):
                 continue
             if isinstance(args[0], ast.Constant) and isinstance(args[0].value, str) and node.keywords:

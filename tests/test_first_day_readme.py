@@ -35,3 +35,12 @@ def test_benchmark_table_lives_in_bench_readme():
     assert "## The full table" in bench and "bench/README.md#the-full-table" in readme
     benchmarks = readme.split("## Benchmarks", 1)[1].split("\n## Troubleshooting", 1)[0]
     assert len(benchmarks.splitlines()) < 80  # a summary, not the table
+
+
+def test_readme_names_the_multilingual_models_and_the_language_warning():
+    """The Models section says which models are English-only and which to use for other languages;
+    the Result section documents language_warning."""
+    readme = (REPO / "README.md").read_text()
+    models = readme.split("## Models", 1)[1].split("\n## ", 1)[0]
+    assert "English only" in models and "`large-v3`" in models and "`small`" in models
+    assert "`language_warning`" in result_section()

@@ -44,7 +44,7 @@ EVENTS: dict[str, Event] = {
     "stage.upload": _daemon("job_id host bytes audio_bytes resumed_from seconds mbit_s", "Audio on the GPU host (`bytes` sent this attempt)."),
     "stage.submit": _daemon("job_id host", "The job document written on the GPU host."),
     "stage.checksum_mismatch": _daemon("job_id host action", "The runner found the uploaded audio damaged; it is sent again."),
-    "stage.transcribe": _daemon("job_id path route host device model duration_s seconds rtf fallback_reason language bytes recovered", "Transcribed (`rtf`: seconds per audio second)."),
+    "stage.transcribe": _daemon("job_id path route host device model duration_s seconds rtf fallback_reason language bytes recovered language_warning", "Transcribed (`rtf`: seconds per audio second); a warning when an English-only model heard another language."),
     "stage.outbox": _daemon("job_id path output formats already_written after_success seconds", "Outputs written for one source."),
     "job.progress": _daemon("job_id path percent done_s duration_s", "Every `logging.progress_seconds` while a longer transcription runs."),
     "job.done": _daemon("job_id path route host duration_s total_s fallback_reason bytes_source bytes_sent timings cached_from", "One source done (`cached_from`: served from an earlier run)."),
@@ -130,7 +130,7 @@ EVENTS: dict[str, Event] = {
     "slurm.query_failed": _runner("error", "squeue or sacct failed."),
     "slurm.lock_unavailable": _runner("path error", "The runner's lock file could not be taken; running without it."),
     "slurm.task_start": _runner("job_id", "A compute-node task started."),
-    "slurm.task_no_claim": _runner("job_id error", "A task found no claim for its job."),
+    "slurm.task_no_claim": _runner("job_id error done", "A task found no claim for its job."),
     "slurm.task_bad_job": _runner("error", "A task was given a bad job."),
 }
 

@@ -38,9 +38,10 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
     """The Result of a job once transcribed, from `made` (the engine's or the runner's Result).
 
     `timings` (the daemon's stage figures) go over the ones in `made`; `transfer` replaces its own.
-    Returns a new dict; `made` is not changed.
+    `language_warning` is added when an English-only model seems to have heard another language (see
+    `language_warning`). Returns a new dict; `made` is not changed.
     """
-    return {
+    document = {
         **made,
         "schema": RESULT_SCHEMA,
         "job_id": job_id,
@@ -49,6 +50,45 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
         "timings": {**(made.get("timings") or {}), **timings},
         "transfer": dict(transfer),
     }
+    warning = language_warning(made)
+    if warning:
+        document["language_warning"] = warning
+    return document
+
+
+# An English-only model labels every transcript `en` with probability 1: it cannot detect a language.
+# What it does show, cheaply and already computed, is how sure it was of its own words: on speech in
+# another language its segments' average log-probability falls far below what English gets
+# (measured with tiny.en: German -2.4, English -0.3); faster-whisper itself treats a window below
+# -1.0 as failed decoding. Weighted by segment length, so one hard sentence does not trip it.
+NOT_ENGLISH_LOGPROB = -1.0
+MULTILINGUAL_MODELS = "tiny, base, small, medium, large-v3"
+
+
+def english_only(model: str | None) -> bool:
+    """Whether `model` (a name, `bundled:tiny.en` or a folder) is one of Whisper's English-only models."""
+    name = (model or "").rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].lower()
+    return name.endswith(".en") or name.startswith("distil-")  # distil-whisper's models are English-only
+
+
+def language_warning(made: dict) -> str | None:
+    """A sentence for the Result and the log when an English-only model transcribed speech that
+    seems not to be English (its segments' length-weighted average log-probability below
+    NOT_ENGLISH_LOGPROB); None otherwise, or when the segments carry no log-probability."""
+    if not english_only(made.get("model")):
+        return None
+    weighted = total = 0.0
+    for segment in made.get("segments") or []:
+        if segment.get("avg_logprob") is None:
+            continue
+        length = max(0.0, float(segment.get("end", 0.0)) - float(segment.get("start", 0.0))) or 0.01
+        weighted += float(segment["avg_logprob"]) * length
+        total += length
+    if not total or weighted / total >= NOT_ENGLISH_LOGPROB:
+        return None
+    return (f"the speech is likely not English (average log-probability {weighted / total:.2f}), but "
+            f"{made.get('model')} understands English only, so this transcript is likely nonsense: use a "
+            f"multilingual model ({MULTILINGUAL_MODELS}) for other languages; see README, Models")
 
 
 def for_source(result: dict, *, path: str, size: int, sha256: str, timings: dict,

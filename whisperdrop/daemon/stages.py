@@ -248,11 +248,13 @@ class Stages:
         )
         seconds = timings.get("transcribe_s") or 0.0
         duration = result.get("duration") or job.duration or 0.0
-        context.log.info(
+        warning = result.get("language_warning")  # an English-only model on other speech: say so
+        (context.log.warning if warning else context.log.info)(
             "stage.transcribe", job_id=job.job_id, path=context.path_of(job.job_id), route=route, host=host, device=executed.get("device"),
             model=result.get("model"), duration_s=duration, seconds=seconds,
             rtf=round(seconds / duration, 4) if duration else None, fallback_reason=result.get("fallback_reason"),
             language=result.get("language"), bytes=transfer.get("bytes"), recovered=recovered,
+            language_warning=warning,
         )
 
     # deliver
