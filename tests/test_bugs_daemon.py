@@ -275,7 +275,9 @@ def test_an_unexpected_error_is_retried_a_few_times_then_fails_visibly(tmp_path)
         record = json.loads(record_path.read_text())
         assert record["kind"] == "error" and "JSONDecodeError" in record["error"] and record["job_id"] == job
         assert "2 attempts" in record["error"] and record["what_to_do"]
-        assert (daemon.failed / "broken.wav").exists() and not (daemon.inbox / "broken.wav").exists()
+        # The record is written first, then the source moves beside it (never the other way round).
+        daemon.wait_for(lambda: (daemon.failed / "broken.wav").exists(), timeout=60, what="failed/broken.wav")
+        assert not (daemon.inbox / "broken.wav").exists()
         write_variant_wav(daemon.inbox / "fine.wav", 9)  # one failing job never stops the others
         assert result_of(daemon, "fine", timeout=120)["executed_on"]["route"] == "local"
     finally:
