@@ -36,6 +36,18 @@ def _percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
+def slurm_state(slurm: dict) -> str:
+    """A Slurm runner's word on a job, for a person: "queued in Slurm (job 1234, reason Resources)"."""
+    state, job = str(slurm.get("state") or "unknown"), slurm.get("job_id")
+    reason = slurm.get("reason")
+    detail = f"job {job}" + (f", reason {reason}" if reason and reason != "None" else "")
+    if state == "PENDING":
+        return f"queued in Slurm ({detail})"
+    if state in ("RUNNING", "CONFIGURING", "COMPLETING"):
+        return f"{state.lower()} in Slurm ({detail})"
+    return f"in Slurm, {state} ({detail})"
+
+
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} s"
 
@@ -67,6 +79,9 @@ def print_status(data: dict, out: TextIO = sys.stdout) -> None:
             where = f" on {job['host']}" if job["host"] else ""
             line = (f"  {job['job_id'][:12]}  {job['stage']:<10} upload {_percent(progress['upload']):>4}  "
                     f"transcribe {_percent(progress['transcribe']):>4}{where}  {job['source'] or ''}")
+            slurm = progress.get("slurm")
+            if slurm and progress["transcribe"] is None:
+                line += "  " + slurm_state(slurm)
             if job["retry_in_s"] is not None:
                 line += f"  (attempt {job['attempts']}, retry in {job['retry_in_s']:.0f} s)"
             print(line, file=out)

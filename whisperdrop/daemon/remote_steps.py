@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 POLL_MAX_S = 5.0
 RUNNING_POLL_S = 0.25
+SLURM_FIELDS = ("job_id", "state", "reason")  # what a Slurm runner's progress document says of a queued job
 MAX_CHECKSUM_RETRIES = 3
 
 
@@ -130,6 +131,7 @@ class JobOnHost:
         settings = pool.settings
         submitted = self.attempt.timings.get("submitted_at", pool.clock())
         interval = settings.poll_interval
+        seen_slurm = None
         while True:
             if self.cancel.is_set():
                 raise Cancelled()
@@ -159,6 +161,10 @@ class JobOnHost:
                 await self.abandon()
                 pool.mark_down(state, f"{state.name}: {gone}")
                 raise HostUnusable(f"{gone} while the job waited there")
+            slurm = (document or {}).get("slurm") if status == "running" else None
+            if isinstance(slurm, dict) and slurm != seen_slurm:  # a Slurm runner: queued or starting there
+                seen_slurm = slurm
+                self.mark(None, progress={"upload": 1.0, "slurm": {key: slurm.get(key) for key in SLURM_FIELDS}})
             if status == "running" and document and self.progress is not None:
                 done, duration = document.get("done_s"), document.get("duration_s")
                 if isinstance(done, (int, float)) and isinstance(duration, (int, float)):

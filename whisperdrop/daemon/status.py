@@ -153,7 +153,8 @@ def _round(value: float | None, digits: int = 3) -> float | None:
 
 def job_progress(job: Job) -> dict:
     """An unfinished job -> {"upload", "transcribe"} as fractions 0..1 (None: not known), with
-    "done_s" and "duration_s" of the transcription."""
+    "done_s" and "duration_s" of the transcription, and "slurm" ({"job_id", "state", "reason"}) while
+    a Slurm runner has it queued or starting (None otherwise)."""
     progress = job.progress or {}
     upload = progress.get("upload")
     if upload is None and job.stage in ("uploaded", "submitted", "transcribed"):
@@ -162,7 +163,7 @@ def job_progress(job: Job) -> dict:
     if transcribe is None and job.stage == "transcribed":
         transcribe = 1.0
     return {"upload": upload, "transcribe": transcribe, "done_s": progress.get("done_s"),
-            "duration_s": progress.get("duration_s") or job.duration}
+            "duration_s": progress.get("duration_s") or job.duration, "slurm": progress.get("slurm")}
 
 
 def _host_status(name: str, host: dict | None, seen_at: float | None) -> dict:
