@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import av
 
 from whisperdrop.engine import SAMPLE_RATE, Cancelled, resampler_16k_mono
+from whisperdrop.errors import WhisperdropError
 from whisperdrop.files import fsync_directory, sha256_file
 
 
@@ -83,18 +84,19 @@ _TRANSIENT_ERRNOS = {
 }
 
 
-class MediaError(Exception):
-    """Permanent: the file is not usable media.
+class MediaError(WhisperdropError):
+    """Permanent (kind `media`, not retryable): the file is not usable media.
 
     `path` is the source, `reason` says what is wrong (with what PyAV said), `hint` what the user can
     do. `str()` gives all three in one line.
     """
 
+    kind = "media"
+
     def __init__(self, path: Path, reason: str, hint: str):
         self.path = Path(path)
         self.reason = reason
-        self.hint = hint
-        super().__init__(f"{self.path}: {reason}. {hint}")
+        super().__init__(f"{self.path}: {reason}. {hint}", hint=hint)
 
     def __reduce__(self):
         return (type(self), (self.path, self.reason, self.hint))

@@ -28,18 +28,17 @@ from whisperdrop.daemon.extract import MediaError, extract
 from whisperdrop.daemon.ledger import Job, Ledger, Source
 from whisperdrop.daemon.route import Router, Work
 from whisperdrop.engine import EngineError
+from whisperdrop.errors import WhisperdropError
 from whisperdrop.files import write_atomic
 
 PROGRESS_EVERY_S = 1.0  # progress reaches the ledger at most this often (and at the end)
 
 
-class Permanent(Exception):
-    """A failure that no retry fixes: the source goes to `failed/` with this message and hint."""
+class Permanent(WhisperdropError):
+    """A failure that no retry fixes (never retryable): the source goes to `failed/` with this message and hint."""
 
     def __init__(self, kind: str, message: str, hint: str):
-        super().__init__(message)
-        self.kind = kind
-        self.hint = hint
+        super().__init__(message, kind=kind, retryable=False, hint=hint)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import asyncssh
 
 from whisperdrop import log, spool
+from whisperdrop.errors import WhisperdropError
 
 T = TypeVar("T")
 
@@ -72,22 +73,24 @@ def encryption_algs() -> list[str]:
     return preferred + [alg for alg in rest if alg not in preferred]
 
 
-class HostError(Exception):
-    """A failed operation on a GPU host, with the evidence.
+class HostError(WhisperdropError):
+    """A failed operation on a GPU host (kind `host`), with the evidence.
 
     `host` (the host's name), `operation` (connect, upload, submit...), `cause` (the asyncssh or OS
-    error text), `transient` (True: retrying later may work) and `hint` (how to fix it).
+    error text), `transient` (True: retrying later may work; the same as `retryable`) and `hint` (how
+    to fix it).
     """
+
+    kind = "host"
 
     def __init__(self, host: str, operation: str, cause: str, *, transient: bool, hint: str = ""):
         self.host = host
         self.operation = operation
         self.cause = cause
         self.transient = transient
-        self.hint = hint
-        kind = "transient" if transient else "permanent"
-        message = f"host {host}: {operation} failed ({kind}): {cause}"
-        super().__init__(f"{message}; {hint}" if hint else message)
+        lasting = "transient" if transient else "permanent"
+        message = f"host {host}: {operation} failed ({lasting}): {cause}"
+        super().__init__(f"{message}; {hint}" if hint else message, retryable=transient, hint=hint)
 
 
 class HostKeyError(HostError):
