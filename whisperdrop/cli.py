@@ -1,7 +1,9 @@
 """The command line: `whisperdrop run | transcribe | check-config | runner | status | stats | doctor`.
 
-Direction of imports: cli -> daemon | gpu_runner -> engine, spool, config, log. Heavy modules are
-imported inside the command that needs them, so `whisperdrop status` starts fast.
+Direction of imports: cli -> daemon | gpu_runner -> engine, spool, result, config, files, log. Heavy
+modules are imported inside the command that needs them, so `whisperdrop status` starts fast. Each
+command is a short function over the layers below (the reports print from `cli_report`); the module
+is one argument parser and its dispatch.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
 collected with its key path (`At 'watch.settle_seconds': ...`) and raised at once as `ConfigError`,
 before anything runs. The shipped `config.yaml` is generated from the same schema's defaults (a test
 checks that they agree).
+
+Longer than most modules because the schema is one table, every option once with its type, default
+and description; splitting it by section would scatter what `check-config` and the docs read whole.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ order, so the last window of blocks may have holes below the reported size), wri
 offsets with a window of requests in flight. Then fsync, close and posix-rename to
 `incoming/<id>.opus`. The runner checks size and sha256 against the job document, so the upload
 needs no remote checksum command.
+
+One thing over 400 lines: every SFTP operation on a host shares the one connection, the timeouts and
+the error mapping above, so they stay in the one `Host` class.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ Rules, in short:
   a change, `forget()` (the pipeline took it away), or a new file at that name does.
 - Temporary names (`*.part`, dotfiles...: the config's `watch.ignore`), dot directories, symlinks
   and anything under a symlinked directory are never taken. Directories are never emitted.
+
+One module for one job, deciding when a file has arrived: the pure Settler and the shell that feeds it
+are kept together because every rule above is stated in one and enforced across both.
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ No shell ever sees a job document or a file name: commands are argument lists; t
 fixed text, checked job ids and quoted values (see `slurm_commands`).
 
 Direction of imports: slurm -> slurm_task -> worker; slurm, slurm_task -> slurm_commands, store -> spool, files.
+One thing over 400 lines: the login node's loop over its Slurm jobs (submit, follow, end, adopt);
+the commands and the compute-node side are already their own modules.
 """
 
 from __future__ import annotations
