@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from whisperdrop.daemon.remote_steps import (RUNNING_POLL_S, Attempt, HostUnusab
 from whisperdrop.daemon.route import Routed, Work
 from whisperdrop.daemon.transfer import Host, HostError
 from whisperdrop.engine import Cancelled
+from whisperdrop.files import write_atomic
 from whisperdrop.spool import ProtocolError
 
 HEALTH_CACHE_S = 3.0
@@ -137,10 +137,8 @@ class RemotePool:
                 for state in self.states
             ],
         }
-        temporary = self.health_file.with_name(self.health_file.name + ".tmp")
-        try:
-            temporary.write_text(json.dumps(snapshot, default=str))
-            os.replace(temporary, self.health_file)
+        try:  # a snapshot for another process to read whole, not a record to survive a power cut
+            write_atomic(self.health_file, json.dumps(snapshot, default=str).encode(), durable=False)
         except OSError as error:  # a status snapshot must never break a job; say so and go on
             self.log.warning("host.health_snapshot_failed", error=str(error))
 
