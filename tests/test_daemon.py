@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
@@ -19,6 +18,7 @@ import pytest
 
 from daemon_helpers import Daemon, jfk_reference, word_error_rate, write_variant_wav
 from media import JFK, make_clip, make_text_as_mp3, make_truncated_mp4, make_video_without_audio
+from sshd import skip_or_fail
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +230,7 @@ def test_unwritable_outbox_keeps_the_source_and_recovers(tmp_path):
     """A read-only outbox stops start-up with a message naming it; one that turns read-only while running
     gives a retried error naming it, the source stays, and the job finishes once it is writable again."""
     if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("needs root to mount a read-only outbox")
-        pytest.skip("needs root to mount a read-only outbox")
+        skip_or_fail("needs root to mount a read-only outbox")
     running = Daemon(tmp_path)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,ro", "tmpfs", str(running.outbox)], check=True)
     try:

@@ -27,6 +27,7 @@ from media import (
     make_truncated_mp4,
     make_video_without_audio,
 )
+from sshd import skip_or_fail
 from whisperdrop.daemon.extract import OPUS, SAMPLE_RATE, Extracted, MediaError, OpusSettings, extract
 from whisperdrop.engine import Cancelled
 
@@ -249,7 +250,7 @@ def test_media_error_survives_pickling(tmp_path):
 def test_full_disk_raises_oserror_and_leaves_no_temp(clips, tmp_path):
     """A write failing with ENOSPC (the temp file is /dev/full) raises OSError, not MediaError, and the temp is removed."""
     if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full on this system")
+        skip_or_fail("no /dev/full on this system")
     dest = tmp_path / "out.opus"
     os.symlink("/dev/full", tmp_path / "out.opus.tmp")
     with pytest.raises(OSError) as caught:

@@ -24,6 +24,7 @@ import pytest
 
 from daemon_helpers import Daemon, jfk_pcm, jfk_reference, normalise, word_error_rate, write_speech_wav, write_variant_wav
 from media import make_silence_wav
+from sshd import skip_or_fail
 
 GiB = 1 << 30
 PEAK_RSS_LIMIT_MB = 400
@@ -169,7 +170,8 @@ REPLACED_BUG = (
 def test_file_replaced_between_intake_and_extraction(daemon):
     """A file replaced after intake, before extraction, gives the new version's transcript, and the old job's Result stays the old bytes'."""
     staging = daemon.root / "staging"
-    blocker = make_silence_wav(staging / "blocker.wav", 20 * 60)  # holds the one extraction slot (2 cores) for ~12 s
+    # Holds the one extraction slot (2 cores) for several seconds even at 500x real time.
+    blocker = make_silence_wav(staging / "blocker.wav", 60 * 60)
     move_in(daemon, blocker, "replace/blocker.wav")
     blocker_job = wait_event(daemon, "stage.intake", path="replace/blocker.wav")["job_id"]
     old = write_variant_wav(staging / "old.wav", 80)
@@ -315,9 +317,7 @@ def test_thousand_files_dropped_at_once_all_finish_with_bounded_memory(tmp_path)
 def test_full_outbox_keeps_the_source_says_so_and_recovers(tmp_path):
     """With a full outbox (64 KB tmpfs) the job is retried with a disk-full hint, the source stays, and it finishes once space returns."""
     if os.geteuid() != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail("needs root to mount a small tmpfs outbox")
-        pytest.skip("needs root to mount a small tmpfs outbox")
+        skip_or_fail("needs root to mount a small tmpfs outbox")
     daemon = Daemon(tmp_path)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(daemon.outbox)], check=True)
     try:
