@@ -146,21 +146,9 @@ class Worker:
                              retryable=False, hint=HINTS["protocol"])
             return True
         token = uuid.uuid4().hex
-        with self._lock:
-            self._current = {"job_id": job_id, "token": token, "started_at": now, "done_s": 0.0, "duration_s": None}
-        try:
-            self._do(job_id, token, now)
-        except Cancelled:
+        if not self._run(job_id, token, now):
             if self.store.return_claim(job_id, token):
                 self.log.info("runner.job_parked", job_id=job_id)
-        except _Failure as failure:
-            self._fail(job_id, token, failure)
-        except Exception as error:  # a bug or a disk error must not stop the other jobs
-            self.log.exception("runner.job_crashed", job_id=job_id)
-            self._fail(job_id, token, _Failure("runner", f"{type(error).__name__}: {error}", True))
-        finally:
-            with self._lock:
-                self._current = None
         return True
 
     def do_claimed(self, job_id: str, token: str, document: dict, claimed_at: float,
@@ -173,16 +161,22 @@ class Worker:
         Never raises for a bad job.
         """
         self.placement = dict(placement or {})
+        return self._run(job_id, token, claimed_at, original=document)
+
+    def _run(self, job_id: str, token: str, claimed_at: float, original: dict | None = None) -> bool:
+        """Do one claimed job as the current job: publish its Result, or record its failure (a bug or
+        a disk error too: one job must not stop the others). False when stopped through `cancel`
+        (the caller decides what becomes of the claim), else True."""
         with self._lock:
             self._current = {"job_id": job_id, "token": token, "started_at": claimed_at, "done_s": 0.0,
                              "duration_s": None}
         try:
-            self._do(job_id, token, claimed_at, original=document)
+            self._do(job_id, token, claimed_at, original=original)
         except Cancelled:
             return False
         except _Failure as failure:
             self._fail(job_id, token, failure)
-        except Exception as error:  # a bug or a disk error: recorded like step's
+        except Exception as error:
             self.log.exception("runner.job_crashed", job_id=job_id)
             self._fail(job_id, token, _Failure("runner", f"{type(error).__name__}: {error}", True))
         finally:
