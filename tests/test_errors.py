@@ -8,7 +8,9 @@ from pathlib import Path
 from whisperdrop.daemon.extract import MediaError
 from whisperdrop.daemon.stages import Permanent
 from whisperdrop.daemon.transfer import AuthError, HostError, HostKeyError
+from whisperdrop.engine import EngineError
 from whisperdrop.errors import WhisperdropError
+from whisperdrop.gpu_runner.worker import _Failure
 
 
 def test_media_errors_are_permanent_with_their_hint_and_survive_pickling():
@@ -43,3 +45,14 @@ def test_the_base_has_defaults_a_subclass_or_call_can_override():
     assert (plain.kind, plain.retryable, plain.hint) == ("error", False, "")
     given = WhisperdropError("busy", kind="oom", retryable=True, hint="smaller batch")
     assert (given.kind, given.retryable, given.hint) == ("oom", True, "smaller batch")
+
+
+def test_engine_errors_and_runner_failures_share_the_base():
+    """EngineError and the runner's job failures carry kind, retryable and hint through the same base."""
+    oom = EngineError("out of memory", kind="oom", retryable=True)
+    assert isinstance(oom, WhisperdropError) and (oom.kind, oom.retryable) == ("oom", True)
+    assert EngineError("bad").kind == "engine" and EngineError("bad").retryable is False
+    failure = _Failure("checksum", "sha256 differs", True)
+    assert isinstance(failure, WhisperdropError)
+    assert (failure.kind, failure.retryable, str(failure)) == ("checksum", True, "sha256 differs")
+    assert failure.hint  # the runner's hint for its kind

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from whisperdrop.errors import WhisperdropError
 from whisperdrop.files import Cancelled  # noqa: F401  re-exported: raised inside transcribe when its cancel event is set
 from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions
 
@@ -35,14 +36,12 @@ WINDOW_SECONDS = 120.0  # audio is decoded and transcribed this much at a time: 
 CUT_SEARCH_SECONDS = 10.0  # a window ends at the quietest 0.1 s of its last 10 s, not inside a word
 
 
-class EngineError(Exception):
+class EngineError(WhisperdropError):
     """A transcription that cannot run. `kind` is `model`, `audio`, `oom` or `engine`;
     `retryable` says whether trying again (elsewhere, later) may help."""
 
     def __init__(self, message: str, kind: str = "engine", retryable: bool = False):
-        super().__init__(message)
-        self.kind = kind
-        self.retryable = retryable
+        super().__init__(message, kind=kind, retryable=retryable)
 
 
 def resampler_16k_mono() -> Any:

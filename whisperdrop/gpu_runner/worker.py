@@ -21,6 +21,7 @@ from typing import Callable
 from whisperdrop import __version__, log
 from whisperdrop.config import defaults as config_defaults
 from whisperdrop.engine import Cancelled, Engine, EngineError, ModelKey, resolve_compute_type, resolve_device
+from whisperdrop.errors import WhisperdropError
 from whisperdrop.files import sha256_file
 from whisperdrop.gpu_runner.store import HOSTNAME, SpoolStore
 from whisperdrop.spool import JobDocument, ProtocolError, check_job_id, check_result, check_runner_name, parse_job
@@ -65,15 +66,13 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-class _Failure(Exception):
+class _Failure(WhisperdropError):
     """A job that ends in failed/<id>.json: `kind` and `retryable` go into that document, `hint` (what
     a person can do) into the log."""
 
     def __init__(self, kind: str, message: str, retryable: bool, hint: str | None = None):
-        super().__init__(message)
-        self.kind = kind
-        self.retryable = retryable
-        self.hint = hint if hint is not None else HINTS.get(kind, "")
+        super().__init__(message, kind=kind, retryable=retryable,
+                         hint=hint if hint is not None else HINTS.get(kind, ""))
 
 
 class Worker:
