@@ -163,3 +163,13 @@ def write_speech_wav(path: Path, index: int, seconds: float) -> Path:
     repeats = -(-wanted // len(speech))
     return write_wav(path, numpy.concatenate([numpy.zeros(160 * index, dtype=numpy.int16),
                                               numpy.tile(speech, repeats)[:wanted]]))
+
+
+def wait_failed(daemon: Daemon, relative: str, timeout: float = 90) -> dict:
+    """Wait until `relative` has moved from the inbox to failed/ beside its error record; the record.
+
+    A move is link, fsync, unlink, so the source is looked for in both places."""
+    record = daemon.failed / (relative + ".error.json")
+    daemon.wait_for(lambda: record.exists() and (daemon.failed / relative).exists()
+                    and not (daemon.inbox / relative).exists(), timeout=timeout, what=f"failed/{relative}")
+    return json.loads(record.read_text())

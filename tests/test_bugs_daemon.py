@@ -276,8 +276,9 @@ def test_an_unexpected_error_is_retried_a_few_times_then_fails_visibly(tmp_path)
         assert record["kind"] == "error" and "JSONDecodeError" in record["error"] and record["job_id"] == job
         assert "2 attempts" in record["error"] and record["what_to_do"]
         # The record is written first, then the source moves beside it (never the other way round).
-        daemon.wait_for(lambda: (daemon.failed / "broken.wav").exists(), timeout=60, what="failed/broken.wav")
-        assert not (daemon.inbox / "broken.wav").exists()
+        # A move is link, fsync, unlink: wait until the source has left the inbox too.
+        daemon.wait_for(lambda: (daemon.failed / "broken.wav").exists() and not (daemon.inbox / "broken.wav").exists(),
+                        timeout=60, what="failed/broken.wav, and the inbox without it")
         write_variant_wav(daemon.inbox / "fine.wav", 9)  # one failing job never stops the others
         assert result_of(daemon, "fine", timeout=120)["executed_on"]["route"] == "local"
     finally:

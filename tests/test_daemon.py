@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_helpers import Daemon, jfk_reference, word_error_rate, write_variant_wav
+from daemon_helpers import Daemon, jfk_reference, wait_failed, word_error_rate, write_variant_wav
 from media import JFK, make_clip, make_text_as_mp3, make_truncated_mp4, make_video_without_audio
 from sshd import skip_or_fail
 
@@ -44,12 +44,6 @@ def wait_result(daemon: Daemon, relative_json: str, timeout: float = 90) -> dict
     return json.loads(path.read_text())
 
 
-def wait_failed(daemon: Daemon, relative: str, timeout: float = 60) -> dict:
-    record = daemon.failed / (relative + ".error.json")
-    daemon.wait_for(lambda: record.exists() and (daemon.failed / relative).exists(), timeout=timeout,
-                    what=f"failed/{relative}")
-    return json.loads(record.read_text())
-
 
 def test_jfk_flac_gives_all_outputs_and_is_archived(daemon):
     """jfk.flac dropped in gives jfk.json (WER <= 10%, word timestamps), .srt, .vtt, .txt; the source is archived."""
@@ -66,9 +60,11 @@ def test_jfk_flac_gives_all_outputs_and_is_archived(daemon):
         assert key in result["timings"]
     for suffix in ("srt", "vtt", "txt"):
         assert (daemon.outbox / f"jfk.{suffix}").stat().st_size > 0
-    assert "ask not what your country" in (daemon.outbox / "jfk.txt").read_text().lower()
-    daemon.wait_for(lambda: (daemon.archive / "jfk.flac").exists(), what="archive/jfk.flac")
-    assert not (daemon.inbox / "jfk.flac").exists()
+    # One line per segment, and where whisper ends a segment varies: compare the words, not the lines.
+    assert "ask not what your country" in " ".join((daemon.outbox / "jfk.txt").read_text().lower().split())
+    # A move is link, fsync, unlink: wait until the source has left the inbox too.
+    daemon.wait_for(lambda: (daemon.archive / "jfk.flac").exists() and not (daemon.inbox / "jfk.flac").exists(),
+                    what="archive/jfk.flac, and the inbox without it")
 
 
 @pytest.mark.parametrize("container", ["wav", "mp3", "mp4"])

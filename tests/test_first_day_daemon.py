@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_helpers import Daemon, write_variant_wav
+from daemon_helpers import Daemon, wait_failed, write_variant_wav
 from media import JFK, make_text_as_mp3
 
 
@@ -30,12 +30,6 @@ def drop(daemon: Daemon, source: Path, relative: str) -> Path:
     os.rename(temporary, target)
     return target
 
-
-def wait_failed(daemon: Daemon, relative: str, timeout: float = 90) -> dict:
-    record = daemon.failed / (relative + ".error.json")
-    daemon.wait_for(lambda: record.exists() and (daemon.failed / relative).exists(), timeout=timeout,
-                    what=f"failed/{relative}")
-    return json.loads(record.read_text())
 
 
 def test_empty_file_error_record_keeps_the_specific_hint_in_one_error_line(daemon):

@@ -101,8 +101,9 @@ def test_two_gb_sparse_file_without_audio_fails_cleanly(daemon):
         stream.truncate(2 * GiB)
     move_in(daemon, staged, "big.mp4")
     record_path = daemon.failed / "big.mp4.error.json"
-    daemon.wait_for(lambda: record_path.exists() and (daemon.failed / "big.mp4").exists(), timeout=300,
-                    what="failed/big.mp4")
+    # A move is link, fsync, unlink: wait until the source has left the inbox too.
+    daemon.wait_for(lambda: record_path.exists() and (daemon.failed / "big.mp4").exists()
+                    and not (daemon.inbox / "big.mp4").exists(), timeout=300, what="failed/big.mp4, and the inbox without it")
     record = json.loads(record_path.read_text())
     assert record["kind"] == "media" and record["path"] == "big.mp4"
     assert (daemon.failed / "big.mp4").stat().st_size == 2 * GiB
