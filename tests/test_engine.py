@@ -17,13 +17,10 @@ def engine():
     return Engine(max_models=2)
 
 
-@pytest.mark.parametrize("batch_size", [1, 8])
-def test_bundled_model_transcribes_jfk_with_words_and_language(engine, batch_size):
-    """tiny.en on jfk.flac, sequential and batched, gives the reference text, word timestamps inside each
-    segment, language en, and progress that rises to the duration."""
+def test_bundled_model_transcribes_jfk_with_words_and_language(engine):
+    """tiny.en on jfk.flac gives the reference text, word timestamps inside each segment, and language en."""
     progress = []
-    result = engine.transcribe(JFK, TranscribeOptions(), batch_size=batch_size,
-                               progress=lambda done, total: progress.append((done, total)))
+    result = engine.transcribe(JFK, TranscribeOptions(), progress=lambda done, total: progress.append((done, total)))
     assert result["schema"] == RESULT_SCHEMA and result["language"] == "en"
     assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
     for segment in result["segments"]:
@@ -44,13 +41,12 @@ def test_options_reach_the_model(engine):
     assert result["options"]["initial_prompt"] == "Kennedy inaugural address."
 
 
-@pytest.mark.parametrize("batch_size", [1, 8])
-def test_cancel_stops_between_segments(engine, batch_size):
+def test_cancel_stops_between_segments(engine):
     """A set cancel event raises Cancelled instead of returning a partial Result."""
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        engine.transcribe(JFK, TranscribeOptions(), batch_size=batch_size, cancel=cancel)
+        engine.transcribe(JFK, TranscribeOptions(), cancel=cancel)
 
 
 def test_model_cache_reuses_and_evicts():
