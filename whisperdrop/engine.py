@@ -3,6 +3,13 @@
 `Engine.transcribe(audio_path, options, ...)` returns a Result dict (schema `whisperdrop.result/1`,
 the engine's part: text, language, segments with words, duration, model, options, device). The GPU
 runner and the daemon's local fallback call this same code, so both routes write the same Result.
+`Engine.transcribe_many(jobs, ...)` does several files with the same options in shared batches (the
+runner's batches across jobs) and yields each Result as its job completes.
+
+Audio is never held whole: `chunks` decodes it in blocks and cuts it where the VAD finds no speech.
+With `batch_size` above 1 (the default on both routes) `batched` fills each batch with up to 30 s
+speech chunks, however the speech is spread over the file; with 1, faster-whisper's sequential
+decoding runs over windows of up to WINDOW_SECONDS, each ending in a pause.
 
 Models are cached by (model, device, compute_type, device_index, threads); a model name is a
 faster-whisper name (`large-v3`, from the local Hugging Face cache or downloaded where a network
@@ -13,15 +20,16 @@ faster-whisper and CTranslate2 are imported on first use, so a process that neve
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
+from whisperdrop.batched import AudioJob, Transcript, transcribe_batched
+from whisperdrop.chunks import KEEP_GAP_SECONDS, SAMPLE_RATE, ChunkSource, resampler_16k_mono  # noqa: F401  re-exported
 from whisperdrop.errors import WhisperdropError
 from whisperdrop.files import Cancelled  # noqa: F401  re-exported: raised inside transcribe when its cancel event is set
 from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions
@@ -31,9 +39,7 @@ BUNDLED = {"tiny.en"}
 
 Progress = Callable[[float, float], None]  # (done_seconds, duration_seconds)
 
-SAMPLE_RATE = 16000
-WINDOW_SECONDS = 120.0  # audio is decoded and transcribed this much at a time: memory stays flat (measured: 600 s windows cost 250 MB more peak RSS, 120 s about 30 MB)
-CUT_SEARCH_SECONDS = 10.0  # a window ends at the quietest 0.1 s of its last 10 s, not inside a word
+WINDOW_SECONDS = 120.0  # sequential decoding (batch_size 1) takes at most this much audio at a time: memory stays flat (measured: 600 s windows cost 250 MB more peak RSS, 120 s about 30 MB)
 
 
 class EngineError(WhisperdropError):
@@ -42,14 +48,6 @@ class EngineError(WhisperdropError):
 
     def __init__(self, message: str, kind: str = "engine", retryable: bool = False):
         super().__init__(message, kind=kind, retryable=retryable)
-
-
-def resampler_16k_mono() -> Any:
-    """A PyAV resampler to Whisper's input, 16 kHz mono signed 16-bit: the one definition that the
-    daemon's Opus extraction and the engine's decoding share. Feed it frames, then None to flush."""
-    import av
-
-    return av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
 
 
 @dataclass(frozen=True)
@@ -189,70 +187,140 @@ class Engine:
     ) -> dict:
         """Transcribe one audio file with `options`; return the engine's part of a Result.
 
+        `batch_size` above 1 decodes speech chunks in batches of that many; 1 decodes sequentially.
         Raises EngineError (model missing, audio undecodable, out of memory) or Cancelled.
+        """
+        for _, outcome in self.transcribe_many(
+            [AudioJob(audio_path, progress=progress)], options, device=device, compute_type=compute_type,
+            device_index=device_index, threads=threads, batch_size=batch_size, cancel=cancel,
+        ):
+            if isinstance(outcome, EngineError):
+                raise outcome
+            return outcome
+        raise EngineError(f"transcription of {audio_path} gave no result", retryable=True)  # not reached
+
+    def transcribe_many(
+        self,
+        jobs: Iterable[AudioJob],
+        options: TranscribeOptions,
+        *,
+        device: str = "cpu",
+        compute_type: str = "default",
+        device_index: int = 0,
+        threads: int = 0,
+        batch_size: int = 1,
+        cancel: threading.Event | None = None,
+        more: Callable[[int], list[AudioJob]] | None = None,
+    ) -> Iterator[tuple[AudioJob, dict | EngineError]]:
+        """Transcribe several audio files with the same `options`, their chunks sharing each batch.
+
+        Yields (job, Result) as each job completes, or (job, EngineError) for a job whose audio
+        cannot be decoded (it fails alone). `more(n)` is asked for up to n further jobs whenever
+        fewer than `batch_size` are in hand (the runner's queue); with `batch_size` 1 the jobs run
+        one after another and `more` is not asked. Raises EngineError for what fails a whole batch
+        (model missing, out of memory: the jobs not yielded yet are unfinished) and Cancelled.
         """
         device = resolve_device(device)
         key = ModelKey(options.model, device, resolve_compute_type(compute_type, device), device_index, threads)
         started = time.monotonic()
         model = self.load(key)
-        loaded = time.monotonic()
-        kwargs = dict(
-            language=options.language,
-            initial_prompt=options.initial_prompt,
-            hotwords=options.hotwords,
-            word_timestamps=options.word_timestamps,
-            vad_filter=options.vad_filter,
-            beam_size=options.beam_size,
-        )
-        if batch_size > 1:
-            from faster_whisper import BatchedInferencePipeline
+        load_s = time.monotonic() - started
+        engine = {"device": device, "compute_type": key.compute_type, "batch_size": batch_size}
+        if batch_size <= 1:
+            for job in jobs:
+                job_started = time.monotonic()
+                try:
+                    try:
+                        transcript = _sequential(model, job, options, cancel)
+                    except (Cancelled, EngineError):
+                        raise
+                    except Exception as error:  # CTranslate2 and PyAV raise many types; classify, keep the evidence
+                        raise _classify(error, job.audio_path) from error
+                except EngineError as error:
+                    if error.kind != "audio":  # not this job's fault: the caller retries or fails them all
+                        raise
+                    yield job, error
+                    continue
+                yield job, _result(transcript, options, engine, load_s, time.monotonic() - job_started)
+            return
+        joined: dict[int, float] = {}
 
-            pipeline = BatchedInferencePipeline(model=model)
-            run = lambda audio, **more: pipeline.transcribe(audio, batch_size=batch_size, **more)  # noqa: E731
-        else:
-            run = model.transcribe
-        collected: list[dict] = []
-        duration = after_vad = 0.0
-        info = None
-        try:
-            total = _duration_hint(audio_path)
-            for offset, audio in _windows(audio_path):
-                segments, window_info = run(audio, **kwargs)
-                for segment in segments:
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled()
-                    collected.append(_segment(segment, offset, len(collected)))
-                    if progress is not None:
-                        progress(offset + float(segment.end), max(total, offset + float(window_info.duration)))
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled()
-                duration += float(window_info.duration)
-                after_vad += float(getattr(window_info, "duration_after_vad", window_info.duration))
-                if info is None:  # the first window decides the language for the rest
-                    info = window_info
-                    kwargs["language"] = kwargs["language"] or window_info.language
-        except Cancelled:
-            raise
-        except Exception as error:  # CTranslate2 and PyAV raise many types; classify, keep the evidence
-            raise _classify(error, audio_path) from error
-        if info is None:
-            raise EngineError(f"cannot decode {audio_path}: no audio samples", kind="audio")
-        finished = time.monotonic()
-        if progress is not None:
-            progress(duration, duration)
-        return {
-            "schema": RESULT_SCHEMA,
-            "text": "".join(segment["text"] for segment in collected).strip(),
-            "language": info.language,
-            "language_probability": round(float(info.language_probability), 4),
-            "duration": round(duration, 3),
-            "duration_after_vad": round(after_vad, 3),
-            "segments": collected,
-            "model": options.model,
-            "options": options.to_dict(),
-            "engine": {"device": device, "compute_type": key.compute_type, "batch_size": batch_size},
-            "timings": {"load_s": round(loaded - started, 3), "transcribe_s": round(finished - loaded, 3)},
-        }
+        def stamped(new: Iterable[AudioJob]) -> list[AudioJob]:
+            moment = time.monotonic()
+            new = list(new)
+            for job in new:
+                joined[id(job)] = moment
+            return new
+
+        outcomes = transcribe_batched(
+            model, stamped(jobs), options, batch_size=batch_size, cancel=cancel,
+            more=None if more is None else (lambda count: stamped(more(count))),
+            duration_hint=_duration_hint, keep_gap=KEEP_GAP_SECONDS if options.vad_filter else None,
+        )
+        while True:
+            try:
+                job, outcome = next(outcomes)
+            except StopIteration:
+                return
+            except (Cancelled, EngineError):
+                raise
+            except Exception as error:  # a batch failed: out of memory, or a CTranslate2 error
+                raise _classify(error, "a batch") from error
+            elapsed = time.monotonic() - joined.pop(id(job), started)
+            if isinstance(outcome, BaseException):
+                yield job, _classify(outcome, job.audio_path) if not isinstance(outcome, EngineError) else outcome
+            elif outcome.duration == 0:
+                yield job, EngineError(f"cannot decode {job.audio_path}: no audio samples", kind="audio")
+            else:
+                yield job, _result(outcome, options, engine, load_s, elapsed)
+
+
+def _sequential(model: Any, job: AudioJob, options: TranscribeOptions, cancel: threading.Event | None) -> Transcript:
+    """faster-whisper's sequential decoding over windows of up to WINDOW_SECONDS that end in pauses."""
+    kwargs = dict(
+        language=options.language, initial_prompt=options.initial_prompt, hotwords=options.hotwords,
+        word_timestamps=options.word_timestamps, vad_filter=options.vad_filter, beam_size=options.beam_size,
+    )
+    total = _duration_hint(job.audio_path)
+    source = ChunkSource(job.audio_path, keep_gap=None, max_seconds=WINDOW_SECONDS, cancel=cancel)
+    collected: list[dict] = []
+    after_vad = 0.0
+    info = None
+    for window in source:
+        offset = window.pieces[0][1] / SAMPLE_RATE
+        segments, window_info = model.transcribe(window.audio, **kwargs)
+        for segment in segments:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            collected.append(_segment(segment, offset, len(collected)))
+            if job.progress is not None:
+                job.progress(offset + float(segment.end), max(total, offset + window.duration))
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        after_vad += float(getattr(window_info, "duration_after_vad", window_info.duration))
+        if info is None:  # the first window decides the language for the rest
+            info = window_info
+            kwargs["language"] = kwargs["language"] or window_info.language
+    if info is None:
+        raise EngineError(f"cannot decode {job.audio_path}: no audio samples", kind="audio")
+    return Transcript(collected, info.language, float(info.language_probability), source.samples / SAMPLE_RATE,
+                      after_vad, 0)
+
+
+def _result(transcript: Transcript, options: TranscribeOptions, engine: dict, load_s: float, transcribe_s: float) -> dict:
+    return {
+        "schema": RESULT_SCHEMA,
+        "text": "".join(segment["text"] for segment in transcript.segments).strip(),
+        "language": transcript.language,
+        "language_probability": round(float(transcript.language_probability), 4),
+        "duration": round(transcript.duration, 3),
+        "duration_after_vad": round(transcript.duration_after_vad, 3),
+        "segments": transcript.segments,
+        "model": options.model,
+        "options": options.to_dict(),
+        "engine": dict(engine),
+        "timings": {"load_s": round(load_s, 3), "transcribe_s": round(transcribe_s, 3)},
+    }
 
 
 def _duration_hint(audio_path: Any) -> float:
@@ -261,42 +329,6 @@ def _duration_hint(audio_path: Any) -> float:
 
     with av.open(str(audio_path)) as container:
         return float(container.duration or 0) / av.time_base
-
-
-def _windows(audio_path: Any, window_seconds: float = WINDOW_SECONDS):
-    """Yield (offset_seconds, float32 samples at 16 kHz mono) for the first audio stream, window by
-    window, so memory stays bounded however long the audio. Each window but the last ends at the
-    quietest 0.1 s of its final CUT_SEARCH_SECONDS. Raises PyAV's errors for undecodable audio."""
-    import av
-    import numpy
-
-    size = int(window_seconds * SAMPLE_RATE)
-    search, block = int(CUT_SEARCH_SECONDS * SAMPLE_RATE), SAMPLE_RATE // 10
-    resampler = resampler_16k_mono()
-    pending: list = []
-    count = 0
-    offset = 0
-
-    def cut(buffer):
-        tail = buffer[size - search:size].astype(numpy.float32)
-        energy = (tail[: len(tail) // block * block].reshape(-1, block) ** 2).sum(axis=1)
-        return size - search + int(energy.argmin()) * block + block // 2
-
-    with av.open(str(audio_path)) as container:
-        for frame in itertools.chain(container.decode(audio=0), [None]):  # None flushes the resampler
-            for out in resampler.resample(frame):
-                pending.append(out.to_ndarray().reshape(-1))
-                count += out.samples
-            while count >= size:
-                buffer = numpy.concatenate(pending)
-                end = cut(buffer)
-                yield offset / SAMPLE_RATE, buffer[:end].astype(numpy.float32) / 32768.0
-                offset += end
-                pending, count = [buffer[end:]], len(buffer) - end
-    if count or offset == 0:
-        buffer = numpy.concatenate(pending) if pending else numpy.zeros(0, dtype=numpy.int16)
-        yield offset / SAMPLE_RATE, buffer.astype(numpy.float32) / 32768.0
-
 
 def _segment(segment: Any, offset: float = 0.0, index: int | None = None) -> dict:
     words = [
