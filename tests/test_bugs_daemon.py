@@ -161,7 +161,7 @@ def test_the_runners_executed_on_reaches_the_outbox(gpu_host, tmp_path):
         executed = result_of(daemon, "jfk", timeout=120)["executed_on"]
         assert (executed["route"], executed["host"], executed["runner"]) == ("remote", "testhost", "gpu-test")
         assert executed["device"] == "cpu" and executed["compute_type"] == "int8" and executed["oom_retries"] == 0
-        assert executed["hostname"] and "gpu" in executed and executed["batch_size"] == 1
+        assert executed["hostname"] and "gpu" in executed and executed["batch_size"] >= 1
     finally:
         assert daemon.stop() == 0
 

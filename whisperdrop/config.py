@@ -158,6 +158,8 @@ SCHEMA: dict[str, Any] = {
         "device": Option(str, "cpu", "Device for local transcription: cpu, cuda or auto.", choices=("cpu", "cuda", "auto")),
         "compute_type": Option(str, "int8", "CTranslate2 compute type (int8, int8_float32, float32, float16...)."),
         "threads": Option(int, 0, "CPU threads for the local engine; 0 uses all cores.", check=_not_negative),
+        "batch_size": Option(int, 8, "Speech chunks (up to 30 s each) decoded together; 8 measured fastest on CPU "
+                             "(bench/README.md). 1 decodes sequentially.", check=_positive),
     },
     "remote": {
         "hosts": ListOf(HOST, [], "GPU hosts reached over SSH (SFTP only). Empty: everything runs locally."),
@@ -177,7 +179,10 @@ SCHEMA: dict[str, Any] = {
         "device": Option(str, "auto", "cuda, cpu or auto.", choices=("cuda", "cpu", "auto")),
         "device_index": Option(int, 0, "Which GPU.", check=_not_negative),
         "compute_type": Option(str, "default", "CTranslate2 compute type; default: float16 on CUDA, int8 on CPU."),
-        "batch_size": Option(int, 1, "Greater than 1 uses the BatchedInferencePipeline.", check=_positive),
+        "batch_size": Option(int, 16, "Speech chunks (up to 30 s each) decoded together; 16 for a GPU (bench/README.md), "
+                             "halved on out-of-memory. 1 decodes sequentially.", check=_positive),
+        "max_jobs_per_batch": Option(int, 16, "Queued jobs with the same model and options that one step claims and "
+                                     "decodes in shared batches; 1 takes one job at a time.", check=_positive),
         "name": Option(str, None, "Runner name in heartbeats; default: hostname-gpuN.", nullable=True),
         "heartbeat_seconds": Option(NUMBER, 5.0, "Interval between heartbeats.", check=_positive),
         "expire_days": Option(NUMBER, 7.0, "Leftover spool files older than this are removed.", check=_positive),

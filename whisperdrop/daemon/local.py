@@ -17,7 +17,7 @@ from whisperdrop.spool import TranscribeOptions
 
 
 class LocalTranscriber:
-    """Runs `Engine.transcribe` with the `local` config section's model, device and threads."""
+    """Runs `Engine.transcribe` with the `local` config section's model, device, threads and batch size."""
 
     def __init__(self, local: dict, engine: Engine | None = None):
         self.local = local
@@ -45,7 +45,8 @@ class LocalTranscriber:
                 self._executor,
                 lambda: self.engine.transcribe(
                     audio, local_options, device=self.local["device"], compute_type=self.local["compute_type"],
-                    threads=self.local["threads"], progress=progress, cancel=cancel,
+                    threads=self.local["threads"], batch_size=self.local.get("batch_size", 1), progress=progress,
+                    cancel=cancel,
                 ),
             )
 
