@@ -124,6 +124,14 @@ def progress_started(path: Path) -> bool:
         return False
 
 
+def in_hand(path: Path) -> bool:
+    """The job's progress document is there: it is claimed, its audio checked, and its transcription under way."""
+    try:
+        return read(path)["done_s"] is not None
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def events(log_path: Path) -> list[dict]:
     found = []
     for line in log_path.read_text().splitlines():
@@ -304,13 +312,14 @@ class OutOfMemoryEngine(Engine):
         self.fits = fits
         self.calls: list[tuple[int, str, str]] = []
 
-    def transcribe(self, audio_path, options, *, device="cpu", compute_type="default", device_index=0,
-                   threads=0, batch_size=1, progress=None, cancel=None):
+    def transcribe_many(self, jobs, options, *, device="cpu", compute_type="default", device_index=0,
+                        threads=0, batch_size=1, cancel=None, more=None):
         self.calls.append((batch_size, compute_type, device))
         if batch_size > 1 or compute_type == "float16" or not self.fits:
             raise EngineError("CUDA failed with error out of memory", kind="oom", retryable=True)
-        return {"schema": RESULT_SCHEMA, "text": "fits", "segments": [], "duration": 11.0, "model": options.model,
-                "timings": {"load_s": 0.0, "transcribe_s": 0.1}}
+        for job in jobs:
+            yield job, {"schema": RESULT_SCHEMA, "text": "fits", "segments": [], "duration": 11.0,
+                        "model": options.model, "timings": {"load_s": 0.0, "transcribe_s": 0.1}}
 
 
 @pytest.mark.parametrize("fits", [True, False])
@@ -453,7 +462,8 @@ def test_a_runner_killed_mid_job_leaves_a_claim_that_the_restarted_runner_comple
     """After kill -9 during a transcription, the restarted runner returns the stale claim to jobs/ and completes it."""
     first, _ = processes.start(spool, "gpu-a")
     job = submit(spool, long_opus, duration=66.0, options=FAST)
-    wait_for(lambda: progress_started(spool / "progress" / f"{job}.json"), 90, "transcription to start")
+    # With batches, done_s moves once per batch; the progress document's arrival is the start of the work.
+    wait_for(lambda: in_hand(spool / "progress" / f"{job}.json"), 90, "transcription to start")
     first.kill()
     first.wait(timeout=30)
     assert read(spool / "work" / f"{job}.json")["claim"]["claimed_by"] == "gpu-a"

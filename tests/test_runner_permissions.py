@@ -46,6 +46,14 @@ class ModeRecordingEngine(Engine):
         return {"schema": RESULT_SCHEMA, "text": "fake", "segments": [], "duration": 1.0, "model": options.model,
                 "timings": {}}
 
+    def transcribe_many(self, jobs, options, *, cancel=None, **ignored):
+        """The runner's entry point (batches across jobs): each job through `transcribe`."""
+        for job in jobs:
+            try:
+                yield job, self.transcribe(job.audio_path, options, progress=job.progress, cancel=cancel)
+            except EngineError as error:
+                yield job, error
+
 
 def _submit(spool: Path, tag: str) -> str:
     audio = f"audio {tag}".encode() * 20

@@ -1,7 +1,7 @@
 """The runner's systemd watchdog follows the loop that does the work, not the main thread.
 
 A real `whisperdrop runner` process with NOTIFY_SOCKET pointing at the test's own datagram socket and
-WATCHDOG_USEC=1 s. Its engine's `transcribe` is replaced (before the CLI starts) by one that hangs
+WATCHDOG_USEC=1 s. Its engine's `transcribe` and `transcribe_many` are replaced (before the CLI starts) by one that hangs
 until the runner cancels it: the serve loop is stuck inside a job, as with a wedged GPU driver.
 """
 
@@ -34,7 +34,12 @@ def hang(self, audio_path, options, *, cancel=None, **ignored):
     cancel.wait()  # only the runner's stop releases it
     raise engine.Cancelled()
 
+def hang_many(self, jobs, options, *, cancel=None, **ignored):
+    hang(self, None, options, cancel=cancel)
+    yield  # a generator, as transcribe_many is
+
 engine.Engine.transcribe = hang
+engine.Engine.transcribe_many = hang_many
 from whisperdrop.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -120,7 +120,8 @@ class Runner:
         worker.state = "starting"
         self.liveness.beat()
         self.log.info("runner.start", spool=self.spool, model=worker.model, device=worker.device, gpu=worker.gpu,
-                      compute_type=worker.compute_type, batch_size=worker.batch_size, version=__version__)
+                      compute_type=worker.compute_type, batch_size=worker.batch_size,
+                      max_jobs_per_batch=worker.max_jobs, version=__version__)
         worker.heartbeat()
         worker.reclaim_stale()
         beat = threading.Thread(target=self._beat, args=(stop,), name=f"runner-heartbeat-{self.name}", daemon=True)

@@ -107,12 +107,13 @@ class SpoolStore:
         with os.scandir(self.layout.directory("jobs")) as scan:
             return sum(1 for entry in scan if entry.name.endswith(".json"))
 
-    def take(self) -> str | None:
-        """Claim the oldest queued job by renaming it into work/; its file name, or None when none is left.
+    def take(self, file_name: str | None = None) -> str | None:
+        """Claim the oldest queued job (or the queued `file_name`) by renaming it into work/; its file
+        name, or None when none is left (or another worker took `file_name` first).
 
         The name is not checked yet: a name that is no job id goes to `reject`. Raises OSError.
         """
-        for file_name in self.queued():
+        for file_name in self.queued() if file_name is None else [file_name]:
             try:
                 os.rename(os.path.join(self.layout.directory("jobs"), file_name),
                           os.path.join(self.layout.directory("work"), file_name))
@@ -120,6 +121,15 @@ class SpoolStore:
                 continue  # another worker's rename won
             return file_name
         return None
+
+    def peek(self, file_name: str) -> Any:
+        """The queued document jobs/<file_name>, read without claiming it (capped, no symlinks).
+
+        Raises OSError (gone: another worker took it) or ValueError (not a small JSON document).
+        """
+        if "/" in file_name or file_name.startswith("."):
+            raise ValueError(f"not a job document name: {file_name!r}")
+        return read_document(os.path.join(self.layout.directory("jobs"), file_name))
 
     def reject(self, file_name: str) -> None:
         """Move work/<file_name>, whose name is no job id, to failed/<file_name>.rejected (logs an error)."""
