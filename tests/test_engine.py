@@ -17,10 +17,13 @@ def engine():
     return Engine(max_models=2)
 
 
-def test_bundled_model_transcribes_jfk_with_words_and_language(engine):
-    """tiny.en on jfk.flac gives the reference text, word timestamps inside each segment, and language en."""
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_bundled_model_transcribes_jfk_with_words_and_language(engine, batch_size):
+    """tiny.en on jfk.flac, sequential and batched, gives the reference text, word timestamps inside each
+    segment, language en, and progress that rises to the duration."""
     progress = []
-    result = engine.transcribe(JFK, TranscribeOptions(), progress=lambda done, total: progress.append((done, total)))
+    result = engine.transcribe(JFK, TranscribeOptions(), batch_size=batch_size,
+                               progress=lambda done, total: progress.append((done, total)))
     assert result["schema"] == RESULT_SCHEMA and result["language"] == "en"
     assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
     for segment in result["segments"]:
@@ -41,12 +44,13 @@ def test_options_reach_the_model(engine):
     assert result["options"]["initial_prompt"] == "Kennedy inaugural address."
 
 
-def test_cancel_stops_between_segments(engine):
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_cancel_stops_between_segments(engine, batch_size):
     """A set cancel event raises Cancelled instead of returning a partial Result."""
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        engine.transcribe(JFK, TranscribeOptions(), cancel=cancel)
+        engine.transcribe(JFK, TranscribeOptions(), batch_size=batch_size, cancel=cancel)
 
 
 def test_model_cache_reuses_and_evicts():

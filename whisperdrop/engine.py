@@ -303,6 +303,8 @@ def _sequential(model: Any, job: AudioJob, options: TranscribeOptions, cancel: t
             kwargs["language"] = kwargs["language"] or window_info.language
     if info is None:
         raise EngineError(f"cannot decode {job.audio_path}: no audio samples", kind="audio")
+    if job.progress is not None:
+        job.progress(source.samples / SAMPLE_RATE, source.samples / SAMPLE_RATE)
     return Transcript(collected, info.language, float(info.language_probability), source.samples / SAMPLE_RATE,
                       after_vad, 0)
 
