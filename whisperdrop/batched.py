@@ -77,7 +77,7 @@ class BatchDecoder:
 
         self.model = model
         self.pipeline = BatchedInferencePipeline(model=model)
-        self.tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language)
+        self.tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task=options.task, language=language)
         self.options = TranscriptionOptions(  # BatchedInferencePipeline.transcribe's
             beam_size=options.beam_size, best_of=5, patience=1, length_penalty=1, repetition_penalty=1,
             no_repeat_ngram_size=0, log_prob_threshold=LOG_PROB_THRESHOLD, no_speech_threshold=NO_SPEECH_THRESHOLD,

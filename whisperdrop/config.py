@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +61,9 @@ class ListOf:
     item: dict
     default: list
     description: str
+    required: tuple = ()  # keys every item must set
+    noun: str = "item"  # what an item is called in messages ("host", "profile")
+    example: dict = field(default_factory=dict)  # values shown in the commented example of config.yaml
 
 
 def _positive(value: Any) -> str | None:
@@ -101,6 +104,41 @@ HOST = {
         nullable=True,
     ),
     "spool": Option(str, "spool", "The spool directory as the SFTP session sees it (relative to its home or chroot)."),
+}
+
+def _globs(value: Any) -> str | None:
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
+        return "a non-empty list of glob patterns (e.g. ['bjj/**'])"
+    return None
+
+
+def _events(value: Any) -> str | None:
+    return None if all(item in ("done", "failed") for item in value) else "a list of: done, failed"
+
+
+def _listen(value: Any) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "HOST:PORT, e.g. 127.0.0.1:8765"
+    return None
+
+
+PROFILE = {
+    "name": Option(str, None, "The profile's name, shown in the Result and usable by the API and `transcribe --profile`."),
+    "match": Option(
+        list, None, "Glob patterns of inbox paths (relative, '/'-separated; `**` spans folders), e.g. ['bjj/**'].",
+        check=_globs, nullable=True,
+    ),
+    # Every override is null by default: null keeps the `transcription` value.
+    "model": Option(str, None, "Overrides transcription.model.", nullable=True),
+    "language": Option(str, None, "Overrides transcription.language; `auto` detects it.", nullable=True),
+    "task": Option(str, None, "Overrides transcription.task.", choices=("transcribe", "translate"), nullable=True),
+    "initial_prompt": Option(str, None, "Overrides transcription.initial_prompt.", nullable=True),
+    "hotwords": Option(str, None, "Overrides transcription.hotwords.", nullable=True),
+    "word_timestamps": Option(bool, None, "Overrides transcription.word_timestamps.", nullable=True),
+    "vad_filter": Option(bool, None, "Overrides transcription.vad_filter.", nullable=True),
+    "beam_size": Option(int, None, "Overrides transcription.beam_size.", check=_positive, nullable=True),
+    "outputs": Option(list, None, "Overrides transcription.outputs.", check=_outputs, nullable=True),
 }
 
 SCHEMA: dict[str, Any] = {
@@ -146,7 +184,19 @@ SCHEMA: dict[str, Any] = {
         "vad_filter": Option(bool, True, "Skip silence with the Silero VAD before transcribing."),
         "beam_size": Option(int, 5, "Beam search width.", check=_positive),
         "outputs": Option(list, ["srt", "vtt", "txt"], "Formats written beside `<stem>.json`.", check=_outputs),
+        "task": Option(
+            str, "transcribe", "`transcribe` keeps the spoken language; `translate` writes English.",
+            choices=("transcribe", "translate"),
+        ),
     },
+    "profiles": ListOf(
+        PROFILE, [], "Per-folder options: the first profile whose `match` fits a file's inbox path overrides "
+        "`transcription` for it (API requests and `transcribe --profile` can name one).",
+        required=("name", "match"), noun="profile",
+        example={"name": "bjj", "match": ["bjj/**"], "language": "en",
+                 "initial_prompt": "Jiu-jitsu class: guard pass, kimura, berimbolo, de la Riva.",
+                 "hotwords": "kimura berimbolo omoplata"},
+    ),
     "subtitles": {
         "max_line_chars": Option(int, 42, "Longest line of an SRT or VTT cue, in characters.", check=_positive),
         "max_lines": Option(int, 2, "Lines a cue may have.", check=_positive),
@@ -162,7 +212,12 @@ SCHEMA: dict[str, Any] = {
                              "(bench/README.md). 1 decodes sequentially.", check=_positive),
     },
     "remote": {
-        "hosts": ListOf(HOST, [], "GPU hosts reached over SSH (SFTP only). Empty: everything runs locally."),
+        "hosts": ListOf(
+            HOST, [], "GPU hosts reached over SSH (SFTP only). Empty: everything runs locally.",
+            required=("name", "host"), noun="host",
+            example={"name": "gpu1", "host": "gpu1.example.org", "user": "whisperdrop",
+                     "key": "~/.ssh/whisperdrop_ed25519", "known_hosts": "~/.ssh/known_hosts"},
+        ),
         "connect_timeout": Option(NUMBER, 10.0, "Seconds to open an SSH connection before the host counts as down.", check=_positive),
         "keepalive_interval": Option(NUMBER, 15.0, "Seconds between SSH keepalives; 3 missed ones drop the connection.", check=_positive),
         "job_timeout": Option(NUMBER, 1800.0, "Seconds to wait for a submitted job's result before falling back (auto).", check=_positive),
@@ -209,6 +264,37 @@ SCHEMA: dict[str, Any] = {
             "poll_seconds": Option(NUMBER, 10.0, "Seconds between squeue polls and submissions.", check=_positive),
         },
     },
+    "api": {
+        "listen": Option(
+            str, None, "HOST:PORT for the HTTP API (POST /transcribe, GET /health, /v1/audio/transcriptions, /asr); "
+            "null: no API. Any address but loopback needs `api.token`.", check=_listen, nullable=True,
+        ),
+        "token": Option(str, None, "Bearer token every request must carry; null: none (loopback only).", nullable=True),
+        "max_upload_mb": Option(NUMBER, 2048.0, "Largest upload accepted, in MB; larger ones get 413.", check=_positive),
+        "write_outbox": Option(bool, True, "Also write each API job's outputs to the outbox (a request can say no)."),
+        "sync_timeout": Option(
+            NUMBER, 3600.0, "Seconds a synchronous request waits for its transcript before answering 504 with the "
+            "job id (the job goes on; GET /jobs/<id> has it).", check=_positive,
+        ),
+    },
+    "notify": {
+        "webhook": Option(
+            str, None, "URL that gets an HTTP POST of a small JSON (path, job id, route, outputs, error) when a job "
+            "finishes or fails; null: none.", nullable=True,
+        ),
+        "command": Option(
+            list, None, "Command run (no shell) when a job finishes or fails, e.g. ['notify-send', 'whisperdrop']; "
+            "the JSON arrives on its stdin and in WHISPERDROP_* variables. null: none.", check=_strings, nullable=True,
+        ),
+        "events": Option(list, ["done", "failed"], "Which outcomes notify: done, failed.", check=_events),
+        "timeout_seconds": Option(NUMBER, 10.0, "Each webhook call or command may take this long.", check=_positive),
+        "retries": Option(int, 3, "Further tries after a failed call, with a doubling pause.", check=_not_negative),
+    },
+    "library_mode": Option(
+        bool, False, "Media-library mode: write `<stem>.<lang>.srt` (and the other outputs) beside each source, the "
+        "names Jellyfin, Plex and Bazarr look for; the source stays where it is and no file in the library is "
+        "overwritten. The JSON Result still goes to the outbox.",
+    ),
     "logging": {
         "level": Option(str, "info", "debug, info, warning or error.", choices=("debug", "info", "warning", "error")),
         "format": Option(str, "auto", "json, console, or auto (console on a terminal, JSON otherwise).", choices=("auto", "json", "console")),
@@ -322,12 +408,12 @@ def _check_list(path: str, spec: ListOf, data: Any, problems: list[str]) -> list
         return []
     items = [_check_section(f"{path}[{index}]", spec.item, item, problems) for index, item in enumerate(data)]
     for index, item in enumerate(items):
-        for required in ("name", "host"):
-            if not item.get(required):
-                problems.append(f"At '{path}[{index}].{required}': missing; every host needs a {required}")
+        for required in spec.required:
+            if item.get(required) in (None, "", []):
+                problems.append(f"At '{path}[{index}].{required}': missing; every {spec.noun} needs a {required}")
     names = [item.get("name") for item in items]
     for name in {name for name in names if name and names.count(name) > 1}:
-        problems.append(f"At '{path}': the host name {name!r} is used more than once; names must be unique")
+        problems.append(f"At '{path}': the {spec.noun} name {name!r} is used more than once; names must be unique")
     return items
 
 
@@ -596,13 +682,11 @@ def render_default_yaml() -> str:
             lines.append(f"{pad}# {spec.description}")
             if isinstance(spec, ListOf):
                 lines.append(f"{pad}{key}: []")
-                lines.append(f"{pad}# - name: gpu1")
-                for field, field_spec in spec.item.items():
-                    example = {"name": "gpu1", "host": "gpu1.example.org", "user": "whisperdrop",
-                               "key": "~/.ssh/whisperdrop_ed25519", "known_hosts": "~/.ssh/known_hosts"}.get(
-                        field, field_spec.default)
-                    if field != "name":
-                        lines.append(f"{pad}#   {field}: {_yaml_scalar(example)}   # {field_spec.description}")
+                lines.append(f"{pad}# - name: {spec.example['name']}")
+                for name, field_spec in spec.item.items():
+                    example = spec.example.get(name, field_spec.default)
+                    if name != "name":
+                        lines.append(f"{pad}#   {name}: {_yaml_scalar(example)}   # {field_spec.description}")
                 continue
             lines.append(f"{pad}{key}: {_yaml_scalar(spec.default)}")
             if indent == 0:

@@ -280,6 +280,7 @@ def _sequential(model: Any, job: AudioJob, options: TranscribeOptions, cancel: t
     kwargs = dict(
         language=options.language, initial_prompt=options.initial_prompt, hotwords=options.hotwords,
         word_timestamps=options.word_timestamps, vad_filter=options.vad_filter, beam_size=options.beam_size,
+        task=options.task,
     )
     total = _duration_hint(job.audio_path)
     source = ChunkSource(job.audio_path, keep_gap=None, max_seconds=WINDOW_SECONDS, cancel=cancel)

@@ -37,6 +37,9 @@ class ProtocolError(ValueError):
     """A spool document that breaks the protocol (bad id, unsafe path, wrong schema)."""
 
 
+TASKS = ("transcribe", "translate")
+
+
 @dataclass(frozen=True)
 class TranscribeOptions:
     """Everything that changes a transcript. Part of the job id: same audio + same options = same job."""
@@ -48,10 +51,11 @@ class TranscribeOptions:
     word_timestamps: bool = True
     vad_filter: bool = True
     beam_size: int = 5
+    task: str = "transcribe"  # or "translate" (to English)
 
     @classmethod
     def from_config(cls, transcription: dict) -> "TranscribeOptions":
-        return cls(**{field.name: transcription[field.name] for field in fields(cls)})
+        return cls(**{field.name: transcription[field.name] for field in fields(cls) if field.name in transcription})
 
     @classmethod
     def from_dict(cls, data: Any) -> "TranscribeOptions":
@@ -71,10 +75,17 @@ class TranscribeOptions:
         for name in ("language", "initial_prompt", "hotwords"):
             if getattr(options, name) is not None and not isinstance(getattr(options, name), str):
                 raise ProtocolError(f"options.{name} must be a string or null")
+        if options.task not in TASKS:
+            raise ProtocolError(f"options.task must be one of {', '.join(TASKS)}")
         return options
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as a job document holds them. `task` appears only when it is `translate`, so a
+        transcription keeps the job id (and the spool document) it had before translation existed."""
+        data = asdict(self)
+        if data["task"] == "transcribe":
+            del data["task"]
+        return data
 
 
 def job_id(source_sha256: str, options: TranscribeOptions) -> str:
