@@ -615,6 +615,9 @@ def check(config: Config, role_name: str | None = None) -> list[str]:
                         "add a GPU host or use provider 'auto' or 'local'")
     for index, host in enumerate(config.remote.hosts):
         problems += _host_problems(index, host)
+    from whisperdrop.profiles import check as profile_problems  # globs that never match, translate with *.en
+
+    problems += profile_problems(config)
     return [problem for problem in problems if problem]
 
 

@@ -3,7 +3,9 @@
 `Intake.take(path)` is the watcher's callback. It stats the file, recognises cheaply what it has
 seen (a pending source of the same version, a kept file already done: size, mtime and inode),
 hashes anything else in a worker thread, finds or creates the job (same bytes and options: same
-job) and records the source; the caller's `schedule(job_id)` starts the job's work.
+job) and records the source; the caller's `schedule(job_id)` starts the job's work. A file's options
+are its Plan (`plan(relpath)`): `transcription`, with the first profile whose globs match its
+inbox-relative path over it (see `whisperdrop.profiles`).
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ from whisperdrop.daemon.ledger import Job
 from whisperdrop.daemon.stages import Context
 from whisperdrop.engine import Cancelled
 from whisperdrop.files import sha256_file
-from whisperdrop.spool import TranscribeOptions, job_id as make_job_id
+from whisperdrop.profiles import Plan
+from whisperdrop.spool import job_id as make_job_id
 
 
 class Intake:
-    """Takes inbox files for jobs planned with `options`; `schedule(job_id)` starts a job's work."""
+    """Takes inbox files for jobs planned by `plan(relpath)`; `schedule(job_id)` starts a job's work."""
 
-    def __init__(self, context: Context, options: TranscribeOptions, schedule: Callable[[str], None],
+    def __init__(self, context: Context, plan: Callable[[str], Plan], schedule: Callable[[str], None],
                  stopping: asyncio.Event):
         self.context = context
-        self.options = options
+        self.plan = plan
         self.schedule = schedule
         self.stopping = stopping
         self._taking: set[str] = set()
@@ -65,7 +68,7 @@ class Intake:
             return
         if pending:
             ledger.update_source(pending.id, state="replaced", last_error="the file changed after it was taken")
-        elif context.config.after_success == "keep" and self._already_done(relpath, info):
+        elif (context.config.after_success == "keep" or context.config.library_mode) and self._already_done(relpath, info):
             return
         started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -83,8 +86,9 @@ class Intake:
         if (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
             log.info("intake.changed", path=relpath, reason="the file changed while it was read; waiting for it to settle")
             return
-        job_id = make_job_id(digest, self.options)
-        job = ledger.create_job(job_id, digest, info.st_size, self.options.to_dict())
+        options = self.plan(relpath).options
+        job_id = make_job_id(digest, options)
+        job = ledger.create_job(job_id, digest, info.st_size, options.to_dict())
         if job.stage == "failed":  # a person moved a failed file back: that is the signal to try again
             ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
         elif job.stage == "done" and job.model not in (None, job.options.get("model")):
@@ -101,7 +105,7 @@ class Intake:
     def _already_done(self, relpath: str, info: os.stat_result) -> bool:
         """True when the file at `relpath` is the very version already done and kept (same size, mtime
         and inode): a restart's rescan finds every kept file, and none is hashed or delivered again."""
-        kept = self.context.ledger.done_source(relpath)
+        kept = self.context.ledger.done_source(relpath, failed_too=self.context.config.library_mode)  # left in place
         if kept is None or (kept.size, kept.mtime_ns, kept.inode) != (info.st_size, info.st_mtime_ns, info.st_ino):
             return False
         self.context.log.debug("intake.already_done", path=relpath, job_id=kept.job_id,

@@ -32,7 +32,7 @@ from whisperdrop.daemon.local import LocalTranscriber
 from whisperdrop.daemon.route import Router
 from whisperdrop.daemon.stages import Context, Permanent, Stages
 from whisperdrop.engine import Cancelled, Engine, EngineError
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.profiles import Plan, plan as plan_job
 
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 300.0
@@ -60,20 +60,28 @@ class Pipeline:
         self.formats = list(config.transcription.outputs)
         self.local = LocalTranscriber(config.local, engine)
         self.router = Router(config, self.local, remote)
-        self.options = self.router.planned_options(TranscribeOptions.from_config(config.transcription))
+        self.options = self.plan().options  # `transcription`'s, as planned (no profile)
         self.cancel = threading.Event()
         self.stopping = asyncio.Event()
         self.log = log.get("pipeline")
         self._io = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2)), thread_name_prefix="whisperdrop-io")
         self.context = Context(config, self.ledger, self.router, self._io, self.cancel, self.formats, self.log)
         self.stages = Stages(self.context, asyncio.Semaphore(max(1, (os.cpu_count() or 2) // 2)))
-        self.intake = Intake(self.context, self.options, self.schedule, self.stopping)
+        self.intake = Intake(self.context, lambda relpath: self.plan(relpath=relpath), self.schedule, self.stopping)
         self._tasks: dict[str, asyncio.Task] = {}
         self._last_progress = self.context.last_progress  # job id -> last progress report (pruned per job)
         self.current: dict[str, str] = {}  # job id -> stage being worked on (for status lines)
         self._expiry: asyncio.Task | None = None
 
     # intake
+
+    def plan(self, *, relpath: str | None = None, profile: str | None = None, overrides: dict | None = None) -> Plan:
+        """A job's Plan (options, formats, profile): `transcription`, then the profile named `profile`
+        (else the first whose globs match the inbox-relative `relpath`), then `overrides` (a request's
+        own options: TranscribeOptions field names and `outputs`), planned for the route (the local
+        model where every job runs here). Raises profiles.ProfileError naming an unknown profile or option."""
+        return plan_job(self.config, relpath=relpath, profile=profile, overrides=overrides,
+                        planned=self.router.planned_options)
 
     async def take(self, path: Path) -> None:
         """The watcher's callback: see `Intake.take`."""

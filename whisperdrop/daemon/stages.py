@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import log as logging, result as results
+from whisperdrop import log as logging, profiles, result as results
 from whisperdrop.daemon import delivery
 from whisperdrop.daemon.extract import MediaError, extract
 from whisperdrop.daemon.ledger import Job, Ledger, Source
@@ -279,24 +279,28 @@ class Stages:
         result = await loop.run_in_executor(context.io, _read_json, cached)
         for source in context.ledger.sources_of(job.job_id):
             started = time.monotonic()
+            profile = profiles.match(context.config, source.relpath)  # each source its own profile's outputs
+            formats = list(profiles.formats_of(context.config, profile))
+            named = {**result, "profile": profile["name"] if profile else result.get("profile")}
             done = await loop.run_in_executor(
-                context.io, delivery.deliver_source, context.config, job, source, result, context.formats)
+                context.io, delivery.deliver_source, context.config, job, source, named, formats)
             if done.replaced:
                 self.replaced(job, source)
                 continue
-            self._delivered(job, source, done, time.monotonic() - started)
+            self._delivered(job, source, done, time.monotonic() - started, formats)
         if job.stage != "done":
             context.ledger.update_job(job.job_id, stage="done")
             context.audio_path(job.job_id).unlink(missing_ok=True)
 
-    def _delivered(self, job: Job, source: Source, done: delivery.Delivered, seconds: float) -> None:
+    def _delivered(self, job: Job, source: Source, done: delivery.Delivered, seconds: float,
+                   formats: list[str]) -> None:
         """Record one delivered source and log `stage.outbox` and `job.done`."""
         context = self.context
         context.ledger.update_source(source.id, state="done", outputs={"base": done.base})
         timings = done.timings or {}
         context.log.info(
             "stage.outbox", job_id=job.job_id, path=source.relpath, output=done.base + ".json",
-            formats=context.formats, already_written=done.already, after_success=context.config.after_success,
+            formats=formats, already_written=done.already, after_success=context.config.after_success,
             seconds=round(seconds, 3),
         )
         context.log.info(
