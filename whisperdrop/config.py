@@ -618,7 +618,27 @@ def check(config: Config, role_name: str | None = None) -> list[str]:
     from whisperdrop.profiles import check as profile_problems  # globs that never match, translate with *.en
 
     problems += profile_problems(config)
+    problems.append(_api_problem(config))
     return [problem for problem in problems if problem]
+
+
+def _api_problem(config: Config) -> str | None:
+    """The API must not listen beyond this machine without a token."""
+    listen = config.api.listen
+    if not listen or config.api.token:
+        return None
+    import ipaddress
+
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (f"At 'api.listen': {listen!r} is not a loopback address and 'api.token' is null: anyone who can reach "
+            "it could use this machine and its GPU hosts; set api.token (e.g. the output of `openssl rand -hex 32`) "
+            "or listen on 127.0.0.1")
 
 
 def make_folders(config: Config) -> list[str]:

@@ -33,6 +33,7 @@ from whisperdrop.daemon.route import Router
 from whisperdrop.daemon.stages import Context, Permanent, Stages
 from whisperdrop.engine import Cancelled, Engine, EngineError
 from whisperdrop.profiles import Plan, plan as plan_job
+from whisperdrop.spool import job_id as make_job_id
 
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 300.0
@@ -82,6 +83,38 @@ class Pipeline:
         model where every job runs here). Raises profiles.ProfileError naming an unknown profile or option."""
         return plan_job(self.config, relpath=relpath, profile=profile, overrides=overrides,
                         planned=self.router.planned_options)
+
+    def submit(self, relpath: str, sha256: str, size: int, mtime_ns: int, inode: int, options: Any) -> tuple[Job, Any]:
+        """Record a file that is not in the inbox (an API upload, stored durably first: see
+        daemon.api.uploads) as a source of the job for its bytes and `options`, as intake does for
+        an inbox file: the same bytes and options are the same job, served once. Schedules the job;
+        returns (the job, the source row), both committed."""
+        job_id = make_job_id(sha256, options)
+        job = self.ledger.create_job(job_id, sha256, size, options.to_dict())
+        if job.stage == "failed":  # asked again: try again, as a file moved back into the inbox is
+            self.ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
+        elif job.stage == "done" and job.model not in (None, job.options.get("model")):
+            self.intake._reopen_substitute(job)
+        source = self.ledger.add_source(relpath, job_id, size, mtime_ns, 0.0, inode=inode)
+        self.log.info("stage.intake", path=relpath, job_id=job_id, bytes=size, source_id=source.id,
+                      duplicate=job.stage != "new" or len(self.ledger.sources_of(job_id)) > 1, api=True)
+        self.schedule(job_id)
+        return self.ledger.job(job_id), source
+
+    async def settled(self, job_id: str, source_id: int, timeout: float) -> bool:
+        """Wait up to `timeout` s until source `source_id` of job `job_id` is delivered or failed;
+        True when it is. Waits on the job's task (no polling); False at the timeout, or when the job
+        was parked (the daemon is stopping)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            source = self.ledger.source(source_id)
+            if source is None or source.state != "pending":
+                return source is not None
+            task = self._tasks.get(job_id)
+            left = deadline - time.monotonic()
+            if task is None or task.done() or left <= 0 or self.stopping.is_set():
+                return False
+            await asyncio.wait({task}, timeout=left)
 
     async def take(self, path: Path) -> None:
         """The watcher's callback: see `Intake.take`."""

@@ -65,6 +65,13 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     loop.add_signal_handler(signal.SIGHUP, log.reopen)
 
     recovered = await pipeline.recover()
+    api = await _start_api(config, pipeline, remote, logger)
+    if api is False:  # api.listen is set but cannot be served: say so, exit
+        await pipeline.drain(STOP_TIMEOUT_S)
+        if remote is not None:
+            await remote.close()
+        pipeline.close()
+        return 1
     watcher = InboxWatcher(
         config.inbox, settle_seconds=config.watch.settle_seconds, rescan_seconds=config.watch.rescan_seconds,
         recursive=config.watch.recursive, ignore=list(config.watch.ignore),
@@ -94,6 +101,8 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     notifier.stopping()
     logger.info("daemon.stopping", busy_jobs=pipeline.busy())
     _arm_stop_deadline(logger)
+    if api is not None:
+        api.begin_stop()  # no new requests; the waiting ones answer 503 once their jobs are parked
     watcher.stop()
     watch_task.cancel()
     heartbeat.cancel()
@@ -103,6 +112,8 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     parked = await pipeline.drain(STOP_TIMEOUT_S)
     if not parked:
         waited_out.append("jobs")
+    if api is not None and not await api.stop():
+        waited_out.append("api")
     if remote is not None:
         await remote.close()
     # Bounded: a task that lost its cancellation (see InboxWatcher.stop) must not hold the stop.
@@ -116,6 +127,22 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     # The deadline stays armed: asyncio.run's own teardown (joining executor threads) comes after
     # this, and the caller exits the process right after it (see cli.cmd_run).
     return 0
+
+
+async def _start_api(config: Any, pipeline: Pipeline, remote: Any | None, logger: Any) -> Any:
+    """The HTTP API on this loop when `api.listen` is set (None when it is not); False, with the
+    reason logged, when it cannot listen there."""
+    if not config.api.listen:
+        return None
+    from whisperdrop.daemon.api.app import ApiServer, ApiUnavailable
+
+    server = ApiServer(config, pipeline, remote)
+    try:
+        await server.start()
+    except ApiUnavailable as error:
+        logger.error("api.unavailable", listen=config.api.listen, error=str(error))
+        return False
+    return server
 
 
 LOCAL_MODEL_HINT = ("set local.model to bundled:tiny.en or a CTranslate2 model folder, or fetch the model on a "

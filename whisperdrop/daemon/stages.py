@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from whisperdrop import log as logging, profiles, result as results
 from whisperdrop.daemon import delivery
+from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.extract import MediaError, extract
 from whisperdrop.daemon.ledger import Job, Ledger, Source
 from whisperdrop.daemon.route import Router, Work
@@ -70,6 +71,12 @@ class Context:
     def audio_path(self, job_id: str) -> Path:
         return self.work_dir / f"{job_id}.opus"
 
+    def source_path(self, relpath: str) -> Path:
+        """Where a source is: an inbox file, or an API upload under state_dir (see api.uploads)."""
+        if uploads.is_upload(relpath):
+            return uploads.path_of(self.config.path("state_dir"), relpath)
+        return self.inbox / relpath
+
     def path_of(self, job_id: str) -> str | None:
         """The inbox-relative path of the job's first pending source, for its log lines (None if none)."""
         sources = self.ledger.sources_of(job_id)
@@ -103,7 +110,7 @@ class Stages:
     def _first_source(self, job: Job, now: float) -> tuple[Source, Path] | None:
         context = self.context
         for source in context.ledger.sources_of(job.job_id):
-            path = context.inbox / source.relpath
+            path = context.source_path(source.relpath)
             if os.path.lexists(path):
                 return source, path
             context.ledger.update_source(source.id, state="vanished", last_error="removed from the inbox before it was done")
@@ -265,6 +272,13 @@ class Stages:
         loop = asyncio.get_running_loop()
         if job.stage == "failed":
             for source in context.ledger.sources_of(job.job_id):
+                if uploads.is_upload(source.relpath):  # an API upload: its request gets the error
+                    await loop.run_in_executor(context.io, uploads.remove, context.config.path("state_dir"),
+                                               source.relpath)
+                    context.ledger.update_source(source.id, state="failed", last_error=job.last_error)
+                    context.log.error("job.failed", job_id=job.job_id, path=source.relpath, error=job.last_error,
+                                      hint=job.hint)
+                    continue
                 record, moved = await loop.run_in_executor(context.io, delivery.fail_source, context.config, job, source)
                 context.ledger.update_source(source.id, state="failed", last_error=record["error"])
                 context.log.error("job.failed", job_id=job.job_id, path=source.relpath, kind=record["kind"],
@@ -279,6 +293,12 @@ class Stages:
         result = await loop.run_in_executor(context.io, _read_json, cached)
         for source in context.ledger.sources_of(job.job_id):
             started = time.monotonic()
+            if uploads.is_upload(source.relpath):  # an API upload: outbox/api/ unless it said no, then removed
+                base = await loop.run_in_executor(context.io, uploads.deliver, context.config, job, source, result)
+                context.ledger.update_source(source.id, state="done", outputs={"base": base})
+                context.log.info("stage.outbox", job_id=job.job_id, path=source.relpath,
+                                 output=base + ".json" if base else None, seconds=round(time.monotonic() - started, 3))
+                continue
             profile = profiles.match(context.config, source.relpath)  # each source its own profile's outputs
             formats = list(profiles.formats_of(context.config, profile))
             named = {**result, "profile": profile["name"] if profile else result.get("profile")}

@@ -1,0 +1,231 @@
+"""What every API request does, whatever its dialect: store the upload, check it, make it a job,
+wait for it (or not), and read its Result.
+
+`accept` turns an upload and its options into a source of a job in the ledger: the options are
+planned like a dropped file's (`Pipeline.plan`: `transcription`, a named profile, the request's own
+options), the upload is written and fsynced under state_dir and checked as media BEFORE anything
+reaches the ledger, so a rejected request leaves nothing behind. `finish` waits for the job and
+returns its Result, or raises the ApiError that says why not (failed, timed out, daemon stopping).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from whisperdrop import log
+from whisperdrop.daemon.api import uploads
+from whisperdrop.daemon.api.errors import ApiError
+from whisperdrop.daemon.api.formats import language_code
+from whisperdrop.profiles import ProfileError, translate_problem
+
+OPENAI_MODEL_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "default")
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A request's transcription options as sent (None: not given, the config decides)."""
+
+    model: str | None = None
+    language: str | None = None
+    prompt: str | None = None
+    task: str | None = None
+    profile: str | None = None
+    words: bool | None = None  # word timestamps wanted
+    vad_filter: bool | None = None
+    outbox: bool | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """An upload that became a source of a job: the job, its source row, and how it was planned."""
+
+    job_id: str
+    source_id: int
+    relpath: str
+    filename: str | None
+    task: str
+    duplicate: bool
+
+
+class ApiService:
+    """The API's link to the daemon's Pipeline (and its RemotePool, for health)."""
+
+    def __init__(self, config: Any, pipeline: Any, remote: Any | None = None):
+        self.config = config
+        self.pipeline = pipeline
+        self.remote = remote
+        self.state_dir = config.path("state_dir")
+        self.limit = int(float(config.api.max_upload_mb) * 1_000_000)
+        self.log = log.get("api")
+
+    # options
+
+    def _model(self, asked: str | None) -> str | None:
+        """The model override a request's `model` means: None (the configured one) for OpenAI's names
+        and the configured model; a faster-whisper name or a configured model. Raises ApiError."""
+        if asked is None or not asked.strip() or asked.strip() in OPENAI_MODEL_ALIASES:
+            return None
+        asked = asked.strip()
+        configured = {self.config.transcription.model, self.config.local.model}
+        configured |= {profile.get("model") for profile in self.config.get("profiles") or [] if profile.get("model")}
+        if asked in configured:
+            return asked
+        from faster_whisper.utils import available_models
+
+        known = set(available_models())
+        if asked in known:
+            return asked
+        raise ApiError(400, f"unknown model {asked!r}: use whisper-1 (the configured model, "
+                            f"{self.config.transcription.model}), one of the configured models, or a faster-whisper "
+                            f"name ({', '.join(sorted(known))})", param="model", code="model_not_found")
+
+    def plan(self, asked: Asked) -> Any:
+        """The job's Plan for a request (see Pipeline.plan). Raises ApiError naming a bad option."""
+        overrides: dict[str, Any] = {}
+        model = self._model(asked.model)
+        if model is not None:
+            overrides["model"] = model
+        try:
+            language = language_code(asked.language)
+        except ValueError as error:
+            raise ApiError(400, str(error), param="language", code="invalid_language") from None
+        if language is not None:
+            overrides["language"] = language
+        elif asked.language is not None and asked.language.strip().lower() == "auto":
+            overrides["language"] = "auto"
+        if asked.prompt:
+            overrides["initial_prompt"] = asked.prompt
+        if asked.task is not None:
+            if asked.task not in ("transcribe", "translate"):
+                raise ApiError(400, f"task {asked.task!r} is not transcribe or translate", param="task")
+            overrides["task"] = asked.task
+        if asked.words:
+            overrides["word_timestamps"] = True
+        if asked.vad_filter is not None:
+            overrides["vad_filter"] = asked.vad_filter
+        try:
+            planned = self.pipeline.plan(profile=asked.profile or None, overrides=overrides)
+        except ProfileError as error:
+            raise ApiError(400, str(error), param="profile" if "profile" in str(error) else None) from None
+        problem = translate_problem(planned.options)
+        if problem:
+            raise ApiError(400, problem, param="task", code="translate_unsupported")
+        return planned
+
+    # one upload
+
+    async def accept(self, upload: Any, asked: Asked, *, raw_pcm: bool = False) -> Accepted:
+        """Store `upload` (a Starlette UploadFile) durably, check it is media, and record it as a
+        source of its job; the job is scheduled. Raises ApiError (400, 413, 415) with nothing kept."""
+        if upload is None or not hasattr(upload, "file"):
+            raise ApiError(422, "no file in the request: send the audio as a multipart file field", code="no_file")
+        planned = self.plan(asked)
+        loop = asyncio.get_running_loop()
+        write_outbox = asked.outbox is not False
+        request = {"formats": list(planned.formats), "profile": planned.profile}
+        try:
+            stored = await loop.run_in_executor(
+                self.pipeline._io, lambda: uploads.store(upload.file, self.state_dir, upload.filename, self.limit,
+                                                         raw_pcm=raw_pcm, write_outbox=write_outbox, request=request))
+        except uploads.TooLarge as error:
+            raise ApiError(413, f"{error}; send a smaller file, or raise api.max_upload_mb in config.yaml",
+                           code="too_large") from None
+        try:
+            await loop.run_in_executor(self.pipeline._io, uploads.probe, stored.path, upload.filename)
+        except uploads.NotMedia as error:
+            await loop.run_in_executor(self.pipeline._io, uploads.remove, self.state_dir, stored.relpath)
+            raise ApiError(415, str(error), param="file", code="not_media") from None
+        except BaseException:
+            await loop.run_in_executor(self.pipeline._io, uploads.remove, self.state_dir, stored.relpath)
+            raise
+        job, source = self.pipeline.submit(stored.relpath, stored.sha256, stored.size, stored.mtime_ns, stored.inode,
+                                           planned.options)
+        return Accepted(job.job_id, source.id, stored.relpath, upload.filename, planned.options.task,
+                        duplicate=job.stage != "new" or len(self.pipeline.ledger.sources_of(job.job_id)) > 1)
+
+    async def finish(self, accepted: Accepted) -> tuple[dict, dict]:
+        """Wait up to `api.sync_timeout` for the job; return (its Result, the extra keys a response
+        carries: job id, route, host, fallback reason, model, profile, outbox). Raises ApiError:
+        422 when the job failed, 504 at the timeout, 503 when the daemon stops first."""
+        settled = await self.pipeline.settled(accepted.job_id, accepted.source_id, float(self.config.api.sync_timeout))
+        extra = {"job_id": accepted.job_id, "status_url": f"/v1/jobs/{accepted.job_id}"}
+        if not settled:
+            if self.pipeline.stopping.is_set():
+                raise ApiError(503, "the daemon is stopping; the job is kept and resumes when it starts again: "
+                                    f"GET /v1/jobs/{accepted.job_id} then", code="stopping", extra=extra)
+            raise ApiError(504, f"no transcript within api.sync_timeout ({self.config.api.sync_timeout:g} s); the job "
+                                f"goes on: GET /v1/jobs/{accepted.job_id} (or send async=true next time)",
+                           code="timeout", extra=extra)
+        source = self.pipeline.ledger.source(accepted.source_id)
+        job = self.pipeline.ledger.job(accepted.job_id)
+        if source.state != "done" or job is None or job.stage == "failed":
+            raise self.failure(accepted.job_id, job, source)
+        result = await self.result(accepted.job_id)
+        return result, {**self.extra(result, job), "outbox": (source.outputs or {}).get("base")}
+
+    def failure(self, job_id: str, job: Any, source: Any) -> ApiError:
+        """The ApiError of a job that failed (422: the upload could not be transcribed)."""
+        error = (job.last_error if job else None) or (source.last_error if source else None) or "unknown error"
+        kind, _, message = error.partition(": ")
+        return ApiError(422, f"could not transcribe the upload: {message or kind}",
+                        code=kind if message else "failed", extra={"job_id": job_id, "hint": job.hint if job else None})
+
+    async def result(self, job_id: str) -> dict:
+        """The job's cached Result (state/results). Raises ApiError 404 when it is gone."""
+        path = self.pipeline.result_path(job_id)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.pipeline._io, lambda: json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ApiError(404, f"the Result of job {job_id} is no longer kept (results_days); send the file again",
+                           code="result_expired") from None
+
+    @staticmethod
+    def extra(result: dict, job: Any) -> dict:
+        """The whisperdrop keys beside a response's own: where it ran and why there."""
+        executed = result.get("executed_on") or {}
+        return {"job_id": result.get("job_id") or job.job_id, "route": executed.get("route") or job.route,
+                "host": executed.get("host"), "fallback_reason": result.get("fallback_reason"),
+                "model": result.get("model"), "duration": result.get("duration"), "profile": result.get("profile")}
+
+    # asynchronous jobs and health
+
+    def view(self, job_id: str) -> dict:
+        """A job as `GET /v1/jobs/{id}` shows it: status, stage, progress, route, error. Raises ApiError 404."""
+        job = self.pipeline.ledger.job(job_id) if len(job_id) == 64 else None
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r} in the ledger; POST the file to /v1/jobs to make one",
+                           param="job_id", code="no_such_job")
+        status = {"new": "queued", "done": "done", "failed": "failed"}.get(job.stage, "running")
+        if job.stage == "transcribed":
+            status = "running"
+        return {"job_id": job.job_id, "status": status, "stage": job.stage, "progress": job.progress,
+                "duration": job.duration, "route": job.route, "host": job.host, "fallback_reason": job.fallback_reason,
+                "attempts": job.attempts, "error": job.last_error, "hint": job.hint if job.stage == "failed" else None,
+                "created_at": job.created_at, "updated_at": job.updated_at, "finished_at": job.finished_at}
+
+    def health(self) -> dict:
+        """`GET /health`: the original plan's {"status", "model"} and each route's state."""
+        now = time.time()
+        hosts = []
+        for state in getattr(self.remote, "states", []):
+            checked = bool(state.checked_at or state.failures)
+            up = state.down_until <= now and state.last_error is None
+            hosts.append({"name": state.name, "state": ("up" if up else "down") if checked else "unchecked",
+                          "runners": len(state.runners), "in_flight": state.in_flight, "failures": state.failures,
+                          "last_error": state.last_error,
+                          "retry_in_s": round(state.down_until - now, 1) if state.down_until > now else None})
+        provider = self.pipeline.router.provider
+        local_on = self.remote is None or provider in ("auto", "local")
+        serving = local_on or any(host["state"] != "down" for host in hosts)
+        return {"status": "healthy" if serving else "degraded", "model": self.pipeline.options.model,
+                "provider": provider, "hosts": hosts,
+                "local": {"model": self.config.local.model, "device": self.config.local.device,
+                          "role": ("every job" if self.remote is None or provider == "local" else "fallback")
+                          if local_on else "off"},
+                "jobs_in_progress": self.pipeline.busy()}
