@@ -3,7 +3,8 @@
 Two parts. `Settler` is the pure core: it is told what happened to a path (`observe`) and decides,
 with an injected clock and stat function, when the path has settled (`ready`). `InboxWatcher` is
 the thin I/O shell: it runs a watchdog observer whose thread hands events to the asyncio loop,
-rescans the inbox, wakes when the settler says something may be ready, and calls `on_ready(path)`.
+rescans the inbox, wakes when the settler says something may be ready, and calls `on_ready(path)`
+(and `on_closed(path)` as soon as a writer closes a file, for work that may start before it settles).
 
 Rules, in short:
 
@@ -257,6 +258,7 @@ class InboxWatcher:
         recursive: bool,
         ignore: list[str],
         clock: Callable[[], float] = time.monotonic,
+        on_closed: Callable[[Path], None] | None = None,
     ):
         if rescan_seconds <= 0:
             raise ValueError(f"rescan_seconds must be greater than 0, got {rescan_seconds!r}")
@@ -277,6 +279,9 @@ class InboxWatcher:
         self.started = asyncio.Event()  # set once the inbox is watched and first scanned
         self.rescans = 0  # full rescans finished: lets a caller know the watcher has looked again
         self._stop_requested = False
+        # Told (on the loop, never awaited) when a writer closes a file or moves one in, so its reading
+        # can start while the settle timer runs (daemon.prefetch); whether it is taken is still ready()'s call.
+        self._on_closed = on_closed
 
     def forget(self, path: Path) -> None:
         """The pipeline took `path` away: a file at that name later is a new file."""
@@ -383,6 +388,11 @@ class InboxWatcher:
                 self.settler.observe(path, kind)
             elif not self._under_symlink(relative):
                 self.settler.observe(path, kind)
+                if kind in ("closed", "moved_in") and self._on_closed is not None:
+                    try:
+                        self._on_closed(path)
+                    except Exception:  # early work is optional; it must never stop the watch
+                        log.exception("watch.on_closed_failed", path=str(path))
 
     def _wanted(self, relative: Path) -> bool:
         if not self.recursive and len(relative.parts) > 1:
