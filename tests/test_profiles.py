@@ -105,7 +105,8 @@ def test_a_named_profile_and_request_overrides(tmp_path):
     """A request names a profile (whatever the path) and may override options on top; `auto` detects the language."""
     config = load(tmp_path, {"transcription": {"language": "en"}, "profiles": [BJJ]})
     plan = profiles.plan(config, relpath="elsewhere.wav", profile="bjj",
-                         overrides={"language": "auto", "task": "translate", "beam_size": 2, "outputs": ["json", "vtt"]})
+                         overrides={"language": "auto", "task": "translate", "model": "small", "beam_size": 2,
+                                    "outputs": ["json", "vtt"]})
     assert plan.profile == "bjj"
     assert (plan.options.language, plan.options.task, plan.options.beam_size) == (None, "translate", 2)
     assert plan.options.hotwords == BJJ["hotwords"]
@@ -130,6 +131,8 @@ def test_bad_overrides_are_named(tmp_path):
         profiles.plan(config, overrides={"task": "summarise"})
     with pytest.raises(profiles.ProfileError, match="output format.*docx"):
         profiles.plan(config, overrides={"outputs": ["docx"]})
+    with pytest.raises(profiles.ProfileError, match="bundled:tiny.en is English-only and cannot translate"):
+        profiles.plan(config, overrides={"task": "translate"})
 
 
 def test_a_route_plan_puts_the_local_model_in(tmp_path):

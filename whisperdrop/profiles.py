@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from whisperdrop.errors import WhisperdropError
 from whisperdrop.result import MULTILINGUAL_MODELS, english_only
@@ -187,13 +187,16 @@ def plan(config: Any, *, relpath: str | None = None, profile: str | None = None,
     """The Plan of one job: `transcription`, then the profile named `profile` (else the first whose
     globs match `relpath`, else none), then `overrides` (a request's own options). `planned` is the
     router's `planned_options` (the local model where every job runs here). Raises ProfileError for
-    an unknown profile name or a bad override."""
+    an unknown profile name, a bad override, or translate with an English-only model."""
     chosen = find(config, profile) if profile is not None else (match(config, relpath) if relpath is not None else None)
     options = base_options(config)
     if chosen is not None:
         options = apply(options, {key: chosen.get(key) for key in OVERRIDE_KEYS}, f"profile {chosen['name']!r}")
-    options = apply(options, overrides, "options")
-    return Plan(options=planned(options), formats=formats_of(config, chosen, overrides),
+    options = planned(apply(options, overrides, "options"))
+    problem = translate_problem(options)
+    if problem:  # the engine would refuse it at job time; a request hears it now
+        raise ProfileError(problem, hint="name a multilingual model, or transcribe instead of translate")
+    return Plan(options=options, formats=formats_of(config, chosen, overrides),
                 profile=chosen["name"] if chosen is not None else None)
 
 
