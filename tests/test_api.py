@@ -136,6 +136,10 @@ def test_asr_srt_as_bazarr_asks(daemon):
     assert "country" in response.text and response.headers["content-disposition"].endswith('.srt"')
     status, body = curl("-F", f"audio_file=@{JFK}", f"{daemon.url}/asr?output=tsv&language=en")
     assert status == 200 and body.decode().startswith("start\tend\ttext\n0\t")
+    detected = httpx.post(f"{daemon.url}/detect-language", params={"encode": "false"}, files={"audio_file": pcm},
+                          timeout=REQUEST_TIMEOUT_S)
+    assert detected.status_code == 200 and detected.json()["detected_language"] == "english"
+    assert detected.json()["language_code"] == "en"
 
 
 def test_rejected_requests_leave_nothing(daemon, tmp_path):
@@ -174,7 +178,13 @@ def test_token_and_size_limit(tmp_path):
         status, body = curl("-H", "Authorization: Bearer s3cret-token", "-F", f"audio=@{JFK}",
                             f"{daemon.url}/transcribe")  # jfk.flac is 1.15 MB
         assert status == 413 and "max_upload_mb" in json.loads(body)["error"]["message"]
+        big = tmp_path / "big.wav"  # sent chunked: no Content-Length, so the limit is found while reading
+        big.write_bytes(JFK.read_bytes() * 2)
+        status, body = curl("-H", "Authorization: Bearer s3cret-token", "-H", "Transfer-Encoding: chunked",
+                            "-F", f"audio=@{big}", f"{daemon.url}/transcribe")
+        assert status == 413 and "max_upload_mb" in json.loads(body)["error"]["message"]
         assert ledger_rows(daemon) == ([], [])
+        assert not any((daemon.root / "state" / "uploads").iterdir())
         small = tmp_path / "small.wav"
         import wave
 

@@ -71,3 +71,30 @@ def test_fallback_named_when_host_down(tmp_path):
         assert result["fallback_reason"] == body["fallback_reason"]
     finally:
         assert daemon.stop() == 0
+
+
+def test_stop_answers_a_waiting_request_and_keeps_its_job(tmp_path):
+    """SIGTERM while a synchronous request waits for its job: the request gets 503 JSON naming the
+    job (which is kept in the ledger), and the daemon stops cleanly with 0."""
+    import subprocess
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    daemon = Daemon(tmp_path, api={"listen": f"127.0.0.1:{port}"}, transcription={"provider": "remote"},
+                    remote={"hosts": [dead_host()]}).start()
+    request = subprocess.Popen(["curl", "-sS", "-w", "\n%{http_code}", "--max-time", str(REQUEST_TIMEOUT_S),
+                                "-F", f"audio=@{JFK}", f"{url}/transcribe"], stdout=subprocess.PIPE)
+    try:
+        daemon.wait_for(lambda: any(event["event"] == "route.waiting_for_host" for event in daemon.events()),
+                        timeout=REQUEST_TIMEOUT_S, what="the job waiting for a GPU host")
+        assert daemon.stop() == 0
+        output, _ = request.communicate(timeout=60)
+    finally:
+        if request.poll() is None:
+            request.kill()
+            request.wait()
+    body, _, status = output.rpartition(b"\n")
+    answer = json.loads(body)
+    assert int(status) == 503 and answer["error"]["code"] == "stopping" and len(answer["job_id"]) == 64
+    stopped = [event for event in daemon.events() if event["event"] == "daemon.stopped"]
+    assert stopped and stopped[-1]["clean"] is True
