@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from daemon_helpers import Daemon
+from test_remote import gpu_host  # noqa: F401  (a fixture: a real sshd and a runner behind it)
 from media import JFK
 from whisperdrop import config as config_module, profiles
 from whisperdrop.spool import job_id
@@ -205,3 +206,25 @@ def test_a_file_in_a_profiles_folder_gets_its_prompt_and_hotwords(tmp_path):
     assert {path.name for path in daemon.outbox.iterdir() if path.is_file()} == {
         "jfk.json", "jfk.srt", "jfk.vtt", "jfk.txt"}
     assert "country" in bjj["text"] and "country" in top["text"]
+
+
+def test_a_profiles_options_travel_to_the_gpu_host(gpu_host, tmp_path):
+    """Through the remote route (real sshd, real runner) the profile's prompt and hotwords reach the
+    runner in the job document: the runner's Result shows them, and names the profile."""
+    from test_remote import remote_daemon, result_of
+
+    server, runner = gpu_host
+    (tmp_path / "daemon").mkdir()
+    daemon = remote_daemon(tmp_path, server.host_settings())
+    daemon.config_path.write_text(yaml.safe_dump({**yaml.safe_load(daemon.config_path.read_text()),
+                                                  "profiles": [BJJ]}))
+    daemon.start()
+    try:
+        (daemon.inbox / "bjj").mkdir()
+        shutil.copy(JFK, daemon.inbox / "bjj" / "jfk.flac")
+        result = result_of(daemon, "bjj/jfk", timeout=300)
+    finally:
+        assert daemon.stop() == 0
+    assert result["executed_on"]["route"] == "remote" and result["profile"] == "bjj"
+    assert (result["options"]["initial_prompt"], result["options"]["hotwords"]) == (BJJ["initial_prompt"], BJJ["hotwords"])
+    assert len(runner.events("runner.job_done")) == 1
