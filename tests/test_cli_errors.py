@@ -50,13 +50,15 @@ def test_folder_or_missing_file_as_input(tmp_path):
 
 
 def test_results_on_stdout_messages_on_stderr_and_no_inbox_hint(tmp_path):
-    """One-shot: each result line is on stdout, a failure on stderr, and the hint for a file that is
+    """One-shot: the paths written are on stdout, a failure on stderr, and the hint for a file that is
     not media says nothing about an inbox (there is none in one-shot mode)."""
     (tmp_path / "notes.mp3").write_text("not audio")
     done = whisperdrop("transcribe", "notes.mp3", str(JFK), "-o", "out", cwd=tmp_path)
     no_traceback(done)
     assert done.returncode == 1
-    assert done.stdout.startswith("jfk.flac: ") and "jfk.json" in done.stdout and "notes.mp3" not in done.stdout
+    # stdout is the paths written, one per line (issue 12: a script reads them); the summary is on stderr
+    assert done.stdout.splitlines() == ["out/jfk.srt", "out/jfk.vtt", "out/jfk.txt", "out/jfk.json"]
+    assert "jfk.flac: done" in done.stderr
     assert "notes.mp3: FAILED: not a media file" in done.stderr and "jfk.json" not in done.stderr
     assert "inbox" not in done.stderr and "whisperdrop transcribe" in done.stderr
 

@@ -10,7 +10,7 @@ from whisperdrop.daemon.stages import Permanent
 from whisperdrop.daemon.transfer import AuthError, HostError, HostKeyError
 from whisperdrop.engine import EngineError
 from whisperdrop.errors import WhisperdropError
-from whisperdrop.gpu_runner.worker import _Failure
+from whisperdrop.gpu_runner.claim import Failure as _Failure
 
 
 def test_media_errors_are_permanent_with_their_hint_and_survive_pickling():

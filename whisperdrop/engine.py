@@ -225,6 +225,9 @@ class Engine:
         started = time.monotonic()
         model = self.load(key)
         load_s = time.monotonic() - started
+        if options.task == "translate" and not model.model.is_multilingual:  # it would transcribe, silently
+            raise EngineError(f"model {options.model} is English-only and cannot translate; use a multilingual model "
+                              "(tiny, base, small, medium, large-v3) to translate", kind="model")
         engine = {"device": device, "compute_type": key.compute_type, "batch_size": batch_size}
         if batch_size <= 1:
             for job in jobs:

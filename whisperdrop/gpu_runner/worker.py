@@ -14,86 +14,23 @@ at the next start. It never raises for a bad job. Threads, signals and the heart
 
 from __future__ import annotations
 
-import ctypes
-import math
 import os
-import stat
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from whisperdrop import __version__, log
 from whisperdrop.config import defaults as config_defaults
 from whisperdrop.engine import AudioJob, Cancelled, Engine, EngineError, ModelKey, resolve_compute_type, resolve_device
-from whisperdrop.errors import WhisperdropError
-from whisperdrop.files import sha256_file
+from whisperdrop.gpu_runner.claim import (HINTS, Claim, Failure, open_checked_audio, published_result,
+                                          rounded as _round)
+from whisperdrop.gpu_runner.device import default_name, gpu_name
 from whisperdrop.gpu_runner.store import HOSTNAME, SpoolStore
-from whisperdrop.spool import (JobDocument, ProtocolError, TranscribeOptions, check_job_id, check_result,
-                               check_runner_name, parse_job)
+from whisperdrop.spool import ProtocolError, TranscribeOptions, check_job_id, check_runner_name, parse_job
 
 PROGRESS_SECONDS = 1.0      # progress/<id>.json is rewritten at most this often
 INT8_TYPES = ("int8", "int8_float16", "int8_float32", "int8_bfloat16")
-
-HINTS = {  # what a person can do about each kind of failure; the runner's log carries it
-    "protocol": "the daemon and the runner disagree on the job document: run the same whisperdrop version on both",
-    "checksum": "the audio was deleted; the daemon uploads it again from zero",
-    "oom": "the job goes back to the daemon to retry; lower runner.batch_size or use a smaller model",
-    "model": "check runner.model and that the GPU host has the model (or network to download it)",
-    "audio": "the audio cannot be decoded; look at the source file and the daemon's extraction",
-    "engine": "see the runner's log for the engine's error",
-    "runner": "a bug or a disk error on the GPU host: see the runner's log for the traceback",
-}
-
-
-def default_name(device_index: int) -> str:
-    """`<short hostname>-gpu<N>`, with characters a runner name may not hold replaced by '-'."""
-    host = "".join(char if char.isascii() and (char.isalnum() or char in "_-") else "-"
-                   for char in HOSTNAME.split(".")[0]).lstrip("_-")
-    return check_runner_name(f"{host[:50] or 'runner'}-gpu{device_index}")
-
-
-def gpu_name(device_index: int) -> str | None:
-    """The CUDA device's name through the driver API (libcuda), or None without a driver or device."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    device = ctypes.c_int()
-    name = ctypes.create_string_buffer(256)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(device), device_index) != 0:
-        return None
-    if cuda.cuDeviceGetName(name, len(name), device) != 0:
-        return None
-    return name.value.decode(errors="replace") or None
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-class _Failure(WhisperdropError):
-    """A job that ends in failed/<id>.json: `kind` and `retryable` go into that document, `hint` (what
-    a person can do) into the log."""
-
-    def __init__(self, kind: str, message: str, retryable: bool, hint: str | None = None):
-        super().__init__(message, kind=kind, retryable=retryable,
-                         hint=hint if hint is not None else HINTS.get(kind, ""))
-
-
-@dataclass
-class _Claim:
-    """A job in hand: claimed, checked, its audio open. The engine reads `source`, the very file
-    that was checked (/proc/self/fd/N), even if the name is replaced meanwhile."""
-
-    job: JobDocument
-    token: str
-    claimed_at: float
-    descriptor: int
-    source: str
-    started: float                  # monotonic seconds when it joined the batch
-    last_write: float = -math.inf   # monotonic seconds of its last progress document
 
 
 class Worker:
@@ -160,7 +97,7 @@ class Worker:
         if claim is None:
             return False
         self.alive()
-        if isinstance(claim, _Claim):
+        if isinstance(claim, Claim):
             self._run([claim], claim.job.options, refill=self.max_jobs > 1, park=True)
         return True
 
@@ -184,8 +121,8 @@ class Worker:
 
     # --------------------------------------------------------------------------------- claiming
 
-    def _claim_next(self, now: float, options: TranscribeOptions | None = None) -> _Claim | bool | None:
-        """Claim the oldest queued job, checked and ready: a _Claim; True when a job was claimed but
+    def _claim_next(self, now: float, options: TranscribeOptions | None = None) -> Claim | bool | None:
+        """Claim the oldest queued job, checked and ready: a Claim; True when a job was claimed but
         ended at once (failed, rejected, already done); None when none is queued. With `options`, only
         a job whose document asks for exactly those options, and only the oldest (None otherwise).
 
@@ -227,8 +164,8 @@ class Worker:
             raise
         return True if claim is None else claim
 
-    def _prepare(self, job_id: str, token: str, claimed_at: float, original: dict | None = None) -> _Claim | None:
-        """Stamp the claim (unless `original` is given), parse the job and check its audio: a _Claim,
+    def _prepare(self, job_id: str, token: str, claimed_at: float, original: dict | None = None) -> Claim | None:
+        """Stamp the claim (unless `original` is given), parse the job and check its audio: a Claim,
         or None when the job ended here (its failure recorded, or its Result there already).
         Raises Cancelled when stopped while hashing."""
         try:
@@ -236,7 +173,7 @@ class Worker:
                 if original is None:
                     original = self.store.stamp(job_id, token, claimed_at)
             except ProtocolError as error:
-                raise _Failure("protocol", str(error), False) from error
+                raise Failure("protocol", str(error), False) from error
             if self.store.has_result(job_id):
                 self.log.info("runner.job_already_done", job_id=job_id)
                 self.store.release(job_id, token)
@@ -244,71 +181,30 @@ class Worker:
             try:
                 job = parse_job(original, job_id)
             except ProtocolError as error:
-                raise _Failure("protocol", str(error), False) from error
-            descriptor = self._open_checked_audio(job)
-        except _Failure as failure:
+                raise Failure("protocol", str(error), False) from error
+            descriptor = open_checked_audio(self.layout, job, self.cancel, self.log)
+            self.alive()
+        except Failure as failure:
             self._fail(job_id, token, failure)
             return None
         except Cancelled:
             raise
         except Exception as error:  # a bug or a disk error must not stop the other jobs
             self.log.exception("runner.job_crashed", job_id=job_id)
-            self._fail(job_id, token, _Failure("runner", f"{type(error).__name__}: {error}", True))
+            self._fail(job_id, token, Failure("runner", f"{type(error).__name__}: {error}", True))
             return None
         proc_path = f"/proc/self/fd/{descriptor}"
         source = proc_path if os.path.exists(proc_path) else self.layout.audio(job_id)
-        claim = _Claim(job, token, claimed_at, descriptor, source, time.monotonic())
+        claim = Claim(job, token, claimed_at, descriptor, source, time.monotonic())
         with self._lock:
             self._current[job_id] = {"job_id": job_id, "token": token, "model": job.options.model,
                                      "started_at": claimed_at, "done_s": 0.0, "duration_s": job.duration}
         self._write_progress(job_id, 0.0, job.duration)
         return claim
 
-    def _open_checked_audio(self, job: JobDocument) -> int:
-        """Open incoming/<id>.opus (no symlinks) and check its size and sha256 against the job.
-
-        Returns the open descriptor. Raises _Failure kind `checksum` (retryable) after deleting a bad
-        file, so the daemon uploads again from zero; Cancelled when stopped while hashing.
-        """
-        path = self.layout.audio(job.job_id)
-        try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError as error:
-            raise _Failure("checksum", f"audio {path} is missing", True) from error
-        except OSError as error:  # a symlink (ELOOP) or unreadable: never read through it
-            self._delete_bad_audio(path)
-            raise _Failure("checksum", f"audio {path} cannot be opened safely: {error}", True) from error
-        try:
-            status = os.fstat(descriptor)
-            if not stat.S_ISREG(status.st_mode):
-                problem = "is not a regular file"
-            elif status.st_size != job.audio_size:
-                problem = f"has {status.st_size} bytes where the job says {job.audio_size}"
-            else:
-                digest = sha256_file(descriptor, self.cancel)
-                problem = None if digest == job.audio_sha256 else f"has sha256 {digest} where the job says {job.audio_sha256}"
-        except BaseException:
-            os.close(descriptor)
-            raise
-        if problem:
-            os.close(descriptor)
-            self._delete_bad_audio(path)
-            raise _Failure("checksum", f"audio {path} {problem}; deleted, upload it again", True)
-        self.alive()
-        return descriptor
-
-    def _delete_bad_audio(self, path: str) -> None:
-        try:
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as error:  # the failure record matters more than this cleanup
-            self.log.warning("runner.audio_delete_failed", path=path, error=str(error))
-
     # ------------------------------------------------------------------------------- the batches
 
-    def _run(self, claims: list[_Claim], options: TranscribeOptions, *, refill: bool, park: bool) -> bool:
+    def _run(self, claims: list[Claim], options: TranscribeOptions, *, refill: bool, park: bool) -> bool:
         """Transcribe `claims` (and, with `refill`, the jobs that join them) in shared batches with
         the out-of-memory ladder; publish or fail each job as it ends. False when stopped through
         `cancel`: with `park` the jobs not done go back to jobs/, else their claims stay. Never raises
@@ -365,14 +261,14 @@ class Worker:
             self.log.exception("runner.batch_crashed", job_ids=sorted(in_hand))
             for claim in list(in_hand.values()):
                 self._close(claim)
-                self._fail(claim.job.job_id, claim.token, _Failure("runner", f"{type(error).__name__}: {error}", True))
+                self._fail(claim.job.job_id, claim.token, Failure("runner", f"{type(error).__name__}: {error}", True))
             in_hand.clear()
             return True
         finally:
             for claim in in_hand.values():
                 self._close(claim)
 
-    def _refill(self, options: TranscribeOptions, in_hand: dict[str, _Claim], claimed: list[int]) -> Callable[[int], list[AudioJob]]:
+    def _refill(self, options: TranscribeOptions, in_hand: dict[str, Claim], claimed: list[int]) -> Callable[[int], list[AudioJob]]:
         """The engine's `more`: claim up to n further queued jobs with `options`, checked, while this
         step has claimed fewer than max_jobs_per_batch."""
         def more(count: int) -> list[AudioJob]:
@@ -386,14 +282,14 @@ class Worker:
                 if claim is None:
                     break
                 claimed[0] += 1
-                if isinstance(claim, _Claim):
+                if isinstance(claim, Claim):
                     self.alive()
                     in_hand[claim.job.job_id] = claim
                     jobs.append(AudioJob(claim.source, tag=claim, progress=self._progress(claim)))
             return jobs
         return more
 
-    def _progress(self, claim: _Claim) -> Callable[[float, float], None]:
+    def _progress(self, claim: Claim) -> Callable[[float, float], None]:
         def progress(done: float, duration: float) -> None:
             self.alive()
             with self._lock:
@@ -406,14 +302,14 @@ class Worker:
                 self._write_progress(claim.job.job_id, done, duration)
         return progress
 
-    def _close(self, claim: _Claim) -> None:
+    def _close(self, claim: Claim) -> None:
         with self._lock:
             self._current.pop(claim.job.job_id, None)
         if claim.descriptor >= 0:
             os.close(claim.descriptor)
             claim.descriptor = -1
 
-    def _finish(self, claim: _Claim, outcome: Any, attempts: list[dict], batched: int) -> None:
+    def _finish(self, claim: Claim, outcome: Any, attempts: list[dict], batched: int) -> None:
         """Publish `outcome` (the engine's Result) for `claim`, or record it as the job's failure (an
         EngineError); one job's trouble here never reaches the others."""
         job = claim.job
@@ -422,27 +318,22 @@ class Worker:
         audio_path = self.layout.audio(job.job_id)
         if isinstance(outcome, BaseException):
             kind, retryable = getattr(outcome, "kind", "engine"), getattr(outcome, "retryable", True)
-            self._fail(job.job_id, claim.token, _Failure(kind, str(outcome).replace(claim.source, audio_path),
+            self._fail(job.job_id, claim.token, Failure(kind, str(outcome).replace(claim.source, audio_path),
                                                          retryable, getattr(outcome, "hint", None)))
             return
         final = attempts[-1]
         try:
-            result = dict(outcome)
-            result["job_id"] = job.job_id
-            result["executed_on"] = {
+            executed_on = {
                 "route": "remote", "host": self.name, "hostname": HOSTNAME, "device": self.device, "gpu": self.gpu,
                 "compute_type": final["compute_type"], "batch_size": final["batch_size"], "jobs_batched": batched,
                 "oom_retries": len(attempts) - 1, **self.placement,
             }
-            timings = dict(result.get("timings") or {})
-            timings["queue_s"] = _round(claim.claimed_at - job.submitted_at) if job.submitted_at else None
-            timings["runner_s"] = _round(elapsed)
-            result["timings"] = timings
-            check_result(result, job.job_id)
+            result = published_result(claim, outcome, executed_on, elapsed)
+            timings = result["timings"]
             self.store.publish(job.job_id, result, claim.token)
         except (OSError, ProtocolError) as error:  # a disk error or a bad Result: this job fails, the rest go on
             self.log.exception("runner.job_crashed", job_id=job.job_id)
-            self._fail(job.job_id, claim.token, _Failure("runner", f"{type(error).__name__}: {error}", True))
+            self._fail(job.job_id, claim.token, Failure("runner", f"{type(error).__name__}: {error}", True))
             return
         audio_seconds = float(result.get("duration") or job.duration or 0.0)
         with self._lock:
@@ -470,7 +361,7 @@ class Worker:
         except OSError as error:  # progress is advisory; never fail a job for it
             self.log.warning("runner.progress_write_failed", job_id=job_id, error=str(error))
 
-    def _fail(self, job_id: str, token: str | None, failure: _Failure) -> None:
+    def _fail(self, job_id: str, token: str | None, failure: Failure) -> None:
         document = {"job_id": job_id, "kind": failure.kind, "message": str(failure), "retryable": failure.retryable,
                     "runner": self.name, "at": self.clock()}
         if not self.store.fail(job_id, token, document):
