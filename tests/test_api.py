@@ -11,6 +11,7 @@ import subprocess
 
 import httpx
 import pytest
+import yaml
 from openai import OpenAI
 
 from daemon_helpers import Daemon, jfk_pcm, jfk_reference, word_error_rate
@@ -50,7 +51,13 @@ def api_daemon(root, **api) -> Daemon:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    running = api_daemon(tmp_path_factory.mktemp("api")).start()
+    root = tmp_path_factory.mktemp("api")
+    running = api_daemon(root)
+    settings = yaml.safe_load(running.config_path.read_text())
+    settings["profiles"] = [{"name": "bjj", "match": ["bjj/**"], "initial_prompt": "Berimbolo, kimura, de la Riva.",
+                             "outputs": ["srt"]}]
+    running.config_path.write_text(yaml.safe_dump(settings))
+    running.start()
     yield running
     assert running.stop() == 0
 
@@ -97,6 +104,27 @@ def test_original_plan_client_fields(daemon):
     assert word_error_rate(jfk_reference(), body["text"]) < 0.2
     result = json.loads((daemon.root / "state" / "results" / f"{body['job_id']}.json").read_text())
     assert result["options"]["initial_prompt"] == "Armbar, kimura, triangle."
+
+
+def test_a_named_profile(daemon):
+    """A request naming a profile gets its options (in the job's options) and its outputs in the
+    outbox; an unknown profile is a 400 naming the known ones, and no job."""
+    with open(JFK, "rb") as audio:
+        response = httpx.post(f"{daemon.url}/transcribe", files={"audio": ("rolling.flac", audio)},
+                              data={"profile": "bjj"}, timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["profile"] == "bjj" and body["outbox"] == "api/rolling"
+    result = json.loads((daemon.root / "state" / "results" / f"{body['job_id']}.json").read_text())
+    assert result["options"]["initial_prompt"] == "Berimbolo, kimura, de la Riva."
+    written = json.loads((daemon.outbox / "api" / "rolling.json").read_text())
+    assert written["profile"] == "bjj" and (daemon.outbox / "api" / "rolling.srt").exists()
+    assert not (daemon.outbox / "api" / "rolling.vtt").exists()
+    before = ledger_rows(daemon)
+    status, body = curl("-F", f"audio=@{JFK}", "-F", "profile=judo", f"{daemon.url}/transcribe")
+    error = json.loads(body)["error"]
+    assert status == 400 and "judo" in error["message"] and "bjj" in error["message"]
+    assert ledger_rows(daemon) == before
 
 
 def test_openai_sdk_json_verbose_words_and_srt(daemon):
@@ -163,7 +191,11 @@ def test_rejected_requests_leave_nothing(daemon, tmp_path):
     assert ledger_rows(daemon) == (before_jobs, before_sources)
     assert sorted(daemon.outbox.rglob("*")) == before_outbox
     assert not any((daemon.root / "state" / "uploads").iterdir())
-    assert not any(event["event"] == "api.error" for event in daemon.events())
+    with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1])), timeout=30) as raw:
+        raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        assert raw.recv(1024).startswith(b"HTTP/1.1 400")
+    daemon.wait_for(lambda: any(event["event"] == "api.server" for event in daemon.events()), what="api.server")
+    assert not any(event["event"] in ("api.error", "non-json") for event in daemon.events())
 
 
 def test_token_and_size_limit(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import secrets
 import socket
 import time
@@ -102,6 +103,31 @@ async def _send_json(send: Any, status: int, body: dict, headers: dict) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+class _ToLog(logging.Handler):
+    """uvicorn's own warnings and errors (a malformed request, a connection cut) as JSON lines
+    (`api.server`), like every other line the daemon writes; the tracebacks stay out."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.log = log.get("api")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        write = self.log.error if record.levelno >= logging.ERROR else self.log.warning
+        write("api.server", message=record.getMessage(), source=record.name)
+
+
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
+
+
+def _route_uvicorn_logs() -> None:
+    handler = _ToLog()
+    for name in UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its signal handlers: the daemon's own handle SIGTERM and stop the server."""
 
@@ -172,6 +198,7 @@ class ApiServer:
         swept = uploads.sweep(self.service.state_dir, pending)
         if swept:
             self.log.info("api.uploads_swept", removed=swept, reason="stored but never recorded (a cut request)")
+        _route_uvicorn_logs()
         config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=STOP_S, server_header=False)
         self.server = _Server(config)

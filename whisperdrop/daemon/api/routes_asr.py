@@ -35,7 +35,7 @@ async def asr(
         return accepted_response(service, accepted)
     result, extra = await service.finish(accepted)
     body, media_type = formats.asr(result, output, Limits.from_config(service.config.subtitles))
-    name = (audio_file.filename or "audio").replace('"', "")
+    name = "".join(character for character in audio_file.filename or "audio" if character.isprintable() and character != '"')
     headers = {**headers_of(extra), "Asr-Engine": "whisperdrop",
                "Content-Disposition": f'attachment; filename="{name}.{output}"'.encode("latin-1", "replace").decode("latin-1")}
     return Response(body, media_type=media_type, headers=headers)

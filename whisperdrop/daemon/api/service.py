@@ -50,6 +50,7 @@ class Accepted:
     filename: str | None
     task: str
     duplicate: bool
+    profile: str | None = None
 
 
 class ApiService:
@@ -130,23 +131,24 @@ class ApiService:
         request = {"formats": list(planned.formats), "profile": planned.profile}
         try:
             stored = await loop.run_in_executor(
-                self.pipeline._io, lambda: uploads.store(upload.file, self.state_dir, upload.filename, self.limit,
+                self.pipeline.context.io, lambda: uploads.store(upload.file, self.state_dir, upload.filename, self.limit,
                                                          raw_pcm=raw_pcm, write_outbox=write_outbox, request=request))
         except uploads.TooLarge as error:
             raise ApiError(413, f"{error}; send a smaller file, or raise api.max_upload_mb in config.yaml",
                            code="too_large") from None
         try:
-            await loop.run_in_executor(self.pipeline._io, uploads.probe, stored.path, upload.filename)
+            await loop.run_in_executor(self.pipeline.context.io, uploads.probe, stored.path, upload.filename)
         except uploads.NotMedia as error:
-            await loop.run_in_executor(self.pipeline._io, uploads.remove, self.state_dir, stored.relpath)
+            await loop.run_in_executor(self.pipeline.context.io, uploads.remove, self.state_dir, stored.relpath)
             raise ApiError(415, str(error), param="file", code="not_media") from None
         except BaseException:
-            await loop.run_in_executor(self.pipeline._io, uploads.remove, self.state_dir, stored.relpath)
+            await loop.run_in_executor(self.pipeline.context.io, uploads.remove, self.state_dir, stored.relpath)
             raise
         job, source = self.pipeline.submit(stored.relpath, stored.sha256, stored.size, stored.mtime_ns, stored.inode,
                                            planned.options)
         return Accepted(job.job_id, source.id, stored.relpath, upload.filename, planned.options.task,
-                        duplicate=job.stage != "new" or len(self.pipeline.ledger.sources_of(job.job_id)) > 1)
+                        duplicate=job.stage != "new" or len(self.pipeline.ledger.sources_of(job.job_id)) > 1,
+                        profile=planned.profile)
 
     async def finish(self, accepted: Accepted) -> tuple[dict, dict]:
         """Wait up to `api.sync_timeout` for the job; return (its Result, the extra keys a response
@@ -166,7 +168,8 @@ class ApiService:
         if source.state != "done" or job is None or job.stage == "failed":
             raise self.failure(accepted.job_id, job, source)
         result = await self.result(accepted.job_id)
-        return result, {**self.extra(result, job), "outbox": (source.outputs or {}).get("base")}
+        return result, {**self.extra(result, job), "profile": accepted.profile,
+                        "outbox": (source.outputs or {}).get("base")}
 
     def failure(self, job_id: str, job: Any, source: Any) -> ApiError:
         """The ApiError of a job that failed (422: the upload could not be transcribed)."""
@@ -180,7 +183,7 @@ class ApiService:
         path = self.pipeline.result_path(job_id)
         try:
             return await asyncio.get_running_loop().run_in_executor(
-                self.pipeline._io, lambda: json.loads(Path(path).read_text(encoding="utf-8")))
+                self.pipeline.context.io, lambda: json.loads(Path(path).read_text(encoding="utf-8")))
         except FileNotFoundError:
             raise ApiError(404, f"the Result of job {job_id} is no longer kept (results_days); send the file again",
                            code="result_expired") from None
