@@ -78,6 +78,14 @@ def test_an_unknown_format_is_named_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_language_is_named_before_any_work(tmp_path):
+    """--language xx exits 2 naming it and what to give instead."""
+    done = whisperdrop("transcribe", str(JFK), "-o", "out", "--language", "xx", cwd=tmp_path)
+    no_traceback(done)
+    assert done.returncode == 2 and "--language xx: not a language code" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_translate_with_an_english_only_model_is_a_clear_error(tmp_path):
     """--task translate with tiny.en exits 2 naming the model and the fix, instead of transcribing."""
     done = whisperdrop("transcribe", str(JFK), "-o", "out", "--task", "translate", cwd=tmp_path)

@@ -73,6 +73,12 @@ def plan_for(config: config_module.Config, args: argparse.Namespace) -> tuple[co
     from whisperdrop.daemon.local import LocalTranscriber
     from whisperdrop.daemon.route import Router
 
+    if args.language not in (None, profiles.AUTO_LANGUAGE):
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        if args.language not in _LANGUAGE_CODES:
+            raise ProfileError(f"--language {args.language}: not a language code Whisper knows; give one such as "
+                               "en, de, fr, pt, or auto to detect it")
     overrides = {"model": args.model, "language": args.language, "initial_prompt": args.prompt,
                  "hotwords": args.hotwords, "task": args.task, "outputs": _formats(args.formats)}
     if args.model:
