@@ -14,7 +14,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from daemon_helpers import Daemon, jfk_pcm, jfk_reference, word_error_rate
+from daemon_helpers import Daemon, jfk_pcm, jfk_reference, word_error_rate, write_variant_wav
 from media import JFK
 
 REQUEST_TIMEOUT_S = 300  # a generous bound: two cores shared by several test runs
@@ -104,6 +104,19 @@ def test_original_plan_client_fields(daemon):
     assert word_error_rate(jfk_reference(), body["text"]) < 0.2
     result = json.loads((daemon.root / "state" / "results" / f"{body['job_id']}.json").read_text())
     assert result["options"]["initial_prompt"] == "Armbar, kimura, triangle."
+
+
+def test_outbox_false_writes_nothing_to_the_outbox(daemon, tmp_path):
+    """A request that says outbox=false gets its transcript and leaves no file in the outbox, and
+    its upload is removed once it is served."""
+    variant = write_variant_wav(tmp_path / "quiet start.wav", 3)
+    before = sorted(daemon.outbox.rglob("*"))
+    status, body = curl("-F", f"audio=@{variant}", "-F", "outbox=false", f"{daemon.url}/transcribe")
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["outbox"] is None and "country" in answer["text"]
+    assert sorted(daemon.outbox.rglob("*")) == before
+    assert not any((daemon.root / "state" / "uploads").iterdir())
 
 
 def test_a_named_profile(daemon):
