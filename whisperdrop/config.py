@@ -116,6 +116,11 @@ def _events(value: Any) -> str | None:
     return None if all(item in ("done", "failed") for item in value) else "a list of: done, failed"
 
 
+def _http_url(value: Any) -> str | None:
+    scheme, _, rest = value.partition("://")
+    return None if scheme in ("http", "https") and rest.split("/")[0] else "an http:// or https:// URL"
+
+
 def _listen(value: Any) -> str | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -280,7 +285,7 @@ SCHEMA: dict[str, Any] = {
     "notify": {
         "webhook": Option(
             str, None, "URL that gets an HTTP POST of a small JSON (path, job id, route, outputs, error) when a job "
-            "finishes or fails; null: none.", nullable=True,
+            "finishes or fails; null: none.", check=_http_url, nullable=True,
         ),
         "command": Option(
             list, None, "Command run (no shell) when a job finishes or fails, e.g. ['notify-send', 'whisperdrop']; "

@@ -68,7 +68,7 @@ class Intake:
             return
         if pending:
             ledger.update_source(pending.id, state="replaced", last_error="the file changed after it was taken")
-        elif context.config.after_success == "keep" and self._already_done(relpath, info):
+        elif (context.config.after_success == "keep" or context.config.library_mode) and self._already_done(relpath, info):
             return
         started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -105,7 +105,7 @@ class Intake:
     def _already_done(self, relpath: str, info: os.stat_result) -> bool:
         """True when the file at `relpath` is the very version already done and kept (same size, mtime
         and inode): a restart's rescan finds every kept file, and none is hashed or delivered again."""
-        kept = self.context.ledger.done_source(relpath)
+        kept = self.context.ledger.done_source(relpath, failed_too=self.context.config.library_mode)  # left in place
         if kept is None or (kept.size, kept.mtime_ns, kept.inode) != (info.st_size, info.st_mtime_ns, info.st_ino):
             return False
         self.context.log.debug("intake.already_done", path=relpath, job_id=kept.job_id,

@@ -231,10 +231,12 @@ class Ledger:
         ).fetchone()
         return Source(**_decode(row)) if row else None
 
-    def done_source(self, relpath: str) -> Source | None:
-        """The latest finished (`done`) row for an inbox path: a kept file, when it is still there."""
+    def done_source(self, relpath: str, failed_too: bool = False) -> Source | None:
+        """The latest finished (`done`, or with `failed_too` also `failed`) row for an inbox path: a kept
+        file, when it is still there (library mode leaves failed files in place too)."""
+        states = ("done", "failed") if failed_too else ("done", "done")
         row = self.db.execute(
-            "SELECT * FROM sources WHERE relpath = ? AND state = 'done' ORDER BY id DESC LIMIT 1", (relpath,)
+            "SELECT * FROM sources WHERE relpath = ? AND state IN (?, ?) ORDER BY id DESC LIMIT 1", (relpath, *states)
         ).fetchone()
         return Source(**_decode(row)) if row else None
 

@@ -25,7 +25,9 @@ from typing import Any, Callable
 
 from whisperdrop import log
 from whisperdrop.daemon.delivery import failure_hint
+from whisperdrop.daemon import library
 from whisperdrop.daemon.health import backoff
+from whisperdrop.daemon.hooks import Hooks
 from whisperdrop.daemon.intake import Intake
 from whisperdrop.daemon.ledger import Job, Ledger
 from whisperdrop.daemon.local import LocalTranscriber
@@ -67,6 +69,7 @@ class Pipeline:
         self.log = log.get("pipeline")
         self._io = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2)), thread_name_prefix="whisperdrop-io")
         self.context = Context(config, self.ledger, self.router, self._io, self.cancel, self.formats, self.log)
+        self.hooks = self.context.hooks = Hooks(config.notify)  # done notifications; started by start()
         self.stages = Stages(self.context, asyncio.Semaphore(max(1, (os.cpu_count() or 2) // 2)))
         self.intake = Intake(self.context, lambda relpath: self.plan(relpath=relpath), self.schedule, self.stopping)
         self._tasks: dict[str, asyncio.Task] = {}
@@ -117,7 +120,12 @@ class Pipeline:
             await asyncio.wait({task}, timeout=left)
 
     async def take(self, path: Path) -> None:
-        """The watcher's callback: see `Intake.take`."""
+        """The watcher's callback: see `Intake.take`. In library mode subtitles, artwork and the like
+        (our own outputs among them) are never taken."""
+        if self.config.library_mode and library.is_sidecar(path):
+            self.log.debug("intake.skipped", path=self.intake.relpath(path),
+                           reason="library mode: a subtitle, image or other file beside the media, not media")
+            return
         await self.intake.take(path)
 
     def audio_path(self, job_id: str) -> Path:
@@ -231,6 +239,7 @@ class Pipeline:
     async def start(self) -> None:
         """Bind to the running loop and start the hourly expiry of cached Results."""
         self._expiry = asyncio.get_running_loop().create_task(self._expire_periodically(), name="results-expiry")
+        self.hooks.start()
 
     async def _expire_periodically(self) -> None:
         while not self.stopping.is_set():
@@ -262,7 +271,7 @@ class Pipeline:
         their next look), then cancel the jobs' tasks at once, each logging `job.parked`, instead of
         waiting for a thread to look. Safe: a stage commits what it reached only when it ends, so a cut
         stage is done again from its start, as after a kill -9. Waits up to `timeout` s for the tasks
-        to end; True if all did."""
+        to end, then stops the done notifications (`Hooks.close`); True if all tasks ended."""
         self.stopping.set()
         self.cancel.set()
         if self._expiry is not None:
@@ -270,9 +279,10 @@ class Pipeline:
         tasks = [task for task in self._tasks.values() if not task.done()]
         for task in tasks:
             task.cancel()
-        if not tasks:
-            return True
-        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        pending = set()
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+        await self.hooks.close()  # after the jobs: what they delivered meanwhile is counted as unsent
         return not pending
 
     def close(self) -> None:

@@ -55,6 +55,7 @@ class Context:
     formats: list[str]
     log: Any = field(default_factory=lambda: logging.get("pipeline"))
     last_progress: dict[str, float] = field(default_factory=dict)  # job id -> monotonic time of its last report
+    hooks: Any = None  # daemon.hooks.Hooks, the done notifications (the Pipeline sets it)
 
     @property
     def inbox(self) -> Path:
@@ -283,6 +284,8 @@ class Stages:
                 context.ledger.update_source(source.id, state="failed", last_error=record["error"])
                 context.log.error("job.failed", job_id=job.job_id, path=source.relpath, kind=record["kind"],
                                   error=record["error"], hint=record["what_to_do"], moved_to=str(moved))
+                if context.hooks is not None:
+                    context.hooks.failed(job, source, record, moved)
             return
         cached = context.result_path(job.job_id)
         if not cached.exists():
@@ -329,6 +332,11 @@ class Stages:
             bytes_source=source.size, bytes_sent=0 if done.cached_from else (job.transfer or {}).get("bytes", 0),
             timings=timings, cached_from=done.cached_from,
         )
+        for other in done.kept:  # library mode never overwrites: someone else's subtitle stays
+            context.log.warning("library.exists", job_id=job.job_id, path=source.relpath, output=other,
+                                action="left alone; this format was not written beside the source")
+        if context.hooks is not None:
+            context.hooks.done(job, source, done, done.language)
 
 
 def _json_bytes(document: dict) -> bytes:
