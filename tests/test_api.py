@@ -199,6 +199,11 @@ def test_rejected_requests_leave_nothing(daemon, tmp_path):
     assert status == 422 and "audio" in error["message"] and error["param"] == "audio"
     status, body = curl("-F", f"audio_file=@{JFK}", f"{daemon.url}/asr?output=docx")
     assert status == 400 and "output" in json.loads(body)["error"]["message"]
+    status, body = curl("-F", f"file=@{JFK}", "-F", "model=whisper-1", f"{daemon.url}/v1/audio/translations")
+    error = json.loads(body)["error"]
+    assert status == 400 and "English-only" in error["message"] and error["param"] == "task"
+    status, body = curl("-F", f"audio=@{JFK}", "-F", "model=large-v9", f"{daemon.url}/transcribe")
+    assert status == 400 and "large-v3" in json.loads(body)["error"]["message"]
     status, body = curl(f"{daemon.url}/v1/jobs/{'0' * 64}")
     assert status == 404 and "no job" in json.loads(body)["error"]["message"]
     assert ledger_rows(daemon) == (before_jobs, before_sources)

@@ -62,7 +62,8 @@ class Guard:
             await self._guarded(scope, receive, sending)
         finally:
             client = scope.get("client") or ("", 0)
-            self.log.info("api.request", method=scope["method"], path=scope["path"], status=status[0],
+            quiet = scope["path"] == "/health" and status[0] == 200  # a monitor's polls stay out of the info log
+            (self.log.debug if quiet else self.log.info)("api.request", method=scope["method"], path=scope["path"], status=status[0],
                           seconds=round(time.monotonic() - started, 3), client=client[0])
 
     async def _guarded(self, scope: dict, receive: Any, send: Any) -> None:

@@ -111,8 +111,10 @@ class ApiService:
             overrides["vad_filter"] = asked.vad_filter
         try:
             planned = self.pipeline.plan(profile=asked.profile or None, overrides=overrides)
-        except ProfileError as error:
-            raise ApiError(400, str(error), param="profile" if "profile" in str(error) else None) from None
+        except ProfileError as error:  # an unknown profile, or translate with an English-only model
+            message = str(error)
+            param = "task" if "translate" in message else "profile" if "profile" in message else None
+            raise ApiError(400, message, param=param) from None
         problem = translate_problem(planned.options)
         if problem:
             raise ApiError(400, problem, param="task", code="translate_unsupported")
