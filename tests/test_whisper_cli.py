@@ -80,6 +80,40 @@ def test_bad_arguments_are_usage_errors(argv, message):
     assert str(caught.value) == message and caught.value.status == 2
 
 
+def _options(tmp_path, argv: list[str], **data):
+    from whisperdrop import config as config_module, whisper_cli_run
+
+    config = config_module.validate(data, tmp_path)
+    options, warnings = whisper_cli_run.options_for(whisper_cli.parse(argv), config)
+    return options, warnings, config
+
+
+def test_flags_override_the_config_and_m_holds_on_every_route(tmp_path):
+    """Flags given override the config's options (and -m the local fallback's model too); flags not
+    given leave the config's, not whisper-cli's built-in defaults."""
+    data = {"remote": {"hosts": [{"name": "gpu1", "host": "127.0.0.1"}]},
+            "transcription": {"model": "large-v3", "initial_prompt": "guard pass, sweep"}}
+    options, warnings, config = _options(tmp_path, ["a.wav"], **data)
+    assert (options.model, options.language, options.initial_prompt, options.task) == \
+        ("large-v3", None, "guard pass, sweep", "transcribe")
+    assert config.local.model == "bundled:tiny.en" and not warnings
+    options, warnings, config = _options(tmp_path, ["-m", "models/ggml-small.bin", "-l", "PT", "--prompt", "armbar",
+                                                    "-bs", "2", "-tr", "a.wav"], **data)
+    assert (options.model, options.language, options.initial_prompt, options.beam_size, options.task) == \
+        ("small", "pt", "armbar", 2, "translate")
+    assert config.local.model == "small" and options.word_timestamps and not warnings
+
+
+def test_an_english_only_model_ignores_language_and_translate_with_a_warning(tmp_path):
+    """-m ggml-base.en.bin -l de -tr: transcribed as English, with whisper-cli's warning; an unknown language is refused."""
+    options, warnings, _config = _options(tmp_path, ["-m", "ggml-base.en.bin", "-l", "de", "-tr", "a.wav"],
+                                          remote={"hosts": [{"name": "gpu1", "host": "127.0.0.1"}]})
+    assert (options.model, options.language, options.task) == ("base.en", "en", "transcribe")
+    assert any("model base.en is not multilingual" in warning for warning in warnings)
+    with pytest.raises(whisper_cli.UsageError, match="unknown language 'xx'"):
+        _options(tmp_path, ["-l", "xx", "a.wav"])
+
+
 # formats, on a Result made by hand
 
 RESULT = {
@@ -164,11 +198,11 @@ def read_like_whisper_cpp_user(path: Path) -> list[tuple[int, int, str]]:
 
 
 def test_jfk_json_reads_like_whisper_cpps(tmp_path):
-    """`-m ggml-tiny.en.bin -l en -oj -f jfk.flac` writes jfk.flac.json whose segments' offsets and text
-    give the speech, read as whisper.cpp's JSON is read; the transcript is printed on stdout as
-    whisper-cli prints it, and the status is 0."""
+    """`-m ggml-tiny.en.bin -l en -oj -pp -f jfk.flac` writes jfk.flac.json whose segments' offsets and
+    text give the speech, read as whisper.cpp's JSON is read; the transcript is printed on stdout as
+    whisper-cli prints it, the progress on stderr, and the status is 0."""
     shutil.copy(JFK, tmp_path / "jfk.flac")
-    done = drop_in("-m", "models/ggml-tiny.en.bin", "-l", "en", "-oj", "-f", "jfk.flac",
+    done = drop_in("-m", "models/ggml-tiny.en.bin", "-l", "en", "-oj", "-pp", "-f", "jfk.flac",
                    cwd=tmp_path, config=_config(tmp_path))
     assert done.returncode == 0, done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["jfk.flac", "jfk.flac.json", "whisperdrop.yaml"]
@@ -184,6 +218,7 @@ def test_jfk_json_reads_like_whisper_cpps(tmp_path):
     assert normalise(" ".join(line.split("]", 1)[1] for line in printed)) == \
         normalise(" ".join(text for _start, _end, text in segments))
     assert "output_json: saving output to 'jfk.flac.json'" in done.stderr
+    assert "whisper_print_progress_callback: progress = 100%" in done.stderr  # -pp
 
 
 def test_output_file_names_the_srt_and_unhonoured_flags_warn(tmp_path):

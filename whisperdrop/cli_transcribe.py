@@ -154,16 +154,19 @@ def transcribe_files(config: config_module.Config, files: list[Path], output: Pa
 
 
 def transcribe_one(config: config_module.Config, path: Path, options: TranscribeOptions,
-                   *, install_signals: bool = True) -> tuple[dict | None, str | None]:
+                   *, install_signals: bool = True,
+                   progress: Callable[[float, float], None] | None = None) -> tuple[dict | None, str | None]:
     """The Result of `path` with `options` (a GPU host first where configured, then the local CPU), or
-    (None, why). Writes nothing; messages go to stderr."""
+    (None, why). Writes nothing; messages go to stderr; `progress(done_s, duration_s)` is called as
+    the transcription advances (from the engine's thread)."""
     results: list[dict] = []
 
     def keep(path: Path, name: str, document: dict, job: str) -> list[Path]:
         results.append(document)
         return []
 
-    run = OneShot(config, [Path(path)], options, keep, quiet=True, install_signals=install_signals)
+    run = OneShot(config, [Path(path)], options, keep, quiet=True, install_signals=install_signals,
+                  progress=progress)
     asyncio.run(run.main())
     if results:
         return results[0], None
@@ -256,9 +259,10 @@ class OneShot:
 
     def __init__(self, config: config_module.Config, files: list[Path], options: TranscribeOptions,
                  deliver: Callable[[Path, str, dict, str], list[Path]], *, quiet: bool = False,
-                 install_signals: bool = True):
+                 install_signals: bool = True, progress: Callable[[float, float], None] | None = None):
         self.config, self.files, self.options, self.deliver = config, files, options, deliver
         self.quiet, self.install_signals = quiet, install_signals
+        self.progress = progress  # told (done_s, duration_s) as well as the progress line
         self.display = _ProgressLine(enabled=not quiet)
         self.cancel = threading.Event()
         self.interrupted = False
@@ -357,6 +361,8 @@ class OneShot:
                     percent = 100 * done / duration if duration else 100
                     self.doing = f"transcribing it, at {percent:.0f}%"
                     display.show(f"{name}: transcribing {percent:5.1f}% ({done:.0f}/{duration:.0f} s)")
+                    if self.progress is not None:
+                        self.progress(done, duration)
 
                 self.doing = "transcribing it"
                 work = Work(job_id=job, audio=extracted.path, options=options, audio_size=extracted.bytes_out,

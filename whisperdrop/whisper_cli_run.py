@@ -30,8 +30,9 @@ def _languages() -> frozenset[str]:
 
 
 def options_for(params: Params, config: config_module.Config):
-    """The TranscribeOptions for `params` over the config's, and the warnings they bring. Raises
-    UsageError for an unknown model (status 3) or language (status 2)."""
+    """The TranscribeOptions for `params` over the config's, and the warnings they bring; `-m` is
+    written into `config` as local.model too. Raises UsageError for an unknown model (status 3) or
+    language (status 2)."""
     from whisperdrop import profiles
     from whisperdrop.result import english_only
 
@@ -40,6 +41,9 @@ def options_for(params: Params, config: config_module.Config):
     model = base.model
     if params.model is not None:
         model, warnings = map_model(params.model, (base.model, config.local.model))
+        config["local"]["model"] = model  # -m holds on every route, as `transcribe --model` does
+    if config.transcription.provider == "local" or not config.remote.hosts:
+        model = config.local.model  # every job runs here: the model the router plans with
     language = params.language if params.language is not None else (base.language or AUTO)
     if language != AUTO and language not in _languages():
         raise UsageError(f"error: unknown language '{language}'")
@@ -70,13 +74,9 @@ def run(params: Params) -> int:
         if error.usage:
             sys.stderr.write(usage())
         return error.status
-    if params.print_progress:
-        warnings.append(f"{PROG}: warning: -pp (--print-progress) is not honoured: the one-shot transcription "
-                        "reports no progress to the drop-in yet")
     for warning in params.warnings + warnings:
         _say(warning)
     log.configure(level="error" if params.no_prints else "warning", fmt="console", stream=sys.stderr)
-    config["local"]["model"] = options.model  # -m holds on every route, as `transcribe --model` does
     if params.threads:
         config["local"]["threads"] = params.threads  # the local fallback's engine; a GPU host uses its own
 
@@ -150,12 +150,28 @@ def write_outputs(params: Params, result: dict, name: str, base: str, language_a
     return written
 
 
+class ProgressPrinter:
+    """-pp: whisper-cli's progress lines on stderr, one each time another PROGRESS_STEP percent is done."""
+
+    PROGRESS_STEP = 5  # whisper-cli's progress_step
+
+    def __init__(self):
+        self.shown = 0
+
+    def __call__(self, done: float, duration: float) -> None:
+        percent = min(100, int(100 * done / duration)) if duration else 100
+        if percent >= self.shown + self.PROGRESS_STEP:
+            self.shown = percent - percent % self.PROGRESS_STEP
+            _say(f"whisper_print_progress_callback: progress = {percent:3d}%")
+
+
 def transcribe(config, path: Path, options, params: Params) -> tuple[dict | None, str | None]:
     """The Result of `path` with `options` (a GPU host first, then the local CPU), or None and why.
     Ctrl-C ends the process at once with 130, as `whisperdrop transcribe` does (nothing half-written)."""
     from whisperdrop.cli_transcribe import transcribe_one
 
-    result, problem = transcribe_one(config, path, options)
+    result, problem = transcribe_one(config, path, options,
+                                     progress=ProgressPrinter() if params.print_progress else None)
     if result is None and problem == "interrupted":
         _say(f"{PROG}: interrupted")
         sys.stdout.flush()
