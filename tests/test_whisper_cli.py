@@ -250,7 +250,7 @@ def test_a_non_media_file_fails_with_a_nonzero_status(tmp_path):
 
 def test_usage_errors_exit_nonzero_without_transcribing(tmp_path):
     """An unknown flag (status 2, with the usage), an unknown model (status 3) and a missing file (status 1)
-    are refused with whisper-cli's wording, no traceback, nothing written."""
+    are refused with whisper-cli's wording, no traceback, nothing written; -h shows the usage with 0."""
     config = _config(tmp_path)
     unknown = drop_in("-f", "jfk.flac", "--frobnicate", cwd=tmp_path, config=config)
     assert unknown.returncode == 2 and "error: unknown argument: --frobnicate" in unknown.stderr
@@ -259,7 +259,9 @@ def test_usage_errors_exit_nonzero_without_transcribing(tmp_path):
     assert model.returncode == 3 and "ggml-nonsense.bin" in model.stderr
     missing = drop_in("-f", "gone.wav", cwd=tmp_path, config=config)
     assert missing.returncode == 1 and "error: input file not found 'gone.wav'" in missing.stderr
-    for done in (unknown, model, missing):
+    helped = drop_in("-h", cwd=tmp_path, config=config, subcommand=True)
+    assert helped.returncode == 0 and "--output-json-full" in helped.stderr and "--flash-attn" in helped.stderr
+    for done in (unknown, model, missing, helped):
         assert "Traceback" not in done.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["whisperdrop.yaml"]
 

@@ -238,15 +238,37 @@ def map_model(argument: str, configured: tuple[str, ...] = ()) -> tuple[str, lis
     return name, warnings
 
 
+_HELP = {
+    "threads": "threads of the local fallback (a GPU host uses its own)",
+    "offset_n": "number the SRT's segments from N + 1",
+    "max_len": "maximum segment length in characters (cut between words)",
+    "beam_size": "beam size (default: transcription.beam_size)",
+    "translate": "translate to English (needs a multilingual model)",
+    "split_on_word": "split on words (always so here)",
+    "txt": "write <input>.txt", "vtt": "write <input>.vtt", "srt": "write <input>.srt",
+    "lrc": "write <input>.lrc", "csv": "write <input>.csv", "json": "write <input>.json",
+    "json_full": "write <input>.json with each segment's words as `tokens`",
+    "output_files": "output path without extension, one per input file",
+    "no_prints": "print nothing but the transcript (and warnings, errors)",
+    "print_progress": "print progress on stderr",
+    "no_timestamps": "print the transcript without timestamps",
+    "language": "spoken language, or auto (default: transcription.language)",
+    "prompt": "initial prompt (default: transcription.initial_prompt)",
+    "model": "ggml-<name>.bin (or its path), a faster-whisper name or folder (default: transcription.model)",
+    "files": "input audio or video file",
+}
+
+
 def usage() -> str:
     """The help text: the flags honoured and those accepted with a warning."""
     lines = ["", f"usage: {PROG} [options] file0 file1 ...",
              "whisper.cpp's whisper-cli, run by whisperdrop (a GPU host first, the local CPU as fallback).",
              "Any audio or video file PyAV can read. The config: $WHISPERDROP_CONFIG or the usual search path.",
              "", "options:", "  -h,        --help"]
-    for short, long, _attribute, kind in HONOURED:
-        takes = "" if kind == "flag" else " N" if kind == "int" else " VALUE"
-        lines.append(f"  {(short or '') + ('' if not short else ',') :<10} {long}{takes}")
+    for short, long, attribute, kind in HONOURED:
+        takes = "" if kind == "flag" else " N" if kind == "int" else " FNAME" if kind == "list" else " VALUE"
+        names = f"  {(short + ',') if short else '':<10} {long}{takes}"
+        lines.append(f"{names:<34} {_HELP[attribute]}")
     lines.append("")
     lines.append("accepted and not honoured (a warning names each one used):")
     names = [f"{short}/{long}" if short else long for short, long, _value, _why in IGNORED]
