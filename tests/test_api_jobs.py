@@ -98,3 +98,25 @@ def test_stop_answers_a_waiting_request_and_keeps_its_job(tmp_path):
     assert int(status) == 503 and answer["error"]["code"] == "stopping" and len(answer["job_id"]) == 64
     stopped = [event for event in daemon.events() if event["event"] == "daemon.stopped"]
     assert stopped and stopped[-1]["clean"] is True
+
+
+def test_api_job_sends_the_done_notification(tmp_path):
+    """A request's job, once done, sends the `notify` command its notification like a dropped file's:
+    event done, the job id, the route, and the outbox files written for it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    notes = tmp_path / "notifications.jsonl"
+    (tmp_path / "daemon").mkdir()
+    daemon = Daemon(tmp_path / "daemon", api={"listen": f"127.0.0.1:{port}"},
+                    notify={"command": ["tee", "-a", str(notes)]}).start()
+    try:
+        with open(JFK, "rb") as audio:
+            response = httpx.post(f"{url}/transcribe", files={"audio": ("jfk.flac", audio)}, timeout=REQUEST_TIMEOUT_S)
+        assert response.status_code == 200, response.text
+        daemon.wait_for(lambda: notes.exists() and notes.read_text().strip(), timeout=REQUEST_TIMEOUT_S,
+                        what="the notification")
+        sent = json.loads(notes.read_text().splitlines()[0])
+        assert sent["event"] == "done" and sent["job_id"] == response.json()["job_id"] and sent["route"] == "local"
+        assert str(daemon.outbox / "api" / "jfk.json") in sent["outputs"] and sent["path"].startswith(".api/")
+    finally:
+        assert daemon.stop() == 0

@@ -276,9 +276,13 @@ class Stages:
                 if uploads.is_upload(source.relpath):  # an API upload: its request gets the error
                     await loop.run_in_executor(context.io, uploads.remove, context.config.path("state_dir"),
                                                source.relpath)
-                    context.ledger.update_source(source.id, state="failed", last_error=job.last_error)
-                    context.log.error("job.failed", job_id=job.job_id, path=source.relpath, error=job.last_error,
+                    kind, _, message = (job.last_error or "error: unknown").partition(": ")
+                    context.ledger.update_source(source.id, state="failed", last_error=message)
+                    context.log.error("job.failed", job_id=job.job_id, path=source.relpath, kind=kind, error=message,
                                       hint=job.hint)
+                    if context.hooks is not None:
+                        context.hooks.failed(job, source, {"kind": kind, "error": message, "what_to_do": job.hint},
+                                             None)
                     continue
                 record, moved = await loop.run_in_executor(context.io, delivery.fail_source, context.config, job, source)
                 context.ledger.update_source(source.id, state="failed", last_error=record["error"])
@@ -297,10 +301,15 @@ class Stages:
         for source in context.ledger.sources_of(job.job_id):
             started = time.monotonic()
             if uploads.is_upload(source.relpath):  # an API upload: outbox/api/ unless it said no, then removed
-                base = await loop.run_in_executor(context.io, uploads.deliver, context.config, job, source, result)
-                context.ledger.update_source(source.id, state="done", outputs={"base": base})
+                done = await loop.run_in_executor(context.io, uploads.deliver, context.config, job, source, result)
+                context.ledger.update_source(source.id, state="done", outputs={"base": done.base})
                 context.log.info("stage.outbox", job_id=job.job_id, path=source.relpath,
-                                 output=base + ".json" if base else None, seconds=round(time.monotonic() - started, 3))
+                                 output=done.base + ".json" if done.base else None, already_written=done.already,
+                                 seconds=round(time.monotonic() - started, 3))
+                context.log.info("job.done", job_id=job.job_id, path=source.relpath, route=job.route, host=job.host,
+                                 duration_s=job.duration, fallback_reason=job.fallback_reason, api=True)
+                if context.hooks is not None:
+                    context.hooks.done(job, source, done, done.language)
                 continue
             profile = profiles.match(context.config, source.relpath)  # each source its own profile's outputs
             formats = list(profiles.formats_of(context.config, profile))

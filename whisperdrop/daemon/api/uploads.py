@@ -175,14 +175,16 @@ def request_of(state_dir: Path, relpath: str) -> dict:
         return {}
 
 
-def deliver(config: Any, job: Any, source: Any, result: dict) -> str | None:
+def deliver(config: Any, job: Any, source: Any, result: dict) -> Any:
     """Write the outputs of `result` for an upload to `outbox/api/` in the formats its request
     planned (unless it said outbox=false, or `api.write_outbox` is false), then remove the upload.
-    Returns the outputs' base relative to the outbox, or None when none were written. Raises
-    OSError. Runs in a thread."""
+    Returns a `delivery.Delivered` (base None and no outputs when none were written; `source` None:
+    the upload is gone). Raises OSError. Runs in a thread."""
+    from whisperdrop.daemon.delivery import Delivered
+
     state_dir = config.path("state_dir")
     request = request_of(state_dir, source.relpath)
-    base_name = None
+    base_name, already, written = None, False, ()
     if request.get("outbox", True) and config.api.write_outbox:
         outbox_root = Path(config.outbox)
         formats = list(request.get("formats", config.transcription.outputs))
@@ -196,8 +198,10 @@ def deliver(config: Any, job: Any, source: Any, result: dict) -> str | None:
                 sha256=job.source_sha256, timings={"total_s": round(time.time() - source.taken_at, 3)})
             outbox.write_outputs(base, document, formats, limits)
         base_name = str(base.relative_to(outbox_root))
+        written = tuple(str(base.with_name(f"{base.name}.{fmt}")) for fmt in [*formats, "json"])
     remove(state_dir, source.relpath)
-    return base_name
+    return Delivered(replaced=False, base=base_name, already=already, outputs=written, source=None,
+                     language=result.get("language"))
 
 
 def sweep(state_dir: Path, keep: set[str]) -> int:
