@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import secrets
 import socket
@@ -95,8 +96,6 @@ class Guard:
 
 
 async def _send_json(send: Any, status: int, body: dict, headers: dict) -> None:
-    import json
-
     data = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     raw += [(key.encode(), value.encode()) for key, value in headers.items()]
