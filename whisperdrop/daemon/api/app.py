@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -196,6 +197,12 @@ class ApiServer:
         pending = {source.relpath for job_id in {job.job_id for job in ledger.unfinished_jobs()}
                    | set(ledger.finished_with_pending_sources()) for source in ledger.sources_of(job_id)}
         swept = uploads.sweep(self.service.state_dir, pending)
+        # Starlette's multipart parser spools each upload to a temporary file while it arrives: have
+        # it do so on the state disk, not in /tmp, which is often memory (tmpfs). Process-wide, and
+        # nothing else in the daemon uses tempfile.
+        incoming = uploads.root(self.service.state_dir) / ".incoming"
+        incoming.mkdir(parents=True, exist_ok=True)
+        tempfile.tempdir = str(incoming)
         if swept:
             self.log.info("api.uploads_swept", removed=swept, reason="stored but never recorded (a cut request)")
         _route_uvicorn_logs()

@@ -213,7 +213,7 @@ def sweep(state_dir: Path, keep: set[str]) -> int:
     wanted = {relpath[len(PREFIX):].split("/", 1)[0] for relpath in keep if is_upload(relpath)}
     removed = 0
     for entry in folder.iterdir():
-        if entry.name not in wanted:
+        if entry.name not in wanted and not entry.name.startswith("."):  # .incoming: the parser's spool
             shutil.rmtree(entry, ignore_errors=True)
             removed += 1
     return removed
