@@ -34,6 +34,11 @@ def ledger_rows(daemon: Daemon) -> tuple[list[tuple], list[tuple]]:
     return jobs, sources
 
 
+def stored_uploads(daemon: Daemon) -> list:
+    """The upload folders kept under state/uploads (`.incoming`, the parser's spool, is not one)."""
+    return [entry for entry in (daemon.root / "state" / "uploads").iterdir() if not entry.name.startswith(".")]
+
+
 def curl(*arguments: str) -> tuple[int, bytes]:
     """Run curl; (HTTP status, body)."""
     done = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "--max-time", str(REQUEST_TIMEOUT_S),
@@ -88,7 +93,7 @@ def test_transcribe_contract_health_and_one_transcription(daemon):
     jobs, sources = ledger_rows(daemon)
     assert [stage for job_id, stage in jobs if job_id == first["job_id"]] == ["done"]
     assert [state for _, job_id, state in sources if job_id == first["job_id"]] == ["done", "done"]
-    assert not any((daemon.root / "state" / "uploads").iterdir())  # delivered uploads are removed
+    assert not stored_uploads(daemon)  # delivered uploads are removed
 
 
 def test_original_plan_client_fields(daemon):
@@ -116,7 +121,7 @@ def test_outbox_false_writes_nothing_to_the_outbox(daemon, tmp_path):
     answer = json.loads(body)
     assert answer["outbox"] is None and "country" in answer["text"]
     assert sorted(daemon.outbox.rglob("*")) == before
-    assert not any((daemon.root / "state" / "uploads").iterdir())
+    assert not stored_uploads(daemon)
 
 
 def test_a_named_profile(daemon):
@@ -208,7 +213,7 @@ def test_rejected_requests_leave_nothing(daemon, tmp_path):
     assert status == 404 and "no job" in json.loads(body)["error"]["message"]
     assert ledger_rows(daemon) == (before_jobs, before_sources)
     assert sorted(daemon.outbox.rglob("*")) == before_outbox
-    assert not any((daemon.root / "state" / "uploads").iterdir())
+    assert not stored_uploads(daemon)
     with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1])), timeout=30) as raw:
         raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
         assert raw.recv(1024).startswith(b"HTTP/1.1 400")
@@ -234,7 +239,7 @@ def test_token_and_size_limit(tmp_path):
                             "-F", f"audio=@{big}", f"{daemon.url}/transcribe")
         assert status == 413 and "max_upload_mb" in json.loads(body)["error"]["message"]
         assert ledger_rows(daemon) == ([], [])
-        assert not any((daemon.root / "state" / "uploads").iterdir())
+        assert not stored_uploads(daemon)
         small = tmp_path / "small.wav"
         import wave
 
