@@ -17,6 +17,7 @@ import av
 import jiwer
 
 from common import JFK, JFK_TEXT, Context, Row, ratio, skipped
+from corpus import HARVARD, VOICES
 from daemon_helpers import normalise
 from whisperdrop import config
 from whisperdrop.daemon.extract import extract
@@ -25,41 +26,7 @@ from whisperdrop.spool import TranscribeOptions
 
 SECTION = "bandwidth"
 BITRATES = (8, 12, 16, 24, 32)
-# (voice, words per minute): male and female, American, British and Scottish accents.
-VOICES = (("en-us", 165), ("en-gb", 150), ("en+f3", 170), ("en-gb-scotland", 155), ("en-us+m3", 140))
-# Harvard sentences (IEEE 1969), public domain: phonetically balanced, known text.
-SENTENCES = (
-    "The birch canoe slid on the smooth planks.",
-    "Glue the sheet to the dark blue background.",
-    "It's easy to tell the depth of a well.",
-    "These days a chicken leg is a rare dish.",
-    "Rice is often served in round bowls.",
-    "The juice of lemons makes fine punch.",
-    "The box was thrown beside the parked truck.",
-    "The hogs were fed chopped corn and garbage.",
-    "Four hours of steady work faced us.",
-    "A large size in stockings is hard to sell.",
-    "The boy was there when the sun rose.",
-    "A rod is used to catch pink salmon.",
-    "The source of the huge river is the clear spring.",
-    "Kick the ball straight and follow through.",
-    "Help the woman get back to her feet.",
-    "A pot of tea helps to pass the evening.",
-    "Smoky fires lack flame and heat.",
-    "The soft cushion broke the man's fall.",
-    "The salt breeze came across from the sea.",
-    "The girl at the booth sold fifty bonds.",
-    "The small pup gnawed a hole in the sock.",
-    "The fish twisted and turned on the bent hook.",
-    "Press the pants and sew a button on the vest.",
-    "The swan dive was far short of perfect.",
-    "The beauty of the view stunned the young boy.",
-    "Two blue fish swam in the tank.",
-    "Her purse was full of useless trash.",
-    "The colt reared and threw the tall rider.",
-    "It snowed, rained, and hailed the same morning.",
-    "Read verse out loud for pleasure.",
-)
+SENTENCES = HARVARD[:30]  # lists 1 to 3, as measured before bench/corpus.py held the sentences
 
 
 def _bitrate_default() -> int:

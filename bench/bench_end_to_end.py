@@ -1,16 +1,20 @@
 """End to end on the remote route over loopback: what the pipeline adds to the runner's transcription.
 
 A real daemon (`python -m whisperdrop run`, shipped defaults but for the host and provider=remote), a
-real OpenSSH sshd on 127.0.0.1 and a real runner process (tiny.en on the CPU) on the spool it serves.
-A warm-up job first, so the SSH connection is up and the runner's model loaded, as in steady state.
+real OpenSSH sshd on 127.0.0.1 and a real runner process (tiny.en on the CPU, the runner's defaults:
+batch_size 16, max_jobs_per_batch 16) on the spool it serves. A warm-up job first, so the SSH
+connection is up and the runner's model loaded, as in steady state.
 
 - One-minute file: dropped with a rename (it appears whole, mtime = now). Overhead two ways: the
   Result's `total_s - settle_s - transcribe_s`, and the wall clock from the rename to the outbox .json
   appearing minus settle_seconds minus transcribe_s. Goal: <= 0.5 s beyond the settle time.
-- 20 files dropped at once (one rename each, back to back): wall clock from the drop to the last .json,
-  minus settle_seconds, against the sum of the runner's transcribe_s. Goal: <= 1.15x.
+- 20 distinct 12 s files dropped at once (one rename each, back to back): wall clock from the drop to
+  the last .json, minus settle_seconds, against the sum of the same files' bare sequential
+  transcription times (`WhisperModel.transcribe`, same model and options, on the Opus the daemon
+  extracts; measured in this process before each drop, the daemon and runner idle). Goal: <= 0.6x:
+  the runner batches the queued jobs together.
 Runner and daemon share this machine's cores, so CPU extraction competes with the CPU "GPU" work:
-the overlap figure is pessimistic against a real GPU host.
+the figures are pessimistic against a real GPU host.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import Context, Row, ratio, root_problem, skipped
+from common import JFK, Context, Row, ratio, root_problem, skipped
 from whisperdrop import config
+from whisperdrop.daemon.extract import extract
 from whisperdrop.daemon.remote import RUNNING_POLL_S
+from whisperdrop.engine import resolve_model_path
+from whisperdrop.spool import TranscribeOptions
 
 SECTION = "end_to_end"
 
@@ -60,6 +67,21 @@ def _wait_results(daemon, stems: list[str], timeout: float) -> dict[str, tuple[f
             raise AssertionError(f"{stem} ran on {result['executed_on']}, not the remote route")
         results[stem] = (moment, result)
     return results
+
+
+def _bare_sequential_sum(model, paths: list[Path], scratch: Path) -> float:
+    """Seconds `WhisperModel.transcribe` takes over `paths`, each extracted to Opus first (not timed)."""
+    options = TranscribeOptions()
+    total = 0.0
+    for path in paths:
+        audio = extract(path, scratch / (path.stem + ".opus")).path
+        started = time.perf_counter()
+        segments, _ = model.transcribe(str(audio), language=options.language, word_timestamps=options.word_timestamps,
+                                       vad_filter=options.vad_filter, beam_size=options.beam_size)
+        for _ in segments:
+            pass
+        total += time.perf_counter() - started
+    return total
 
 
 def run(context: Context) -> list[Row]:
@@ -119,24 +141,31 @@ def run(context: Context) -> list[Row]:
                      f"polling every {RUNNING_POLL_S:g} s while the runner works, fetch, outbox write; median stage times in s: {breakdown})",
                 runs=[round(value, 3) for value in values]))
 
-        ratios, walls, sums = [], [], []
+        from faster_whisper import WhisperModel
+
+        bare = WhisperModel(resolve_model_path(TranscribeOptions().model), device="cpu", compute_type="int8")
+        (scratch / "bare").mkdir()
+        _bare_sequential_sum(bare, [JFK], scratch / "bare")  # loaded and warmed before the clock
+        ratios, walls, sums, batched = [], [], [], []
         for run in range(context.repeats):
             stems = [f"batch{run}-{index:02d}" for index in range(many)]
             paths = [write_speech_wav(staging / f"{stem}.wav", 100 + run * many + index, many_seconds)
                      for index, stem in enumerate(stems)]
+            sums.append(_bare_sequential_sum(bare, paths, scratch / "bare"))
             started = _drop(daemon, paths)
             results = _wait_results(daemon, stems, 900)
             wall = max(moment for moment, _ in results.values()) - started - settle
-            total = sum(result["timings"]["transcribe_s"] for _, result in results.values())
             walls.append(wall)
-            sums.append(total)
-            ratios.append(wall / total)
+            ratios.append(wall / sums[-1])
+            batched.append(max(result["executed_on"].get("jobs_batched", 1) for _, result in results.values()))
         rows.append(Row(
-            SECTION, f"{many} files x {many_seconds:.0f} s dropped at once: drop -> last .json, minus settle",
-            round(statistics.median(walls), 2), "s", round(statistics.median(sums), 2), "sum of runner transcribe_s",
-            statistics.median(ratios), "<= 1.15x", statistics.median(ratios) <= 1.15,
-            note=f"(ratio = median of per-run ratios; runner and daemon share {os.cpu_count()} CPU cores here, so the "
-                 "daemon's extraction competes with the CPU 'GPU' work: pessimistic against a real GPU host)",
+            SECTION, f"{many} distinct files x {many_seconds:.0f} s dropped at once: drop -> last .json, minus settle",
+            round(statistics.median(walls), 2), "s", round(statistics.median(sums), 2), "sum of bare sequential transcribe",
+            statistics.median(ratios), "<= 0.6x", statistics.median(ratios) <= 0.6,
+            note=f"(ratio = median of per-run ratios; bare: WhisperModel.transcribe, tiny.en int8 CPU, word timestamps, "
+                 f"VAD, beam 5, each file's Opus; most jobs in one runner step: {max(batched)}; runner and daemon "
+                 f"share {os.cpu_count()} CPU cores here, so the daemon's extraction competes with the CPU 'GPU' work: "
+                 "pessimistic against a real GPU host)",
             runs=[round(value, 3) for value in ratios]))
     finally:
         if daemon is not None:

@@ -1,111 +1,371 @@
-"""Engine: the runner's overhead against a bare faster-whisper call, and the CPU real-time factor.
+"""Engine (issue 11): whisperdrop's transcription against bare faster-whisper, on the CPU and on CUDA.
 
-- Runner overhead: `Runner.step()` on a job in a local spool (claim by rename, sha256 check, engine,
-  progress files, Result written atomically, release), timed as a whole, against a bare
-  `WhisperModel.transcribe()` with the same model files, device, compute type and options on the same
-  Opus file, segments consumed. Both models are loaded before the clock starts; runs alternate.
-  Goal: <= 5 %.
-- Real-time factor (transcription seconds / audio seconds, lower is faster) of the bundled tiny.en on
-  the CPU through a bare call, with word timestamps (the default) against without.
-- GPU: measured only where a CUDA device is present.
+The speech is bench/corpus.py's, extracted to Opus as the daemon extracts it (every method reads that
+same file): an 8-minute file (jfk.flac, then Harvard sentences read by espeak-ng in five voices; the
+text is known), 16 distinct clips of 12 s or more, and a one-minute file. Options are the shipped
+defaults (word timestamps, VAD, beam 5). On the CPU: the bundled tiny.en, int8.
+
+- Long file: bare faster-whisper sequential (`WhisperModel.transcribe`), bare
+  `BatchedInferencePipeline(batch_size=B)` and whisperdrop, B being whisperdrop's batch size. On the
+  CPU whisperdrop is the daemon's local route: `Engine.transcribe` with the config's `local` section
+  (device, compute type, threads, batch_size 8). On CUDA it is the runner's engine call (runner
+  batch_size 16). One loaded model serves all three (loaded, and each path run once, before the
+  clock); each round runs the three in a rotating order; figures are medians of the rounds, ratios
+  the median of the rounds' ratios. Goals: <= 1.10x bare batched, <= 0.60x bare sequential, word
+  error rate (jiwer, normalised) within 1 point of bare sequential.
+- Across jobs: the clips queued in a spool and done by the runner's `Worker.step` (runner defaults:
+  batch_size 16, max_jobs_per_batch 16, so one step batches them all), against the sum of the clips'
+  bare sequential times and of their bare batched times.
+- Runner overhead: `Worker.step()` on the one-minute job (claim, sha256 check, engine, progress and
+  Result files) against `Engine.transcribe` with the same settings. Goal: <= 5 %.
+- GPU: the same three comparisons on CUDA (float16) when CTranslate2 sees a device, with the model
+  WHISPERDROP_BENCH_GPU_MODEL names, else the first of GPU_MODELS in the local Hugging Face cache,
+  else the bundled tiny.en. A child process transcribes jfk on CUDA first, so missing CUDA libraries
+  (CTranslate2 4.x loads CUDA 12 cuBLAS and cuDNN 9) give a "not measured" row with the error instead
+  of ending the benchmark. Without a device, "not measured" rows say so.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from common import Context, Row, ratio, timed
-from whisperdrop import log
+from common import JFK, Context, Row, skipped
+from corpus import Speech, speech_clips, speech_file, wer
+from whisperdrop import config, log
 from whisperdrop.daemon.extract import extract
-from whisperdrop.engine import Engine, cuda_device_count, resolve_compute_type, resolve_model_path
+from whisperdrop.engine import Engine, ModelKey, cuda_device_count, resolve_compute_type
 from whisperdrop.spool import TranscribeOptions, make_job_document
 
 SECTION = "engine"
+GPU_MODELS = ("large-v3", "large-v3-turbo", "distil-large-v3", "medium", "medium.en", "small", "small.en", "base",
+              "base.en", "tiny", "tiny.en")
+CUDA_LIBRARIES_HINT = ("CTranslate2 4.x needs CUDA 12 cuBLAS and cuDNN 9: pip install nvidia-cublas-cu12 "
+                       "'nvidia-cudnn-cu12==9.*' and put their lib folders on LD_LIBRARY_PATH (bench/README.md)")
 
 
-def _bare(model, audio: Path, options: TranscribeOptions) -> float:
-    def work() -> None:
-        segments, _ = model.transcribe(
-            str(audio), language=options.language, initial_prompt=options.initial_prompt, hotwords=options.hotwords,
-            word_timestamps=options.word_timestamps, vad_filter=options.vad_filter, beam_size=options.beam_size)
-        for _ in segments:
-            pass
-    return timed(work)
+@dataclass
+class Setup:
+    """One device's comparison: the loaded model every method shares, and whisperdrop's settings."""
+
+    label: str                  # "tiny.en int8 CPU"
+    device: str
+    compute_type: str
+    threads: int
+    batch_size: int             # whisperdrop's on this device: local.batch_size (CPU), runner.batch_size (CUDA)
+    route: str                  # what whisperdrop's call stands for
+    options: TranscribeOptions
+    engine: Engine
+    model: Any = None
+
+    def load(self) -> "Setup":
+        self.model = self.engine.load(ModelKey(self.options.model, self.device, self.compute_type, 0, self.threads))
+        return self
+
+
+def _options_kwargs(options: TranscribeOptions) -> dict:
+    return dict(language=options.language, initial_prompt=options.initial_prompt, hotwords=options.hotwords,
+                word_timestamps=options.word_timestamps, vad_filter=options.vad_filter, beam_size=options.beam_size)
+
+
+def bare_sequential(setup: Setup, audio: Path) -> tuple[float, str]:
+    """Seconds and text of `WhisperModel.transcribe` on `audio`, its segments consumed."""
+    started = time.perf_counter()
+    segments, _ = setup.model.transcribe(str(audio), **_options_kwargs(setup.options))
+    text = "".join(segment.text for segment in segments)
+    return time.perf_counter() - started, text
+
+
+def bare_batched(setup: Setup, audio: Path, batch_size: int) -> tuple[float, str]:
+    """Seconds and text of `BatchedInferencePipeline(model).transcribe(batch_size=...)` on `audio`."""
+    from faster_whisper import BatchedInferencePipeline
+
+    started = time.perf_counter()
+    segments, _ = BatchedInferencePipeline(model=setup.model).transcribe(
+        str(audio), batch_size=batch_size, **_options_kwargs(setup.options))
+    text = "".join(segment.text for segment in segments)
+    return time.perf_counter() - started, text
+
+
+def whisperdrop_call(setup: Setup, audio: Path, batch_size: int | None = None) -> tuple[float, str]:
+    """Seconds and text of `Engine.transcribe` with the setup's device, compute type, threads and batch size."""
+    started = time.perf_counter()
+    result = setup.engine.transcribe(audio, setup.options, device=setup.device, compute_type=setup.compute_type,
+                                     threads=setup.threads, batch_size=batch_size or setup.batch_size)
+    return time.perf_counter() - started, result["text"]
+
+
+def rounds(methods: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list]:
+    """Each method `repeats` times, a round at a time, the order rotating from round to round."""
+    names = list(methods)
+    runs: dict[str, list] = {name: [] for name in names}
+    for index in range(repeats):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(methods[name]())
+    return runs
+
+
+def _paired(values: list[float], baselines: list[float]) -> list[float]:
+    return [value / baseline for value, baseline in zip(values, baselines)]
+
+
+def _same_text(runs: list[tuple[float, str]]) -> str:
+    return "identical in every run" if len({text for _, text in runs}) == 1 else "text varied between runs: first run's"
+
+
+def long_file(setup: Setup, speech: Speech, audio: Path, repeats: int) -> list[Row]:
+    """Sequential, batched and whisperdrop on one long file: times, ratios and word error rates."""
+    batch = setup.batch_size
+    runs = rounds({"sequential": lambda: bare_sequential(setup, audio),
+                   "batched": lambda: bare_batched(setup, audio, batch),
+                   "whisperdrop": lambda: whisperdrop_call(setup, audio)}, repeats)
+    seconds = {name: [elapsed for elapsed, _ in values] for name, values in runs.items()}
+    median = {name: statistics.median(values) for name, values in seconds.items()}
+    what = f"{setup.label}, {speech.seconds / 60:.1f} min speech file"
+    how = (f"median of {repeats} rounds, order rotating; ratio = median of the rounds' ratios; one loaded model; "
+           f"word timestamps, VAD, beam 5; whisperdrop = {setup.route}")
+    rows = []
+    for baseline, name, goal, limit in (("batched", f"bare BatchedInferencePipeline(batch_size={batch})", "<= 1.10x", 1.10),
+                                        ("sequential", "bare WhisperModel.transcribe, sequential", "<= 0.60x", 0.60)):
+        paired = _paired(seconds["whisperdrop"], seconds[baseline])
+        value = statistics.median(paired)
+        rows.append(Row(SECTION, f"{what}: whisperdrop (batch_size {batch}) vs {baseline}", round(median["whisperdrop"], 2),
+                        "s", round(median[baseline], 2), name, value, goal, value <= limit, note=f"({how})",
+                        runs=[round(item, 3) for item in paired]))
+    paired = _paired(seconds["batched"], seconds["sequential"])
+    rows.append(Row(SECTION, f"{what}: bare batched (batch_size {batch}) vs bare sequential", round(median["batched"], 2),
+                    "s", round(median["sequential"], 2), "bare sequential", statistics.median(paired),
+                    note=f"({speech.seconds / median['batched']:.0f}x and {speech.seconds / median['sequential']:.0f}x real time)",
+                    runs=[round(item, 3) for item in paired]))
+    errors = {name: wer(speech.text, values[0][1]) for name, values in runs.items()}
+    words = len(speech.text.split())
+    for name in ("whisperdrop", "batched"):
+        difference = errors[name] - errors["sequential"]
+        goal = "<= sequential + 1 point" if name == "whisperdrop" else ""
+        rows.append(Row(SECTION, f"{what}: word error rate, {name}", round(errors[name], 2), "%", round(errors["sequential"], 2),
+                        "bare sequential", None, goal, (difference <= 1.0) if goal else None,
+                        note=f"({difference:+.2f} points; {words} words; {_same_text(runs[name])}; sequential "
+                             f"{_same_text(runs['sequential'])}; {speech.what})"))
+    return rows
+
+
+def _submit(worker, options: TranscribeOptions, audio: Path, tag: str, duration: float, queued_at: float) -> str:
+    """Queue `audio` as the daemon does (audio, then the job document by rename); the job id."""
+    data = audio.read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    job = hashlib.sha256(f"{tag}\n{sha256}".encode()).hexdigest()
+    shutil.copyfile(audio, worker.layout.audio(job))
+    document = make_job_document(job, options, len(data), sha256, duration, audio.name, queued_at)
+    temporary = Path(worker.layout.job(job) + ".tmp")
+    temporary.write_text(json.dumps(document))
+    os.replace(temporary, worker.layout.job(job))
+    os.utime(worker.layout.job(job), (queued_at, queued_at))  # queue order = submission order
+    return job
+
+
+def make_worker(setup: Setup, spool: Path):
+    """A runner Worker on `spool` sharing the setup's engine (runner defaults for batching)."""
+    from whisperdrop.gpu_runner.worker import Worker
+
+    return Worker({"spool": str(spool), "model": setup.options.model, "device": setup.device,
+                   "compute_type": setup.compute_type, "name": "bench"}, engine=setup.engine)
+
+
+def run_queue(setup: Setup, spool: Path, jobs: list[tuple[Path, float]]) -> tuple[float, list[dict]]:
+    """Queue `jobs` (audio, duration) in a fresh spool, then step a Worker until the queue is empty;
+    the seconds the steps took and the Results in queue order. Raises AssertionError for a job with
+    no Result."""
+    worker = make_worker(setup, spool)
+    base = time.time() - len(jobs)
+    ids = [_submit(worker, setup.options, audio, f"{spool.name}-{index}", duration, base + index)
+           for index, (audio, duration) in enumerate(jobs)]
+    started = time.perf_counter()
+    while worker.step():
+        pass
+    elapsed = time.perf_counter() - started
+    results = []
+    for job in ids:
+        path = Path(worker.layout.result(job))
+        if not path.exists():
+            failed = sorted(item.name for item in Path(worker.layout.directory("failed")).iterdir())
+            raise AssertionError(f"the runner wrote no Result for {job} (failed/: {failed})")
+        results.append(json.loads(path.read_text()))
+    return elapsed, results
+
+
+def across_jobs(setup: Setup, clips: list[tuple[Speech, Path]], scratch: Path, repeats: int) -> list[Row]:
+    """The clips queued for the runner's Worker, against the sums of their bare sequential and batched times."""
+    counter = iter(range(10_000))
+    probe = make_worker(setup, scratch / "probe-spool")
+    batch = probe.batch_size
+
+    def sequential() -> tuple[float, list[str]]:
+        timed = [bare_sequential(setup, audio) for _, audio in clips]
+        return sum(elapsed for elapsed, _ in timed), [text for _, text in timed]
+
+    def batched() -> tuple[float, list[str]]:
+        timed = [bare_batched(setup, audio, batch) for _, audio in clips]
+        return sum(elapsed for elapsed, _ in timed), [text for _, text in timed]
+
+    def runner() -> tuple[float, list[str]]:
+        elapsed, results = run_queue(setup, scratch / f"spool-{next(counter)}", [(audio, speech.seconds) for speech, audio in clips])
+        shared.append(max(result["executed_on"].get("jobs_batched", 1) for result in results))
+        return elapsed, [result["text"] for result in results]
+
+    shared: list[int] = []
+    runs = rounds({"sequential": sequential, "batched": batched, "runner": runner}, repeats)
+    seconds = {name: [elapsed for elapsed, _ in values] for name, values in runs.items()}
+    audio_s = sum(speech.seconds for speech, _ in clips)
+    what = f"{setup.label}, {len(clips)} clips ({audio_s:.0f} s) queued at once"
+    how = (f"runner: Worker.step until the queue is empty, runner defaults batch_size {batch}, max_jobs_per_batch "
+           f"{probe.max_jobs} (jobs sharing a step: {max(shared)}); bare: one call per clip, times summed; "
+           f"median of {repeats} rounds' ratios")
+    rows = []
+    for baseline, name in (("sequential", "sum of bare sequential"), ("batched", f"sum of bare batched (batch_size {batch})")):
+        paired = _paired(seconds["runner"], seconds[baseline])
+        rows.append(Row(SECTION, f"{what}: runner across jobs vs {baseline}", round(statistics.median(seconds["runner"]), 2), "s",
+                        round(statistics.median(seconds[baseline]), 2), name, statistics.median(paired), note=f"({how})",
+                        runs=[round(item, 3) for item in paired]))
+    references = [speech.text for speech, _ in clips]
+    errors = {name: wer(references, values[0][1]) for name, values in runs.items()}
+    rows.append(Row(SECTION, f"{what}: word error rate, runner", round(errors["runner"], 2), "%", round(errors["sequential"], 2),
+                    "bare sequential", None, note=f"({errors['runner'] - errors['sequential']:+.2f} points; bare batched "
+                                                  f"{errors['batched']:.2f} %; {sum(len(text.split()) for text in references)} words)"))
+    return rows
+
+
+def runner_overhead(setup: Setup, speech: Speech, audio: Path, scratch: Path, repeats: int) -> list[Row]:
+    """Worker.step() on one job against Engine.transcribe with the runner's settings."""
+    counter = iter(range(10_000))
+    batch = make_worker(setup, scratch / "probe-spool").batch_size
+    bookkeeping: list[float] = []
+
+    def step() -> tuple[float, str]:
+        elapsed, results = run_queue(setup, scratch / f"single-{next(counter)}", [(audio, speech.seconds)])
+        bookkeeping.append(elapsed - results[0]["timings"]["transcribe_s"])
+        return elapsed, results[0]["text"]
+
+    step()  # one unmeasured pair first: spool folders, the worker's first claim, the engine at this batch size
+    whisperdrop_call(setup, audio, batch)
+    bookkeeping.clear()
+    runs = rounds({"step": step, "engine": lambda: whisperdrop_call(setup, audio, batch)}, max(5, repeats))
+    paired = _paired([elapsed for elapsed, _ in runs["step"]], [elapsed for elapsed, _ in runs["engine"]])
+    overhead = 100 * (statistics.median(paired) - 1)
+    return [Row(SECTION, f"{setup.label}: runner Worker.step() on a {speech.seconds:.0f} s job vs Engine.transcribe",
+                round(statistics.median(elapsed for elapsed, _ in runs["step"]), 3), "s",
+                round(statistics.median(elapsed for elapsed, _ in runs["engine"]), 3), f"Engine.transcribe, batch_size {batch}",
+                statistics.median(paired), "<= 5% overhead", overhead <= 5,
+                note=f"({overhead:+.1f}%, median of {len(paired)} rotating pairs' ratios; step = claim, sha256 check, "
+                     f"engine, progress and Result files; outside the engine's own timer: "
+                     f"{statistics.median(bookkeeping) * 1000:.0f} ms)",
+                runs=[round(item, 3) for item in paired])]
+
+
+def _opus(wav: Path) -> Path:
+    return extract(wav, wav.with_suffix(".opus")).path
+
+
+def compare(setup: Setup, scratch: Path, context: Context, files: dict) -> list[Row]:
+    """Every comparison on one device: long file, across jobs, runner overhead."""
+    setup.load()
+    bare_sequential(setup, JFK)  # every path once before the clock: model, VAD, features
+    bare_batched(setup, JFK, setup.batch_size)
+    whisperdrop_call(setup, JFK)
+    rows = []
+    for name, work in (("long file", lambda: long_file(setup, files["long"][0], files["long"][1], context.repeats)),
+                       ("across jobs", lambda: across_jobs(setup, files["clips"], scratch / setup.device, context.repeats)),
+                       ("runner overhead", lambda: runner_overhead(setup, *files["minute"], scratch / setup.device, context.repeats))):
+        print(f"#   {setup.label}: {name} ...", file=sys.stderr, flush=True)
+        rows += work()
+    return rows
+
+
+def gpu_model() -> str | None:
+    """WHISPERDROP_BENCH_GPU_MODEL, or the first of GPU_MODELS in the local Hugging Face cache, or None."""
+    if os.environ.get("WHISPERDROP_BENCH_GPU_MODEL"):
+        return os.environ["WHISPERDROP_BENCH_GPU_MODEL"]
+    from faster_whisper.utils import download_model
+
+    for name in GPU_MODELS:
+        try:
+            download_model(name, local_files_only=True)
+            return name
+        except Exception:  # huggingface_hub raises several types for "not in the cache"; try the next
+            continue
+    return None
+
+
+def cuda_problem(model: str) -> str | None:
+    """Why `model` cannot transcribe jfk on CUDA in a child process (its stderr's end), or None when it can."""
+    from whisperdrop.engine import resolve_model_path
+
+    child = ("import sys; from faster_whisper import WhisperModel; "
+             "model = WhisperModel(sys.argv[1], device='cuda', compute_type='float16'); "
+             "segments, _ = model.transcribe(sys.argv[2], word_timestamps=True, vad_filter=True, beam_size=5); "
+             "print(''.join(segment.text for segment in segments))")
+    try:
+        completed = subprocess.run([sys.executable, "-c", child, resolve_model_path(model), str(JFK)],
+                                   capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return f"a CUDA transcription of jfk with {model} took over 900 s"
+    except Exception as error:  # resolve_model_path's EngineError names the model and the fix
+        return str(error)
+    if completed.returncode != 0:
+        tail = " ".join((completed.stderr or completed.stdout).strip().splitlines()[-3:])
+        libraries = any(word in tail.lower() for word in ("libcublas", "libcudnn", "cannot be loaded", "unable to load"))
+        hint = CUDA_LIBRARIES_HINT if libraries else "check that nvidia-smi works and the driver supports CUDA 12 (CTranslate2 4.x)"
+        return f"transcribing jfk with {model} on CUDA failed (exit {completed.returncode}: {tail}); {hint}"
+    return None
 
 
 def run(context: Context) -> list[Row]:
-    from daemon_helpers import write_speech_wav
-    from faster_whisper import WhisperModel
-
-    from whisperdrop.gpu_runner import Runner
-
     log.configure(level="error")
     scratch = context.scratch / SECTION
     scratch.mkdir()
-    seconds = 20.0 if context.quick else 60.0
-    wav = write_speech_wav(scratch / "speech.wav", 3, seconds)
-    audio = extract(wav, scratch / "speech.opus").path
-    size, sha256 = audio.stat().st_size, hashlib.sha256(audio.read_bytes()).hexdigest()
-    options = TranscribeOptions()  # the shipped defaults: bundled:tiny.en, word timestamps, VAD, beam 5
-    compute_type = resolve_compute_type("default", "cpu")
-    engine = Engine()
-    runner = Runner({"spool": str(scratch / "spool"), "model": options.model, "device": "cpu",
-                     "compute_type": "default", "name": "bench"}, engine=engine)
-    bare = WhisperModel(resolve_model_path(options.model), device="cpu", compute_type=compute_type)
-    engine.transcribe(audio, options, device="cpu")  # load the runner's model before the clock starts
-    _bare(bare, audio, options)  # and warm the bare one the same way
+    long_seconds = 90.0 if context.quick else 480.0
+    clip_count, clip_seconds = (6, 6.0) if context.quick else (16, 12.0)
+    print("#   building the speech corpus ...", file=sys.stderr, flush=True)
+    speech = speech_file(scratch, long_seconds, "long")
+    minute = speech_file(scratch, 20.0 if context.quick else 60.0, "minute")
+    clips = speech_clips(scratch / "clips", clip_count, clip_seconds)
+    files = {"long": (speech, _opus(speech.path)), "minute": (minute, _opus(minute.path)),
+             "clips": [(clip, _opus(clip.path)) for clip in clips]}
+    local = config.defaults()["local"]
+    engine = Engine(max_models=2)
+    cpu = Setup(f"{local['model'].removeprefix('bundled:')} {resolve_compute_type(local['compute_type'], 'cpu')} CPU",
+                "cpu", resolve_compute_type(local["compute_type"], "cpu"), int(local["threads"]), int(local["batch_size"]),
+                "the daemon's local route, Engine.transcribe with the config's local section",
+                TranscribeOptions(model=local["model"]), engine)
+    rows = compare(cpu, scratch, context, files)
+    return rows + gpu_rows(context, scratch, files)
 
-    def runner_once(index: int) -> float:
-        job = hashlib.sha256(f"engine-bench-{index}".encode()).hexdigest()
-        shutil.copyfile(audio, runner.layout.audio(job))
-        document = make_job_document(job, options, size, sha256, seconds, "speech.wav", time.time())
-        Path(runner.layout.job(job)).write_text(json.dumps(document))
-        elapsed = timed(lambda: runner.step())
-        result_path = Path(runner.layout.result(job))
-        if not result_path.exists():
-            raise AssertionError(f"runner did not write a result for {job}: {list(Path(runner.layout.directory('failed')).iterdir())}")
-        bookkeeping.append(elapsed - json.loads(result_path.read_text())["timings"]["transcribe_s"])
-        return elapsed
 
-    runner_times, bare_times, bookkeeping = [], [], []
-    pairs = context.repeats if context.quick else max(5, context.repeats)  # a small difference in a noisy figure
-    for index in range(pairs):
-        runner_times.append(runner_once(index))
-        bare_times.append(_bare(bare, audio, options))
-    value, baseline = statistics.median(runner_times), statistics.median(bare_times)
-    paired = statistics.median(a / b for a, b in zip(runner_times, bare_times))
-    overhead = 100 * (paired - 1)
-    rows = [Row(SECTION, f"runner: Runner.step() on a {seconds:.0f} s job vs bare faster-whisper", round(value, 3), "s",
-                round(baseline, 3), "bare WhisperModel.transcribe", paired, "<= 5% overhead",
-                overhead <= 5, note=f"({overhead:+.1f}%, median of {pairs} alternating pairs' ratios; tiny.en CPU "
-                                    f"{compute_type}, word timestamps, VAD, beam 5; step = claim, sha256 check, engine, "
-                                    f"progress and Result files; outside the engine's own timer: "
-                                    f"{statistics.median(bookkeeping) * 1000:.0f} ms)",
-                runs=[round(a / b, 3) for a, b in zip(runner_times, bare_times)])]
-
-    plain = TranscribeOptions(word_timestamps=False)
-    with_words, without = [], []
-    for _ in range(context.repeats):
-        with_words.append(_bare(bare, audio, options) / seconds)
-        without.append(_bare(bare, audio, plain) / seconds)
-    value, baseline = statistics.median(with_words), statistics.median(without)
-    rows.append(Row(SECTION, "CPU real-time factor, tiny.en, with word timestamps", round(value, 4), "RTF",
-                    round(baseline, 4), "without word timestamps", ratio(value, baseline),
-                    note=f"(transcribe s / audio s, lower is faster: {1 / value:.0f}x and {1 / baseline:.0f}x real time; "
-                         "all cores, shared with other work)",
-                    runs=[round(v, 4) for v in with_words]))
+def gpu_rows(context: Context, scratch: Path, files: dict) -> list[Row]:
+    """The comparisons on CUDA, or "not measured" rows that say why."""
+    what = "GPU: sequential, batched, across jobs and runner overhead vs bare faster-whisper"
     if cuda_device_count() == 0:
-        rows.append(Row(SECTION, "GPU real-time factor", "not measured", note="(no GPU lent to this task)"))
-    else:
-        gpu = WhisperModel(resolve_model_path(options.model), device="cuda", compute_type="float16")
-        _bare(gpu, audio, options)
-        gpu_times = [_bare(gpu, audio, options) / seconds for _ in range(context.repeats)]
-        rows.append(Row(SECTION, "GPU real-time factor, tiny.en float16, word timestamps",
-                        round(statistics.median(gpu_times), 4), "RTF", round(value, 4), "CPU", ratio(statistics.median(gpu_times), value),
-                        runs=[round(v, 4) for v in gpu_times]))
-    return rows
+        return [skipped(SECTION, what, "no CUDA device: CTranslate2 sees none here; run bench/run.py --only engine on a "
+                                       "GPU host, see bench/README.md")]
+    model = gpu_model()
+    rows = []
+    if model is None:
+        model = "bundled:tiny.en"
+        rows.append(Row(SECTION, "GPU model", model, note=f"(none of {', '.join(GPU_MODELS)} is in the local Hugging Face "
+                                                          "cache and WHISPERDROP_BENCH_GPU_MODEL is unset)"))
+    problem = cuda_problem(model)
+    if problem:
+        return rows + [skipped(SECTION, f"GPU comparisons with {model}", problem)]
+    runner = config.defaults()["runner"]
+    setup = Setup(f"{model.removeprefix('bundled:')} float16 CUDA", "cuda", "float16", 0, int(runner["batch_size"]),
+                  "the runner's engine call (runner batch_size)", TranscribeOptions(model=model), Engine(max_models=1))
+    return rows + compare(setup, scratch, context, files)

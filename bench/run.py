@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import REPO, Context, Row, markdown, write_json  # noqa: E402
 
-SECTIONS = ["bandwidth", "extraction", "upload", "resume", "end_to_end", "engine", "footprint"]
+SECTIONS = ["bandwidth", "extraction", "upload", "resume", "end_to_end", "engine", "footprint", "engine_long"]
 
 
 def main() -> int:
@@ -43,6 +43,10 @@ def main() -> int:
             except Exception as error:  # one broken section must not hide the others' figures
                 traceback.print_exc()
                 section_rows = [Row(name, "section failed", "error", note=f"({type(error).__name__}: {error})")]
+            if args.quick:  # no quick figure may pass for a full one in a table
+                for row in section_rows:
+                    if "quick" not in row.metric + row.note:
+                        row.note = f"{row.note} [quick: smaller inputs]".strip()
             rows.extend(section_rows)
             print(f"# {name}: {len(section_rows)} rows in {time.monotonic() - started:.0f} s", file=sys.stderr)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": platform.machine(), "cpus": os.cpu_count(),
