@@ -59,6 +59,12 @@ EVENTS: dict[str, Event] = {
     "intake.already_done": _daemon("job_id path reason", "A kept file already done is not taken again."),
     "intake.changed": _daemon("job_id path reason", "The file changed after it was taken; the new version is a job of its own."),
     "intake.vanished": _daemon("job_id path", "The file left the inbox before it was done."),
+    "library.exists": _daemon("job_id path output action", "Library mode: a file is already at a subtitle's name beside the source; it is left alone and that format not written."),
+    # done notifications (notify.webhook, notify.command)
+    "notify.sent": _daemon("job_id path outcome target to attempts seconds", "A done or failed notification arrived (`outcome`: done, failed; `target`: webhook, command)."),
+    "notify.retry": _daemon("job_id path outcome target to attempt retry_in_s error", "A notification try failed; tried again after `retry_in_s`."),
+    "notify.failed": _daemon("job_id path outcome target to attempts error hint", "A notification given up on after its tries; the job itself is done."),
+    "notify.dropped": _daemon("job_id target count reason", "Notifications not sent: the queue is full, or the daemon stopped first."),
     # routes and hosts
     "route.fallback": _daemon("job_id reason", "A job meant for a GPU host runs locally; `reason` says why."),
     "route.waiting_for_host": _daemon("job_id reason retry_in_s waited_s", "No host usable and no local fallback: waiting."),
