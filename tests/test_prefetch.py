@@ -151,3 +151,24 @@ def test_the_watcher_reports_a_closed_file_before_it_settles(tmp_path, inbox):
             await asyncio.wait_for(task, 60)
 
     asyncio.run(main())
+
+
+def test_the_daemon_uses_the_audio_extracted_while_the_file_settled(tmp_path):
+    """A file copied into a running daemon's inbox is hashed and extracted on its close; the extract
+    stage takes that audio (stage.extract says prefetched) and the transcript is right."""
+    import json
+
+    from daemon_helpers import Daemon, jfk_reference, word_error_rate
+
+    daemon = Daemon(tmp_path, transcription={"provider": "local"}).start()
+    try:
+        shutil.copyfile(JFK, daemon.inbox / "jfk.flac")
+        daemon.wait_for(lambda: (daemon.outbox / "jfk.json").exists(), 180, "jfk.json in the outbox")
+        extracts = [event for event in daemon.events() if event.get("event") == "stage.extract"]
+        assert [event.get("prefetched") for event in extracts] == [True]
+        result = json.loads((daemon.outbox / "jfk.json").read_text())
+        assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
+        assert result["source"]["sha256"] == sha256(JFK)
+        assert list((tmp_path / "state" / "prefetch").iterdir()) == []
+    finally:
+        assert daemon.stop() == 0

@@ -2,7 +2,8 @@
 
 `Intake.take(path)` is the watcher's callback. It stats the file, recognises cheaply what it has
 seen (a pending source of the same version, a kept file already done: size, mtime and inode),
-hashes anything else in a worker thread, finds or creates the job (same bytes and options: same
+hashes anything else in a worker thread (or takes the hash `Context.prefetch` made while the file
+settled, for exactly this version), finds or creates the job (same bytes and options: same
 job) and records the source; the caller's `schedule(job_id)` starts the job's work. A file's options
 are its Plan (`plan(relpath)`): `transcription`, with the first profile whose globs match its
 inbox-relative path over it (see `whisperdrop.profiles`).
@@ -73,7 +74,9 @@ class Intake:
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
-            digest = await loop.run_in_executor(context.io, sha256_file, path, context.cancel)
+            digest = None if context.prefetch is None else await context.prefetch.digest(relpath, info)
+            if digest is None:
+                digest = await loop.run_in_executor(context.io, sha256_file, path, context.cancel)
             after = os.lstat(path)
         except FileNotFoundError:
             return

@@ -26,6 +26,7 @@ from typing import Any, Callable
 from whisperdrop import log
 from whisperdrop.daemon.delivery import failure_hint
 from whisperdrop.daemon import library
+from whisperdrop.daemon.prefetch import Prefetch
 from whisperdrop.daemon.health import backoff
 from whisperdrop.daemon.hooks import Hooks
 from whisperdrop.daemon.intake import Intake
@@ -70,7 +71,10 @@ class Pipeline:
         self._io = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2)), thread_name_prefix="whisperdrop-io")
         self.context = Context(config, self.ledger, self.router, self._io, self.cancel, self.formats, self.log)
         self.hooks = self.context.hooks = Hooks(config.notify)  # done notifications; started by start()
-        self.stages = Stages(self.context, asyncio.Semaphore(max(1, (os.cpu_count() or 2) // 2)))
+        extract_slots = asyncio.Semaphore(max(1, (os.cpu_count() or 2) // 2))
+        self.prefetch = self.context.prefetch = Prefetch(
+            self.state_dir / "prefetch", self._io, config.audio.bitrate_kbps, self.log, extract_slots)
+        self.stages = Stages(self.context, extract_slots)
         self.intake = Intake(self.context, lambda relpath: self.plan(relpath=relpath), self.schedule, self.stopping)
         self._tasks: dict[str, asyncio.Task] = {}
         self._last_progress = self.context.last_progress  # job id -> last progress report (pruned per job)
@@ -238,8 +242,16 @@ class Pipeline:
 
     async def start(self) -> None:
         """Bind to the running loop and start the hourly expiry of cached Results."""
+        await asyncio.get_running_loop().run_in_executor(self._io, self.prefetch.start)
         self._expiry = asyncio.get_running_loop().create_task(self._expire_periodically(), name="results-expiry")
         self.hooks.start()
+
+    def closed(self, path: Path) -> None:
+        """The watcher's early callback: a writer closed `path`; start reading it while it settles
+        (see `daemon.prefetch`). Library sidecars and files the pipeline would not take are left alone."""
+        if self.stopping.is_set() or (self.config.library_mode and library.is_sidecar(path)):
+            return
+        self.prefetch.closed(self.intake.relpath(path), path)
 
     async def _expire_periodically(self) -> None:
         while not self.stopping.is_set():
@@ -283,6 +295,7 @@ class Pipeline:
         if tasks:
             done, pending = await asyncio.wait(tasks, timeout=timeout)
         await self.hooks.close()  # after the jobs: what they delivered meanwhile is counted as unsent
+        await self.prefetch.close()
         return not pending
 
     def close(self) -> None:

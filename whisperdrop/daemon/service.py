@@ -74,7 +74,7 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
         return 1
     watcher = InboxWatcher(
         config.inbox, settle_seconds=config.watch.settle_seconds, rescan_seconds=config.watch.rescan_seconds,
-        recursive=config.watch.recursive, ignore=list(config.watch.ignore),
+        recursive=config.watch.recursive, ignore=list(config.watch.ignore), on_closed=pipeline.closed,
     )
     intake: set[asyncio.Task] = set()
 

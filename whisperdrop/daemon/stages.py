@@ -56,6 +56,7 @@ class Context:
     log: Any = field(default_factory=lambda: logging.get("pipeline"))
     last_progress: dict[str, float] = field(default_factory=dict)  # job id -> monotonic time of its last report
     hooks: Any = None  # daemon.hooks.Hooks, the done notifications (the Pipeline sets it)
+    prefetch: Any = None  # daemon.prefetch.Prefetch: hashes and audio made while files settled (the Pipeline sets it)
 
     @property
     def inbox(self) -> Path:
@@ -128,14 +129,23 @@ class Stages:
             return
         source, path = found
         loop = asyncio.get_running_loop()
+        extracted = None
+        if context.prefetch is not None and source.inode is not None:  # outside the slots: its work holds one
+            extracted = await context.prefetch.take_audio(
+                source.relpath, (source.size, source.mtime_ns, source.inode), job.source_sha256,
+                context.audio_path(job.job_id))
+        prefetched = extracted is not None
         async with self.extract_slots:
             if not delivery.same_version(path, source.size, source.mtime_ns):
+                if prefetched:
+                    context.audio_path(job.job_id).unlink(missing_ok=True)
                 self.replaced(job, source)
                 return
             try:
-                extracted = await loop.run_in_executor(
-                    context.io, lambda: extract(path, context.audio_path(job.job_id),
-                                                context.config.audio.bitrate_kbps, cancel=context.cancel))
+                if extracted is None:
+                    extracted = await loop.run_in_executor(
+                        context.io, lambda: extract(path, context.audio_path(job.job_id),
+                                                    context.config.audio.bitrate_kbps, cancel=context.cancel))
             except MediaError as error:
                 if not delivery.same_version(path, source.size, source.mtime_ns):
                     self.replaced(job, source)
@@ -156,7 +166,7 @@ class Stages:
             "stage.extract", job_id=job.job_id, path=source.relpath, bytes_in=extracted.bytes_in,
             bytes_out=extracted.bytes_out, duration_s=round(extracted.duration, 3), seconds=round(extracted.seconds, 3),
             speed=round(extracted.duration / extracted.seconds, 1) if extracted.seconds else None,
-            codec=extracted.source_codec, container=extracted.source_container,
+            codec=extracted.source_codec, container=extracted.source_container, prefetched=prefetched,
         )
 
     def replaced(self, job: Job, source: Source) -> None:
