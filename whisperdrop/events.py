@@ -39,7 +39,7 @@ EVENTS: dict[str, Event] = {
     "daemon.local_unavailable": _daemon("model error hint fallback", "At start: the local model cannot load; `run` exits 1 (every job local) or runs with the local fallback off (`fallback`: off)."),
     "ledger.recovered": _daemon("jobs stages", "At start: unfinished jobs taken up again where they stopped."),
     # one job, in order
-    "stage.intake": _daemon("job_id path source_id bytes settle_s hash_s duplicate", "A settled file taken: hashed, its job found or made."),
+    "stage.intake": _daemon("job_id path source_id bytes settle_s hash_s duplicate api", "A settled file taken: hashed, its job found or made."),
     "stage.extract": _daemon("job_id path bytes_in bytes_out duration_s seconds speed codec container prefetched", "Audio extracted to Opus (`speed`: audio s per wall s; `prefetched`: done while the file settled)."),
     "prefetch.done": _daemon("path seconds", "A file closed after writing was hashed and extracted while it settles."),
     "prefetch.skipped": _daemon("path reason", "Early reading of a closed file stopped (gone, unreadable, or changed); intake reads it itself."),
@@ -50,7 +50,7 @@ EVENTS: dict[str, Event] = {
     "stage.transcribe": _daemon("job_id path route host device model duration_s seconds rtf fallback_reason language bytes recovered language_warning", "Transcribed (`rtf`: seconds per audio second); a warning when an English-only model heard another language."),
     "stage.outbox": _daemon("job_id path output formats already_written after_success seconds", "Outputs written for one source."),
     "job.progress": _daemon("job_id path percent done_s duration_s", "Every `logging.progress_seconds` while a longer transcription runs."),
-    "job.done": _daemon("job_id path route host duration_s total_s fallback_reason bytes_source bytes_sent timings cached_from", "One source done (`cached_from`: served from an earlier run)."),
+    "job.done": _daemon("job_id path route host duration_s total_s fallback_reason bytes_source bytes_sent timings cached_from api", "One source done (`cached_from`: served from an earlier run; `api`: an HTTP API request's upload)."),
     "job.retry": _daemon("job_id path stage attempts retry_in_s attempts_left error hint", "A stage failed; tried again after `retry_in_s`."),
     "job.failed": _daemon("job_id path kind error hint moved_to", "A source moved to failed/ beside its error.json (once per source)."),
     "job.parked": _daemon("job_id path stage", "Cut by a stop; its stage starts again at the next start (the ledger has the last one finished)."),
@@ -68,6 +68,13 @@ EVENTS: dict[str, Event] = {
     "notify.retry": _daemon("job_id path outcome target to attempt retry_in_s error", "A notification try failed; tried again after `retry_in_s`."),
     "notify.failed": _daemon("job_id path outcome target to attempts error hint", "A notification given up on after its tries; the job itself is done."),
     "notify.dropped": _daemon("job_id target count reason", "Notifications not sent: the queue is full, or the daemon stopped first."),
+    # the HTTP API (api.listen)
+    "api.listening": _daemon("listen port token max_upload_mb", "The HTTP API accepts requests (`token`: whether a bearer token is required)."),
+    "api.unavailable": _daemon("listen error", "The HTTP API could not listen (address in use, not allowed); the daemon does not start."),
+    "api.request": _daemon("method path status seconds client", "One HTTP request answered."),
+    "api.error": _daemon("method path error", "A request ended in an unexpected error (500); the traceback follows in the log."),
+    "api.server": _daemon("message source", "A warning from the HTTP server itself (a malformed request, a cut connection)."),
+    "api.uploads_swept": _daemon("removed reason", "Uploads stored by requests that were cut before they became jobs, removed at start."),
     # routes and hosts
     "route.fallback": _daemon("job_id reason", "A job meant for a GPU host runs locally; `reason` says why."),
     "route.waiting_for_host": _daemon("job_id reason retry_in_s waited_s", "No host usable and no local fallback: waiting."),

@@ -113,8 +113,10 @@ class _ToLog(logging.Handler):
         self.log = log.get("api")
 
     def emit(self, record: logging.LogRecord) -> None:
-        write = self.log.error if record.levelno >= logging.ERROR else self.log.warning
-        write("api.server", message=record.getMessage(), source=record.name)
+        if record.levelno >= logging.ERROR:
+            self.log.error("api.server", message=record.getMessage(), source=record.name)
+        else:
+            self.log.warning("api.server", message=record.getMessage(), source=record.name)
 
 
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
