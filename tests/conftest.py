@@ -79,3 +79,19 @@ def netns_sshd():
         if server is not None:
             server.cleanup()
         namespace.cleanup()
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    """The number of chunks in every batch the engine decodes."""
+    sizes: list[int] = []
+    from whisperdrop import batched
+
+    original = batched.BatchDecoder.decode
+
+    def decode(self, chunks):
+        sizes.append(len(chunks))
+        return original(self, chunks)
+
+    monkeypatch.setattr(batched.BatchDecoder, "decode", decode)
+    return sizes

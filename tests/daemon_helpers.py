@@ -165,6 +165,16 @@ def write_speech_wav(path: Path, index: int, seconds: float) -> Path:
                                               numpy.tile(speech, repeats)[:wanted]]))
 
 
+def speech_at(path: Path, placements: list[float], seconds: float) -> Path:
+    """A WAV of `seconds` of silence with jfk (11 s) starting at each of `placements` (seconds)."""
+    samples = numpy.zeros(int(seconds * 16000), dtype=numpy.int16)
+    speech = jfk_pcm()
+    for start in placements:
+        begin = int(start * 16000)
+        samples[begin:begin + len(speech)] = speech[: len(samples) - begin]
+    return write_wav(path, samples)
+
+
 def wait_failed(daemon: Daemon, relative: str, timeout: float = 90) -> dict:
     """Wait until `relative` has moved from the inbox to failed/ beside its error record; the record.
 

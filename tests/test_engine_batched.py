@@ -11,12 +11,11 @@ import threading
 
 import numpy
 import pytest
-from daemon_helpers import jfk_pcm, jfk_reference, word_error_rate, write_wav
+from daemon_helpers import jfk_reference, speech_at, word_error_rate
 from faster_whisper import BatchedInferencePipeline
 from faster_whisper.audio import decode_audio
 from faster_whisper.vad import get_speech_timestamps
 
-from whisperdrop import batched
 from whisperdrop.batched import AudioJob, _missed
 from whisperdrop.chunks import Chunk, vad_options
 from whisperdrop.engine import Engine, EngineError, ModelKey
@@ -24,15 +23,6 @@ from whisperdrop.spool import TranscribeOptions
 
 RATE = 16000
 OPTIONS = TranscribeOptions()  # the shipped defaults: word timestamps, VAD, beam 5
-
-
-def speech_at(path, placements, seconds):
-    samples = numpy.zeros(int(seconds * RATE), dtype=numpy.int16)
-    speech = jfk_pcm()
-    for start in placements:
-        begin = int(start * RATE)
-        samples[begin:begin + len(speech)] = speech[: len(samples) - begin]
-    return write_wav(path, samples)
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +35,6 @@ def sparse(tmp_path_factory):
     """Twelve minutes: jfk 24 times, 30 s apart: about nine 30 s chunks of speech, far apart in the file."""
     placements = [5.0 + 30.0 * index for index in range(24)]
     return speech_at(tmp_path_factory.mktemp("audio") / "sparse.wav", placements, 720.0), placements
-
-
-@pytest.fixture
-def batches(monkeypatch):
-    """The number of chunks in every batch the engine decodes."""
-    sizes: list[int] = []
-    original = batched.BatchDecoder.decode
-
-    def decode(self, chunks):
-        sizes.append(len(chunks))
-        return original(self, chunks)
-
-    monkeypatch.setattr(batched.BatchDecoder, "decode", decode)
-    return sizes
 
 
 def test_batches_are_full_however_sparse_the_speech(engine, sparse, batches):

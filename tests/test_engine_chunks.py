@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy
 import pytest
-from daemon_helpers import jfk_pcm, write_wav
+from daemon_helpers import speech_at
 from faster_whisper.audio import decode_audio
 from faster_whisper.vad import collect_chunks, get_speech_timestamps
 
@@ -17,16 +17,6 @@ from whisperdrop.chunks import BLOCK_SECONDS, SAMPLE_RATE, ChunkSource, SpeechFi
 from whisperdrop.files import Cancelled
 
 RATE = SAMPLE_RATE
-
-
-def speech_at(path, placements: list[float], seconds: float):
-    """A WAV of `seconds` of silence with jfk (11 s) starting at each of `placements` (seconds)."""
-    samples = numpy.zeros(int(seconds * RATE), dtype=numpy.int16)
-    speech = jfk_pcm()
-    for start in placements:
-        begin = int(start * RATE)
-        samples[begin:begin + len(speech)] = speech[: len(samples) - begin]
-    return write_wav(path, samples)
 
 
 @pytest.fixture(scope="module")

@@ -13,26 +13,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
 from test_runner import (FAST, TINY, engine, events, in_hand, jfk_opus, long_opus, no_leaked_threads,  # noqa: F401
                          processes, read, settings, spool, submit, wait_for, words)
 
-from whisperdrop import batched
 from whisperdrop.gpu_runner import Runner
-
-
-@pytest.fixture
-def batches(monkeypatch):
-    """The number of chunks in every batch the engine decodes."""
-    sizes: list[int] = []
-    original = batched.BatchDecoder.decode
-
-    def decode(self, chunks):
-        sizes.append(len(chunks))
-        return original(self, chunks)
-
-    monkeypatch.setattr(batched.BatchDecoder, "decode", decode)
-    return sizes
 
 
 def queue_in_order(spool: Path, jobs: list[str]) -> None:
