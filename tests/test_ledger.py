@@ -37,3 +37,27 @@ def test_delete_job_forgets_its_sources(tmp_path):
     ledger.add_source("x.wav", JOB, 1, 1, 0.0)
     ledger.delete_job(JOB)
     assert ledger.job(JOB) is None and ledger.pending_source("x.wav") is None
+
+
+def test_a_job_and_its_source_are_committed_together(tmp_path):
+    """Inside a transaction a reader (status, another process) sees neither the new job nor its
+    source; after it, both; a transaction that raises leaves nothing behind. CI once caught status
+    showing a job with no source, read between the two commits."""
+    path = tmp_path / "ledger.sqlite3"
+    writer = Ledger(path)
+    reader = Ledger(path, readonly=True)
+    with writer.transaction():
+        writer.create_job(JOB, "b" * 64, 100, {})
+        with reader.transaction():
+            assert reader.unfinished_jobs() == []
+        writer.add_source("a.wav", JOB, 100, 1, 0.0)
+    with reader.transaction():
+        assert [job.job_id for job in reader.unfinished_jobs()] == [JOB] and reader.first_source(JOB) == "a.wav"
+    other = "c" * 64
+    try:
+        with writer.transaction():
+            writer.create_job(other, "d" * 64, 5, {})
+            raise OSError("disk full")
+    except OSError:
+        pass
+    assert writer.job(other) is None and reader.job(other) is None

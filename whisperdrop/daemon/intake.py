@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from whisperdrop.daemon.ledger import Job
+from whisperdrop.daemon.ledger import Job, Source
 from whisperdrop.daemon.stages import Context
 from whisperdrop.engine import Cancelled
 from whisperdrop.files import sha256_file
 from whisperdrop.profiles import Plan
+from whisperdrop.spool import TranscribeOptions
 from whisperdrop.spool import job_id as make_job_id
 
 
@@ -89,21 +90,33 @@ class Intake:
         if (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
             log.info("intake.changed", path=relpath, reason="the file changed while it was read; waiting for it to settle")
             return
-        options = self.plan(relpath).options
-        job_id = make_job_id(digest, options)
-        job = ledger.create_job(job_id, digest, info.st_size, options.to_dict())
-        if job.stage == "failed":  # a person moved a failed file back: that is the signal to try again
-            ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
-        elif job.stage == "done" and job.model not in (None, job.options.get("model")):
-            self._reopen_substitute(job)
         settle_s = max(0.0, time.time() - info.st_mtime)
-        source = ledger.add_source(relpath, job_id, info.st_size, info.st_mtime_ns, settle_s, inode=info.st_ino)
-        log.info(
-            "stage.intake", path=relpath, job_id=job_id, bytes=info.st_size, settle_s=round(settle_s, 3),
-            hash_s=round(time.monotonic() - started, 3), source_id=source.id,
-            duplicate=job.stage != "new" or len(ledger.sources_of(job_id)) > 1,
-        )
+        self.record(relpath, digest, info.st_size, info.st_mtime_ns, info.st_ino, self.plan(relpath).options,
+                    settle_s=round(settle_s, 3), hash_s=round(time.monotonic() - started, 3))
+
+    def record(self, relpath: str, digest: str, size: int, mtime_ns: int, inode: int, options: TranscribeOptions,
+               **fields: object) -> tuple[Job, Source]:
+        """Record the file at `relpath` (digest, size, mtime, inode as read) as a source of the job for
+        its bytes and `options`, creating the job or taking it up again (a failed job is tried again; a
+        Result from another model is forgotten), in one ledger transaction: a job never exists without
+        its source, even across a crash. Logs stage.intake with `fields` and schedules the job; returns
+        (the job, the source row), both committed."""
+        ledger = self.context.ledger
+        job_id = make_job_id(digest, options)
+        with ledger.transaction():
+            job = ledger.create_job(job_id, digest, size, options.to_dict())
+            if job.stage == "failed":  # a person moved a failed file back (or asked again): try again
+                ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
+            elif job.stage == "done" and job.model not in (None, job.options.get("model")):
+                self._reopen_substitute(job)
+            source = ledger.add_source(relpath, job_id, size, mtime_ns, fields.get("settle_s") or 0.0, inode=inode)
+            duplicate = job.stage != "new" or len(ledger.sources_of(job_id)) > 1
+        self.context.log.info("stage.intake", path=relpath, job_id=job_id, bytes=size, source_id=source.id,
+                              duplicate=duplicate, **fields)
         self.schedule(job_id)
+        job = ledger.job(job_id)
+        assert job is not None
+        return job, source
 
     def _already_done(self, relpath: str, info: os.stat_result) -> bool:
         """True when the file at `relpath` is the very version already done and kept (same size, mtime

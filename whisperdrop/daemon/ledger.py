@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -132,6 +133,7 @@ class Ledger:
         """Open (creating if needed) the ledger at `path`; `clock` stamps every change (injectable for tests)."""
         self.path = Path(path)
         self.clock = clock
+        self._readonly = readonly
         if readonly:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
         else:
@@ -152,6 +154,18 @@ class Ledger:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One transaction around the block: its changes are committed together (or, if it raises,
+        not at all), and its reads see one state (a reader never sees half of a writer's change)."""
+        self.db.execute("BEGIN" if self._readonly else "BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     # jobs
 

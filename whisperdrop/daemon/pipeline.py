@@ -36,7 +36,6 @@ from whisperdrop.daemon.route import Router
 from whisperdrop.daemon.stages import Context, Permanent, Stages
 from whisperdrop.engine import Cancelled, Engine, EngineError
 from whisperdrop.profiles import Plan, plan as plan_job
-from whisperdrop.spool import job_id as make_job_id
 
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 300.0
@@ -96,17 +95,7 @@ class Pipeline:
         daemon.api.uploads) as a source of the job for its bytes and `options`, as intake does for
         an inbox file: the same bytes and options are the same job, served once. Schedules the job;
         returns (the job, the source row), both committed."""
-        job_id = make_job_id(sha256, options)
-        job = self.ledger.create_job(job_id, sha256, size, options.to_dict())
-        if job.stage == "failed":  # asked again: try again, as a file moved back into the inbox is
-            self.ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
-        elif job.stage == "done" and job.model not in (None, job.options.get("model")):
-            self.intake._reopen_substitute(job)
-        source = self.ledger.add_source(relpath, job_id, size, mtime_ns, 0.0, inode=inode)
-        self.log.info("stage.intake", path=relpath, job_id=job_id, bytes=size, source_id=source.id,
-                      duplicate=job.stage != "new" or len(self.ledger.sources_of(job_id)) > 1, api=True)
-        self.schedule(job_id)
-        return self.ledger.job(job_id), source
+        return self.intake.record(relpath, sha256, size, mtime_ns, inode, options, api=True)
 
     async def settled(self, job_id: str, source_id: int, timeout: float) -> bool:
         """Wait up to `timeout` s until source `source_id` of job `job_id` is delivered or failed;

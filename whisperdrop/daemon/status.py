@@ -196,19 +196,20 @@ def collect_status(config: Any, now: float | None = None, errors: int = 5) -> di
     daemon = daemon_state(config.path("state_dir"), now)
     ledger = open_ledger(config)
     try:
-        stages = ledger.stage_counts()
-        active = [{
-            "job_id": job.job_id, "source": ledger.first_source(job.job_id), "stage": job.stage,
-            "host": job.host, "attempts": job.attempts, "duration_s": job.duration,
-            "progress": job_progress(job), "last_error": job.last_error,
-            "retry_in_s": _round(job.retry_at - now, 1) if job.retry_at and job.retry_at > now else None,
-            "age_s": round(now - job.created_at, 1),
-        } for job in ledger.unfinished_jobs()]
-        pending_sources = ledger.pending_source_count()
-        recent = [{"job_id": job.job_id, "stage": job.stage, "error": job.last_error,
-                   "source": ledger.first_source(job.job_id), "at": job.updated_at}
-                  for job in ledger.jobs_with_errors(errors)]
-        last_change = ledger.last_change()
+        with ledger.transaction():  # one state: a job is never seen without its source
+            stages = ledger.stage_counts()
+            active = [{
+                "job_id": job.job_id, "source": ledger.first_source(job.job_id), "stage": job.stage,
+                "host": job.host, "attempts": job.attempts, "duration_s": job.duration,
+                "progress": job_progress(job), "last_error": job.last_error,
+                "retry_in_s": _round(job.retry_at - now, 1) if job.retry_at and job.retry_at > now else None,
+                "age_s": round(now - job.created_at, 1),
+            } for job in ledger.unfinished_jobs()]
+            pending_sources = ledger.pending_source_count()
+            recent = [{"job_id": job.job_id, "stage": job.stage, "error": job.last_error,
+                       "source": ledger.first_source(job.job_id), "at": job.updated_at}
+                      for job in ledger.jobs_with_errors(errors)]
+            last_change = ledger.last_change()
     finally:
         ledger.close()
     hosts_doc = read_hosts(config.path("state_dir") / "hosts.json") or {}
