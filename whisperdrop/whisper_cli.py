@@ -38,7 +38,8 @@ class UsageError(Exception):
         self.status, self.usage = status, usage
 
 
-# The flags whisperdrop honours: (short, long, attribute, kind). kind: "int", "str", "list", "flag".
+# The flags whisperdrop honours: (short, long, attribute, kind). kind: "int", "str", "list", "flag",
+# or "output" (a file to write: the attribute is added to `Params.outputs`).
 HONOURED = (
     ("-t", "--threads", "threads", "int"),
     ("-on", "--offset-n", "offset_n", "int"),
@@ -46,13 +47,13 @@ HONOURED = (
     ("-bs", "--beam-size", "beam_size", "int"),
     ("-tr", "--translate", "translate", "flag"),
     ("-sow", "--split-on-word", "split_on_word", "flag"),
-    ("-otxt", "--output-txt", "txt", "flag"),
-    ("-ovtt", "--output-vtt", "vtt", "flag"),
-    ("-osrt", "--output-srt", "srt", "flag"),
-    ("-olrc", "--output-lrc", "lrc", "flag"),
-    ("-ocsv", "--output-csv", "csv", "flag"),
-    ("-oj", "--output-json", "json", "flag"),
-    ("-ojf", "--output-json-full", "json_full", "flag"),
+    ("-otxt", "--output-txt", "txt", "output"),
+    ("-ovtt", "--output-vtt", "vtt", "output"),
+    ("-osrt", "--output-srt", "srt", "output"),
+    ("-olrc", "--output-lrc", "lrc", "output"),
+    ("-ocsv", "--output-csv", "csv", "output"),
+    ("-oj", "--output-json", "json", "output"),
+    ("-ojf", "--output-json-full", "json_full", "output"),
     ("-of", "--output-file", "output_files", "list"),
     ("-np", "--no-prints", "no_prints", "flag"),
     ("-pp", "--print-progress", "print_progress", "flag"),
@@ -116,13 +117,7 @@ class Params:
     beam_size: int | None = None
     translate: bool = False
     split_on_word: bool = False
-    txt: bool = False
-    vtt: bool = False
-    srt: bool = False
-    lrc: bool = False
-    csv: bool = False
-    json: bool = False
-    json_full: bool = False
+    outputs: set[str] = field(default_factory=set)  # "txt", "vtt", "srt", "lrc", "csv", "json", "json_full"
     no_prints: bool = False
     print_progress: bool = False
     no_timestamps: bool = False
@@ -132,9 +127,12 @@ class Params:
     @property
     def formats(self) -> list[str]:
         """The extensions to write, in the order whisper-cli writes them (-ojf implies -oj)."""
-        wanted = {"txt": self.txt, "vtt": self.vtt, "srt": self.srt, "csv": self.csv,
-                  "json": self.json or self.json_full, "lrc": self.lrc}
-        return [extension for extension, on in wanted.items() if on]
+        wanted = self.outputs | ({"json"} if self.json_full else set())
+        return [extension for extension in ("txt", "vtt", "srt", "csv", "json", "lrc") if extension in wanted]
+
+    @property
+    def json_full(self) -> bool:
+        return "json_full" in self.outputs
 
 
 def parse(argv: list[str]) -> Params:
@@ -170,6 +168,8 @@ def parse(argv: list[str]) -> Params:
             _short, _long, attribute, kind = honoured[argument]
             if kind == "flag":
                 setattr(params, attribute, True)
+            elif kind == "output":
+                params.outputs.add(attribute)
             elif kind == "list":
                 getattr(params, attribute).append(value())
             elif kind == "int":

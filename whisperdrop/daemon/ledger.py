@@ -77,16 +77,16 @@ class Job:
     """A row of `jobs`, as read: a value. Change the row with `Ledger.update_job` and read it again."""
 
     job_id: str
-    stage: str
-    attempts: int
+    stage: str  # new, extracted, uploaded, submitted, transcribed, done or failed
+    attempts: int  # tries that failed and may be retried
     created_at: float
     updated_at: float
-    source_sha256: str
+    source_sha256: str  # the bytes the job transcribes (with options: its id)
     source_size: int
-    options: dict
-    finished_at: float | None = None
-    duration: float | None = None
-    audio_size: int | None = None
+    options: dict  # TranscribeOptions.to_dict() as planned
+    finished_at: float | None = None  # when it reached done or failed
+    duration: float | None = None  # seconds of audio
+    audio_size: int | None = None  # the extracted Opus file's bytes and sha256
     audio_sha256: str | None = None
     route: str | None = None
     host: str | None = None

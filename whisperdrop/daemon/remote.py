@@ -26,7 +26,7 @@ from whisperdrop.daemon.health import (HostState, RunnerWatch, backoff, candidat
                                        when_none_served)
 from whisperdrop.daemon.remote_steps import (RUNNING_POLL_S, Attempt, HostUnusable, JobOnHost,  # noqa: F401
                                              sleep_unless)
-from whisperdrop.daemon.route import Routed, Work
+from whisperdrop.daemon.route import Mark, Progress, Routed, Work
 from whisperdrop.daemon.transfer import Host, HostError
 from whisperdrop.engine import Cancelled
 from whisperdrop.files import write_atomic
@@ -144,14 +144,8 @@ class RemotePool:
 
     # one job
 
-    async def transcribe(
-        self,
-        work: Work,
-        *,
-        cancel: threading.Event,
-        progress: Callable[[float, float], None] | None = None,
-        mark: Callable[..., None] | None = None,
-    ) -> Outcome:
+    async def transcribe(self, work: Work, *, cancel: threading.Event, progress: Progress | None = None,
+                         mark: Mark | None = None) -> Outcome:
         """Run `work` on a GPU host; return its Routed result, or the reason no host served it.
         Raises Cancelled when `cancel` is set."""
         mark = mark or (lambda *args, **kwargs: None)

@@ -18,6 +18,9 @@ from typing import Any, Callable
 from whisperdrop.daemon.local import LocalTranscriber
 from whisperdrop.spool import TranscribeOptions
 
+Progress = Callable[[float, float], None]  # (seconds done, seconds in all) of a job's audio
+Mark = Callable[..., None]  # mark(stage, **fields): a remote step reached, for the ledger
+
 REMOTE_STAGES = ("uploaded", "submitted")  # how far a remote attempt got; "extracted" is not started
 
 
@@ -79,14 +82,8 @@ class Router:
             return self.local.options_for(options)
         return options
 
-    async def transcribe(
-        self,
-        work: Work,
-        *,
-        cancel: threading.Event,
-        progress: Callable[[float, float], None] | None = None,
-        mark: Callable[..., None] | None = None,
-    ) -> Routed:
+    async def transcribe(self, work: Work, *, cancel: threading.Event, progress: Progress | None = None,
+                         mark: Mark | None = None) -> Routed:
         """Transcribe `work` on the chosen route; `mark(stage, **fields)` records each remote step in
         the ledger. Raises EngineError or Cancelled (a host's failures become a fallback reason)."""
         fallback_reason = None  # without hosts, local is the plan, not a fallback

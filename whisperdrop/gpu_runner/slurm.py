@@ -66,13 +66,13 @@ class Tracked:
     """One job this runner has in Slurm: its claim token, Slurm id ("1234" or "1234_0"), try, last state."""
 
     job_id: str
-    token: str
-    attempt: int
-    batch: str
-    index: int
+    token: str  # the token this runner signed the claim on work/<job_id>.json with
+    attempt: int  # 1 for the first submission; each requeue after a kill adds one
+    batch: str  # the submission (a job array) this job went in with
+    index: int  # its slice of that array
     slurm_id: str | None = None
-    state: str | None = None
-    reason: str | None = None
+    state: str | None = None  # Slurm's, as squeue/scontrol last said (PENDING, RUNNING...)
+    reason: str | None = None  # why Slurm holds it pending (Resources, Priority...)
     gone_at: float | None = None     # monotonic time its claim was first seen gone while it ran
 
 

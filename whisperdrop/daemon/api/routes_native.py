@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from whisperdrop.daemon.api import formats
@@ -24,6 +24,16 @@ def accepted_response(service: ApiService, accepted: Accepted) -> JSONResponse:
                         status_code=202, headers={"Location": f"/v1/jobs/{accepted.job_id}"})
 
 
+def native_options(
+    model: str | None = Form(None), prompt: str | None = Form(None), language: str | None = Form(None),
+    profile: str | None = Form(None), task: str | None = Form(None), outbox: bool | None = Form(None),
+    word_timestamps: bool | None = Form(None),
+) -> Asked:
+    """The options `POST /transcribe` and `POST /v1/jobs` take, as form fields beside the file."""
+    return Asked(model=model, language=language, prompt=prompt, task=task, profile=profile, outbox=outbox,
+                 words=word_timestamps)
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """{"status": "healthy", "model": ...} and each GPU host's state and the local route's."""
@@ -34,14 +44,12 @@ async def health(request: Request) -> JSONResponse:
 async def transcribe(
     request: Request,
     audio: UploadFile = File(..., description="the audio or video file"),
-    model: str | None = Form(None), prompt: str | None = Form(None), language: str | None = Form(None),
-    profile: str | None = Form(None), task: str | None = Form(None), outbox: bool | None = Form(None),
+    asked: Asked = Depends(native_options),
     run_async: bool = Query(False, alias="async"),
 ) -> JSONResponse:
     """The original plan's contract: {"text", "language", "segments": [{"start", "end", "text"}]} and
     whisperdrop's own keys (job_id, route, host, fallback_reason, model, outbox) beside them."""
     service = service_of(request)
-    asked = Asked(model=model, language=language, prompt=prompt, task=task, profile=profile, outbox=outbox)
     accepted = await service.accept(audio, asked)
     if run_async:
         return accepted_response(service, accepted)
@@ -53,14 +61,10 @@ async def transcribe(
 async def submit_job(
     request: Request,
     file: UploadFile = File(..., description="the audio or video file"),
-    model: str | None = Form(None), prompt: str | None = Form(None), language: str | None = Form(None),
-    profile: str | None = Form(None), task: str | None = Form(None), outbox: bool | None = Form(None),
-    word_timestamps: bool | None = Form(None),
+    asked: Asked = Depends(native_options),
 ) -> JSONResponse:
     """An asynchronous job: 202 with its id as soon as the upload is stored and recorded."""
     service = service_of(request)
-    asked = Asked(model=model, language=language, prompt=prompt, task=task, profile=profile, outbox=outbox,
-                  words=word_timestamps)
     return accepted_response(service, await service.accept(file, asked))
 
 
