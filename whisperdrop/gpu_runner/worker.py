@@ -10,6 +10,10 @@ out-of-memory the step halves the batch down to 1, then tries int8, for every jo
 Stopped, it puts every job in hand back in jobs/; killed, it leaves its claims for `reclaim_stale`
 at the next start. It never raises for a bad job. Threads, signals and the heartbeat timer belong to
 `service`; the worker only keeps the state its heartbeat document reports.
+
+One thing over 400 lines: a claim's way through one step (claim, check, refill, decode, OOM ladder,
+publish or fail) and the state a heartbeat reports of it; the spool's files are `store`'s and a
+claim's checks and Result `claim`'s.
 """
 
 from __future__ import annotations
