@@ -1,9 +1,11 @@
 """`whisperdrop doctor`: check the set-up step by step and say how to fix each failure.
 
 Local checks first (config, folders, logging targets, the local model), then each GPU host in
-order: resolve, TCP and the SSH banner, host key, authentication, a write in the spool, a fresh
-runner heartbeat. A host's later steps stop at the first one they depend on. Every network step
-runs under a timeout. The GPU hosts are reached through `transfer.Host`'s public methods only.
+order: resolve, TCP and the SSH banner, host key, authentication, a write in the spool, a live
+runner, judged by the very rule the daemon routes by (`health.live_runners`: a stopped runner is
+none; a heartbeat lives while it is seen to change, whatever the GPU host's clock says). A host's
+later steps stop at the first one they depend on. Every network step runs under a timeout. The GPU
+hosts are reached through `transfer.Host`'s public methods only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from whisperdrop import config as config_module
+from whisperdrop.daemon.health import RunnerWatch, live_runners
 from whisperdrop.daemon.status import format_age
 
 DOCTOR_TIMEOUT_S = 10.0
@@ -113,24 +116,25 @@ async def _check_reachable(subject: str, address: str, port: int, timeout: float
     return checks
 
 
-def _runner_checks(subject: str, address: str, beats: list[dict], max_age: float, now: float) -> list[Check]:
-    """One Check per fresh, running runner heartbeat, or one failed Check when there is none."""
-    fresh = [beat for beat in beats if isinstance(beat.get("updated_at"), (int, float))
-             and now - beat["updated_at"] <= max_age and beat.get("state") != "stopped"]
-    if not fresh:
-        newest = max((beat["updated_at"] for beat in beats if isinstance(beat.get("updated_at"), (int, float))),
-                     default=None)
-        seen = f"newest heartbeat is {format_age(now - newest)} old" if newest else "no runner heartbeat in runners/"
-        return [Check(subject, "runner", False, seen,
+async def _runner_checks(subject: str, address: str, host: Any, max_age: float, now: float) -> list[Check]:
+    """One Check per live runner of `host` (a connected transfer.Host), judged as the daemon's
+    routing judges them (health.live_runners, which may read twice), or one failed Check saying why
+    there is none. `now` (wall clock) only shows the heartbeats' ages. Raises HostError."""
+    watch = RunnerWatch(max_age)
+    alive = await live_runners(watch, host.heartbeats, monotonic=time.monotonic, clock=time.time, sleep=asyncio.sleep)
+    if not alive:
+        return [Check(subject, "runner", False, watch.why_none(time.monotonic()),
                       f"start the runner on {address}: `systemctl enable --now whisperdrop-runner`, then "
                       "`journalctl -u whisperdrop-runner`; its runner.spool must be this spool")]
     checks = []
-    for beat in fresh:
+    for beat in alive:
         note = "" if beat.get("device") == "cuda" else (
             " (not a GPU: check `python -c \"import ctranslate2; print(ctranslate2.get_cuda_device_count())\"` "
             "there and runner.device)")
+        updated = beat.get("updated_at")
+        age = f"{format_age(now - updated)} old" if isinstance(updated, (int, float)) else "changing"
         checks.append(Check(subject, f"runner {beat.get('name')}", True,
-                            f"heartbeat {format_age(now - beat['updated_at'])} old; device {beat.get('device')}, "
+                            f"heartbeat {age}; device {beat.get('device')}, "
                             f"GPU {beat.get('gpu') or 'none'}, model {beat.get('model')}, "
                             f"queue {beat.get('queue_length')}{note}"))
     return checks
@@ -174,10 +178,9 @@ async def check_host(settings: dict, remote: Any, timeout: float, now: float) ->
                                                  "see the GPU host guide (spool group-writable for the SFTP user)")]
         checks.append(Check(subject, "spool", True, f"{host.layout.root!r} is writable"))
         try:
-            beats = await host.heartbeats()
+            return checks + await _runner_checks(subject, address, host, remote.heartbeat_max_age, now)
         except HostError as error:
             return checks + [Check(subject, "runner", False, error.cause, error.hint)]
-        return checks + _runner_checks(subject, address, beats, remote.heartbeat_max_age, now)
     finally:
         try:
             await asyncio.wait_for(host.close(), timeout)
@@ -186,16 +189,18 @@ async def check_host(settings: dict, remote: Any, timeout: float, now: float) ->
 
 
 async def check_hosts(config: Any, timeout: float) -> list[Check]:
-    """check_host for every configured GPU host in turn, each bounded as a whole by 8 x `timeout`."""
+    """check_host for every configured GPU host in turn, each bounded as a whole by 8 x `timeout`
+    plus `heartbeat_max_age` (the longest a second heartbeat read may wait for)."""
     now = time.time()
+    bound = timeout * 8 + config.remote.heartbeat_max_age
     results = []
     for settings in config.remote.hosts:
         try:
             # Each step has its own timeout; this bounds the whole host whatever happens inside.
-            results += await asyncio.wait_for(check_host(dict(settings), config.remote, timeout, now), timeout * 8)
+            results += await asyncio.wait_for(check_host(dict(settings), config.remote, timeout, now), bound)
         except asyncio.TimeoutError:
             results.append(Check(f"host {settings['name']}", "all steps", False,
-                                 f"no verdict within {timeout * 8:g} s", f"check the network to {settings['host']}"))
+                                 f"no verdict within {bound:g} s", f"check the network to {settings['host']}"))
     return results
 
 

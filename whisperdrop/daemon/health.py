@@ -6,6 +6,7 @@ decides, so clock skew between the hosts cannot make a dead runner look alive or
 heartbeat that says `state: "stopped"` is no runner, however recent.
 
 `RunnerWatch` is the pure core (told what was read and when, it answers which runners are alive);
+`live_runners` is the one way to judge a host with it, used by the routing and by `doctor` alike;
 `HostState` holds one host's connection, back-off and watch; `load` ranks healthy hosts.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 DEFAULT_HEARTBEAT_SECONDS = 5.0  # the runner's default `heartbeat_seconds`, for a heartbeat that omits it
 
@@ -90,6 +91,22 @@ class RunnerWatch:
             else:
                 details.append(f"{name}'s heartbeat unchanged for {now - seen.changed_at:.0f} s")
         return f"no live runner ({'; '.join(details)}; heartbeat_max_age is {self.max_age:g} s)"
+
+
+async def live_runners(watch: RunnerWatch, read: Callable[[], Awaitable[list[dict]]], *,
+                       monotonic: Callable[[], float], clock: Callable[[], float],
+                       sleep: Callable[[float], Awaitable[None]]) -> list[dict]:
+    """Judge one host's runners by `watch`'s rule: `read()` its heartbeats (runners/*.json) and
+    record them at `monotonic()` (wall clock `clock()`); when no runner is alive yet but one may be
+    (seen for the first time with a clock that disagrees with ours), `sleep(seconds)` for two of its
+    beats and read again. Returns the heartbeats of the runners alive now (none: `watch.why_none`
+    says why). Raises what `read` or `sleep` raise. The routing and `doctor` both call this."""
+    watch.observe(await read(), monotonic(), clock())
+    wait = watch.confirm_wait(monotonic())
+    if wait:
+        await sleep(wait)
+        watch.observe(await read(), monotonic(), clock())
+    return watch.fresh(monotonic())
 
 
 def _interval(beat: dict) -> float:

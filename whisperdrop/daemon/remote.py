@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from whisperdrop import log
-from whisperdrop.daemon.health import (HostState, RunnerWatch, backoff, candidates, load,
+from whisperdrop.daemon.health import (HostState, RunnerWatch, backoff, candidates, live_runners, load,
                                        when_none_served)
 from whisperdrop.daemon.remote_steps import (RUNNING_POLL_S, Attempt, HostUnusable, JobOnHost,  # noqa: F401
                                              sleep_unless)
 from whisperdrop.daemon.route import Mark, Progress, Routed, Work
+from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.transfer import Host, HostError
 from whisperdrop.engine import Cancelled
 from whisperdrop.files import write_atomic
@@ -86,7 +86,7 @@ class RemotePool:
         state.down_until = 0.0
         state.last_error = None
 
-    async def _check(self, state: HostState, cancel: threading.Event | None = None) -> None:
+    async def _check(self, state: HostState, cancel: Shutdown | None = None) -> None:
         """Connect (if needed) and read the runner heartbeats. Raises HostError, or HostUnusable
         when no runner is alive there (see health.RunnerWatch: the daemon's clock decides)."""
         now = self.clock()
@@ -96,19 +96,15 @@ class RemotePool:
         if not state.spool_ready:
             await state.host.ensure_spool()
             state.spool_ready = True
-        state.watch.observe(await state.host.heartbeats(), self.monotonic(), self.clock())
-        wait = state.watch.confirm_wait(self.monotonic())
-        if wait:  # heartbeats seen once, with a clock that disagrees with ours: a second read tells
-            await sleep_unless(cancel, wait)
-            state.watch.observe(await state.host.heartbeats(), self.monotonic(), self.clock())
+        state.runners = await live_runners(state.watch, state.host.heartbeats, monotonic=self.monotonic,
+                                           clock=self.clock, sleep=lambda seconds: sleep_unless(cancel, seconds))
         state.checked_at = self.clock()
-        state.runners = state.watch.fresh(self.monotonic())
         self._write_health()
         if not state.runners:
             raise HostUnusable(f"{state.name}: {state.watch.why_none(self.monotonic())}; "
                                "start `whisperdrop runner` there")
 
-    async def _healthy_hosts(self, cancel: threading.Event | None = None) -> tuple[list[HostState], list[str]]:
+    async def _healthy_hosts(self, cancel: Shutdown | None = None) -> tuple[list[HostState], list[str]]:
         """Check every host not in back-off; (the healthy ones, why each other one is not)."""
         reasons, healthy = [], []
         for state in self.states:
@@ -144,10 +140,10 @@ class RemotePool:
 
     # one job
 
-    async def transcribe(self, work: Work, *, cancel: threading.Event, progress: Progress | None = None,
+    async def transcribe(self, work: Work, *, cancel: Shutdown, progress: Progress | None = None,
                          mark: Mark | None = None) -> Outcome:
         """Run `work` on a GPU host; return its Routed result, or the reason no host served it.
-        Raises Cancelled when `cancel` is set."""
+        Raises Cancelled when a stop is requested on `cancel`."""
         mark = mark or (lambda *args, **kwargs: None)
         attempt = Attempt.of(work)
         waited_since = self.clock()
@@ -201,7 +197,7 @@ class RemotePool:
                              waited_s=round(self.clock() - waited_since, 1))
             await sleep_unless(cancel, value)
 
-    async def runners_gone(self, state: HostState, cancel: threading.Event) -> str | None:
+    async def runners_gone(self, state: HostState, cancel: Shutdown) -> str | None:
         """None while the host has a live runner (re-read every HEALTH_CACHE_S); otherwise why not.
         A host that cannot be reached now is not judged here: the poll's own errors decide that."""
         try:
