@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy
 
+from whisperdrop import checkpoint
 from whisperdrop.chunks import SAMPLE_RATE, Chunk, ChunkSource
 from whisperdrop.files import Cancelled
 from whisperdrop.spool import TranscribeOptions
@@ -43,6 +44,7 @@ class AudioJob:
     audio_path: Any
     tag: Any = None
     progress: Progress | None = None
+    checkpoint: Any = None   # a checkpoint.Checkpoint: finished chunks are kept there, and reused after a restart
 
 
 @dataclass
@@ -244,7 +246,9 @@ def transcribe_batched(
             continue
         if language not in decoders:
             decoders[language] = BatchDecoder(model, options, language)
+            checkpoint.resume_decoder(decoders[language], language, [run.job for run, _, _ in batch])
         decoded = decoders[language].decode([chunk for _, chunk, _ in batch])
+        checkpoint.save_batch(batch, decoded, language, decoders[language])
         for (run, chunk, passes), result in zip(batch, decoded):
             run.in_flight -= 1
             run.segments += result.segments
@@ -315,7 +319,9 @@ def _take(model: Any, run: _Run, options: TranscribeOptions) -> tuple[Chunk, int
         chunk = next(run.chunks)
     except StopIteration:
         run.read_all = True
-        return None
+        if run.job.checkpoint is not None:  # speech that chunks reused from a checkpoint missed
+            run.queued += run.job.checkpoint.pending()
+        return run.queued.pop(0) if run.queued else None
     except Cancelled:
         raise
     except Exception as error:  # noqa: BLE001  undecodable audio: this job fails alone, with its error
@@ -324,7 +330,21 @@ def _take(model: Any, run: _Run, options: TranscribeOptions) -> tuple[Chunk, int
     run.count += 1
     if run.language is None:
         run.language, run.language_probability = _language(model, chunk, options)
+    if run.job.checkpoint is not None:
+        return _resumed(run, chunk)
     return chunk, 1
+
+
+def _resumed(run: _Run, chunk: Chunk) -> tuple[Chunk, int] | None:
+    """A chunk of a job with a checkpoint: reused when it was decoded before a restart (None: take the
+    next), else decoded after the missed speech of the reused ones, as the interrupted run queued it."""
+    segments = run.job.checkpoint.reuse(chunk, MAX_PASSES)
+    if segments is not None:
+        run.segments += segments
+        run.report(chunk.source_end)
+        return None
+    run.queued += run.job.checkpoint.pending() + [(chunk, 1)]
+    return run.queued.pop(0)
 
 
 def _language(model: Any, chunk: Chunk, options: TranscribeOptions) -> tuple[str, float]:

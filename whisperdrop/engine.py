@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
 from whisperdrop.batched import AudioJob, Transcript, transcribe_batched
@@ -184,15 +185,18 @@ class Engine:
         batch_size: int = 1,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
+        checkpoint: Any = None,
     ) -> dict:
         """Transcribe one audio file with `options`; return the engine's part of a Result.
 
         `batch_size` above 1 decodes speech chunks in batches of that many; 1 decodes sequentially.
+        `checkpoint` (a checkpoint.Checkpoint) keeps each finished batch or window, and what it holds
+        from an interrupted run of the same audio and options is reused instead of decoded again.
         Raises EngineError (model missing, audio undecodable, out of memory) or Cancelled.
         """
         for _, outcome in self.transcribe_many(
-            [AudioJob(audio_path, progress=progress)], options, device=device, compute_type=compute_type,
-            device_index=device_index, threads=threads, batch_size=batch_size, cancel=cancel,
+            [AudioJob(audio_path, progress=progress, checkpoint=checkpoint)], options, device=device,
+            compute_type=compute_type, device_index=device_index, threads=threads, batch_size=batch_size, cancel=cancel,
         ):
             if isinstance(outcome, EngineError):
                 raise outcome
@@ -292,7 +296,13 @@ def _sequential(model: Any, job: AudioJob, options: TranscribeOptions, cancel: t
     info = None
     for window in source:
         offset = window.pieces[0][1] / SAMPLE_RATE
-        segments, window_info = model.transcribe(window.audio, **kwargs)
+        first = len(collected)
+        reused = None if job.checkpoint is None else job.checkpoint.window(window.pieces)
+        if reused is not None:  # decoded before a restart: its segments come from the checkpoint
+            segments, window_info = [], SimpleNamespace(**reused["info"])
+            collected += [{**segment, "id": first + index + 1} for index, segment in enumerate(reused["segments"])]
+        else:
+            segments, window_info = model.transcribe(window.audio, **kwargs)
         for segment in segments:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
@@ -301,6 +311,8 @@ def _sequential(model: Any, job: AudioJob, options: TranscribeOptions, cancel: t
                 job.progress(offset + float(segment.end), max(total, offset + window.duration))
         if cancel is not None and cancel.is_set():
             raise Cancelled()
+        if reused is None and job.checkpoint is not None:
+            job.checkpoint.add_window(window.pieces, collected[first:], window_info)
         after_vad += float(getattr(window_info, "duration_after_vad", window_info.duration))
         if info is None:  # the first window decides the language for the rest
             info = window_info
