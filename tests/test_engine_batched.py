@@ -115,7 +115,7 @@ def test_cancel_raises_between_batches(engine, sparse):
 
 
 def test_speech_no_word_touches_is_found_for_decoding_again():
-    """Consecutive speech spans that aligned words hardly cover, 1 s or more in all, are the part decoded again."""
+    """Consecutive speech spans that aligned words hardly cover, 3 s or more in all, are the part decoded again."""
     second = RATE
     chunk = Chunk(numpy.zeros(30 * second, dtype=numpy.float32), ((0, 0, 30 * second),),
                   ((0, 3 * second), (3 * second, 6 * second), (7 * second, 8 * second), (8 * second, 8 * second + 4000),

@@ -7,7 +7,7 @@ jobs than `batch_size` are in hand, and yields each job's outcome as soon as its
 
 Each chunk is decoded exactly as faster-whisper's `BatchedInferencePipeline` decodes it (same features,
 prompt, beam search and word alignment), with two additions. Speech the model skipped (a run of VAD
-speech spans that no aligned word touches, 1 s or more: a batched pass sometimes stops early or jumps
+speech spans that no aligned word touches, 3 s or more: a batched pass sometimes stops early or jumps
 over a sentence) goes back in the queue as a chunk of its own for a later batch; and a chunk the
 model calls silence (no-speech probability over 0.6 with a log probability under -1) gives no text.
 Times come back to the source through the chunk's pieces, as `restore_speech_timestamps` does, and
@@ -29,7 +29,8 @@ from whisperdrop.files import Cancelled
 from whisperdrop.spool import TranscribeOptions
 
 MAX_PASSES = 3                  # a stretch of speech is decoded at most this often
-MISSED_SPEECH = SAMPLE_RATE     # skipped speech this long (samples) is decoded again
+MISSED_SPEECH = 3 * SAMPLE_RATE  # skipped speech this long (samples) is decoded again: a shorter stretch costs a whole
+                                 # 30 s encoder pass and, alone, was decoded wrong (bench/README.md, issue 11 engine)
 COVERED = 0.2                   # a span counts as transcribed when aligned words cover this share of it
 NO_SPEECH_THRESHOLD = 0.6
 LOG_PROB_THRESHOLD = -1.0

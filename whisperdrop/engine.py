@@ -178,25 +178,20 @@ class Engine:
         audio_path: str | os.PathLike,
         options: TranscribeOptions,
         *,
-        device: str = "cpu",
-        compute_type: str = "default",
-        device_index: int = 0,
-        threads: int = 0,
-        batch_size: int = 1,
         progress: Progress | None = None,
-        cancel: threading.Event | None = None,
         checkpoint: Any = None,
+        **settings: Any,
     ) -> dict:
         """Transcribe one audio file with `options`; return the engine's part of a Result.
 
-        `batch_size` above 1 decodes speech chunks in batches of that many; 1 decodes sequentially.
-        `checkpoint` (a checkpoint.Checkpoint) keeps each finished batch or window, and what it holds
-        from an interrupted run of the same audio and options is reused instead of decoded again.
-        Raises EngineError (model missing, audio undecodable, out of memory) or Cancelled.
+        `settings` are transcribe_many's keywords (device, compute_type, device_index, threads,
+        batch_size, cancel): `batch_size` above 1 decodes speech chunks in batches of that many, 1
+        decodes sequentially. `checkpoint` (a checkpoint.Checkpoint) keeps each finished batch or window,
+        and what it holds from an interrupted run of the same audio and options is reused instead of
+        decoded again. Raises EngineError (model missing, audio undecodable, out of memory) or Cancelled.
         """
         for _, outcome in self.transcribe_many(
-            [AudioJob(audio_path, progress=progress, checkpoint=checkpoint)], options, device=device,
-            compute_type=compute_type, device_index=device_index, threads=threads, batch_size=batch_size, cancel=cancel,
+            [AudioJob(audio_path, progress=progress, checkpoint=checkpoint)], options, **settings,
         ):
             if isinstance(outcome, EngineError):
                 raise outcome
