@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from whisperdrop import config as config_module, log
+from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.profiles import OUTPUT_FORMATS, Plan, ProfileError
 from whisperdrop.spool import TASKS, TranscribeOptions
 
@@ -264,7 +265,7 @@ class OneShot:
         self.quiet, self.install_signals = quiet, install_signals
         self.progress = progress  # told (done_s, duration_s) as well as the progress line
         self.display = _ProgressLine(enabled=not quiet)
-        self.cancel = threading.Event()
+        self.cancel = Shutdown()  # the routes' stop request; `cancel.threads` stops the engine and hashing
         self.interrupted = False
         self.finished: list[tuple[str, list[Path]]] = []  # (name, the paths written, the JSON last)
         self.failed: list[tuple[str, str]] = []  # (name, why)
@@ -279,7 +280,7 @@ class OneShot:
             self.display.message("whisperdrop transcribe: stopped at once (second interrupt)")
             os._exit(130)
         self.interrupted = True
-        self.cancel.set()  # the engine thread stops at its next segment
+        self.cancel.request("interrupt")  # the engine thread stops at its next segment
         self.display.stop()
         if self._task is not None:
             self._task.cancel()
@@ -350,7 +351,7 @@ class OneShot:
                     raise _InputError("not a regular file")
                 self.doing = "reading it"
                 display.show(f"{name}: reading")
-                digest = await loop.run_in_executor(None, sha256_file, path, self.cancel)
+                digest = await loop.run_in_executor(None, sha256_file, path, self.cancel.threads)
                 job = make_job_id(digest, options)
                 self.doing = "extracting its audio"
                 display.show(f"{name}: extracting audio")

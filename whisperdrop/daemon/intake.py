@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from whisperdrop.daemon.ledger import Job, Source
+from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.stages import Context
 from whisperdrop.engine import Cancelled
 from whisperdrop.files import sha256_file
@@ -31,11 +32,11 @@ class Intake:
     """Takes inbox files for jobs planned by `plan(relpath)`; `schedule(job_id)` starts a job's work."""
 
     def __init__(self, context: Context, plan: Callable[[str], Plan], schedule: Callable[[str], None],
-                 stopping: asyncio.Event):
+                 shutdown: Shutdown):
         self.context = context
         self.plan = plan
         self.schedule = schedule
-        self.stopping = stopping
+        self.shutdown = shutdown  # the daemon's stop request: no file is taken once it is asked
         self._taking: set[str] = set()
 
     def relpath(self, path: Path) -> str:
@@ -44,7 +45,7 @@ class Intake:
     async def take(self, path: Path) -> None:
         """Take a settled inbox file: hash it, find or create its job, and schedule the job. Never
         raises for the file's sake: an unreadable or vanished file is logged or passed over."""
-        if self.stopping.is_set():
+        if self.shutdown.is_set():
             return
         relpath = self.relpath(path)
         if relpath in self._taking:
@@ -77,7 +78,7 @@ class Intake:
         try:
             digest = None if context.prefetch is None else await context.prefetch.digest(relpath, info)
             if digest is None:
-                digest = await loop.run_in_executor(context.io, sha256_file, path, context.cancel)
+                digest = await loop.run_in_executor(context.io, sha256_file, path, self.shutdown.threads)
             after = os.lstat(path)
         except FileNotFoundError:
             return

@@ -17,13 +17,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import log
+from whisperdrop import checkpoint as checkpoints, log
 from whisperdrop.daemon.delivery import failure_hint
 from whisperdrop.daemon import library
 from whisperdrop.daemon.prefetch import Prefetch
@@ -33,6 +32,7 @@ from whisperdrop.daemon.intake import Intake
 from whisperdrop.daemon.ledger import Job, Ledger
 from whisperdrop.daemon.local import LocalTranscriber
 from whisperdrop.daemon.route import Router
+from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.stages import Context, Permanent, Stages
 from whisperdrop.engine import Cancelled, Engine, EngineError
 from whisperdrop.profiles import Plan, plan as plan_job
@@ -46,10 +46,11 @@ __all__ = ["Pipeline", "Permanent"]
 
 class Pipeline:
     """Owns the ledger, the executors, the routes and the jobs' tasks; `take(path)` is the watcher's
-    callback. `clock` (wall time) stamps the ledger and schedules retries; tests pass a fake one."""
+    callback. `clock` (wall time) stamps the ledger and schedules retries; tests pass a fake one.
+    `shutdown` is the daemon's one stop request (the service's; a new one when not given)."""
 
     def __init__(self, config: Any, *, engine: Engine | None = None, remote: Any | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, shutdown: Shutdown | None = None):
         self.config = config
         self.clock = clock
         self.inbox: Path = config.inbox
@@ -61,20 +62,19 @@ class Pipeline:
             folder.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3", clock=clock)
         self.formats = list(config.transcription.outputs)
-        self.local = LocalTranscriber(config.local, engine)
+        self.local = LocalTranscriber(config.local, engine, checkpoints=self.state_dir / "partial")
         self.router = Router(config, self.local, remote)
         self.options = self.plan().options  # `transcription`'s, as planned (no profile)
-        self.cancel = threading.Event()
-        self.stopping = asyncio.Event()
+        self.shutdown = shutdown or Shutdown()
         self.log = log.get("pipeline")
         self._io = ThreadPoolExecutor(max_workers=max(2, (os.cpu_count() or 2)), thread_name_prefix="whisperdrop-io")
-        self.context = Context(config, self.ledger, self.router, self._io, self.cancel, self.formats, self.log)
+        self.context = Context(config, self.ledger, self.router, self._io, self.shutdown, self.formats, self.log)
         self.hooks = self.context.hooks = Hooks(config.notify)  # done notifications; started by start()
         extract_slots = asyncio.Semaphore(max(1, (os.cpu_count() or 2) // 2))
         self.prefetch = self.context.prefetch = Prefetch(
             self.state_dir / "prefetch", self._io, config.audio.bitrate_kbps, self.log, extract_slots)
         self.stages = Stages(self.context, extract_slots)
-        self.intake = Intake(self.context, lambda relpath: self.plan(relpath=relpath), self.schedule, self.stopping)
+        self.intake = Intake(self.context, lambda relpath: self.plan(relpath=relpath), self.schedule, self.shutdown)
         self._tasks: dict[str, asyncio.Task] = {}
         self._last_progress = self.context.last_progress  # job id -> last progress report (pruned per job)
         self.current: dict[str, str] = {}  # job id -> stage being worked on (for status lines)
@@ -108,7 +108,7 @@ class Pipeline:
                 return source is not None
             task = self._tasks.get(job_id)
             left = deadline - time.monotonic()
-            if task is None or task.done() or left <= 0 or self.stopping.is_set():
+            if task is None or task.done() or left <= 0 or self.shutdown.is_set():
                 return False
             await asyncio.wait({task}, timeout=left)
 
@@ -163,7 +163,7 @@ class Pipeline:
 
     async def _run_job(self, job_id: str) -> None:
         job = self.ledger.job(job_id)
-        while job is not None and not self.stopping.is_set():
+        while job is not None and not self.shutdown.is_set():
             if job.stage in ("done", "failed") and not self.ledger.sources_of(job_id):
                 return
             try:
@@ -181,10 +181,7 @@ class Pipeline:
             job = self.ledger.job(job_id)
             if delay is None:
                 continue
-            try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
+            await self.shutdown.wait(delay)
             job = self.ledger.job(job_id)
 
     async def advance(self, job: Job, now: float | None = None) -> Job | None:
@@ -232,26 +229,39 @@ class Pipeline:
     async def start(self) -> None:
         """Bind to the running loop and start the hourly expiry of cached Results."""
         await asyncio.get_running_loop().run_in_executor(self._io, self.prefetch.start)
+        await self.sweep_checkpoints()
         self._expiry = asyncio.get_running_loop().create_task(self._expire_periodically(), name="results-expiry")
         self.hooks.start()
+
+    async def sweep_checkpoints(self) -> int:
+        """Remove the local route's checkpoints of jobs that are gone or past transcription (a job
+        that failed, or a crash before the commit removed one). Returns how many; logs an OSError."""
+        keep = {job.job_id for job in self.ledger.unfinished_jobs() if job.stage != "transcribed"}
+        folder = self.state_dir / "partial"
+        try:
+            removed = await asyncio.get_running_loop().run_in_executor(self._io, checkpoints.sweep, folder,
+                                                                       keep.__contains__)
+        except OSError as error:  # housekeeping never stops the daemon
+            self.log.warning("transcribe.checkpoint_failed", file=str(folder), error=str(error))
+            return 0
+        if removed:
+            self.log.info("transcribe.checkpoints_swept", removed=removed)
+        return removed
 
     def closed(self, path: Path) -> None:
         """The watcher's early callback: a writer closed `path`; start reading it while it settles
         (see `daemon.prefetch`). Library sidecars and files the pipeline would not take are left alone."""
-        if self.stopping.is_set() or (self.config.library_mode and library.is_sidecar(path)):
+        if self.shutdown.is_set() or (self.config.library_mode and library.is_sidecar(path)):
             return
         self.prefetch.closed(self.intake.relpath(path), path)
 
     async def _expire_periodically(self) -> None:
-        while not self.stopping.is_set():
+        while not self.shutdown.is_set():
             try:
                 await self.expire_results()
             except OSError as error:  # housekeeping must never stop the daemon; say so and try later
                 self.log.warning("results.expire_failed", folder=str(self.results_dir), error=str(error))
-            try:
-                await asyncio.wait_for(self.stopping.wait(), timeout=EXPIRE_EVERY_S)
-            except asyncio.TimeoutError:
-                pass
+            await self.shutdown.wait(EXPIRE_EVERY_S)
 
     async def expire_results(self, now: float | None = None) -> int:
         """Remove cached Results (state/results) older than `results_days` at `now` (default: the clock),
@@ -268,13 +278,13 @@ class Pipeline:
         return removed
 
     async def drain(self, timeout: float) -> bool:
-        """Park every job now: set the flags that worker threads check (so the engine and PyAV stop at
-        their next look), then cancel the jobs' tasks at once, each logging `job.parked`, instead of
-        waiting for a thread to look. Safe: a stage commits what it reached only when it ends, so a cut
-        stage is done again from its start, as after a kill -9. Waits up to `timeout` s for the tasks
-        to end, then stops the done notifications (`Hooks.close`); True if all tasks ended."""
-        self.stopping.set()
-        self.cancel.set()
+        """Park every job now: request the stop (if the service has not yet), which worker threads see
+        (so the engine and PyAV stop at their next look), then cancel the jobs' tasks at once, each
+        logging `job.parked`, instead of waiting for a thread to look. Safe: a stage commits what it
+        reached only when it ends, so a cut stage is done again from its start, as after a kill -9.
+        Waits up to `timeout` s for the tasks to end, then stops the done notifications
+        (`Hooks.close`); True if all tasks ended."""
+        self.shutdown.request("drain")
         if self._expiry is not None:
             self._expiry.cancel()
         tasks = [task for task in self._tasks.values() if not task.done()]

@@ -12,7 +12,6 @@ ledger's Job and the route's Work are never changed in place.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from whisperdrop.daemon.health import HostState
 from whisperdrop.daemon.route import Routed, Work
+from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.transfer import HostError
 from whisperdrop.engine import Cancelled
 from whisperdrop.spool import make_job_document
@@ -56,7 +56,7 @@ class JobOnHost:
     """The steps of `work` on the host `state`, for `pool` (its settings, clock, log and health)."""
 
     def __init__(self, pool: "RemotePool", state: HostState, work: Work, attempt: Attempt, *,
-                 cancel: threading.Event, progress: Callable[[float, float], None] | None,
+                 cancel: Shutdown, progress: Callable[[float, float], None] | None,
                  mark: Callable[..., None]):
         self.pool, self.state, self.work, self.attempt = pool, state, work, attempt
         self.cancel, self.progress, self.mark = cancel, progress, mark
@@ -220,10 +220,9 @@ def _upload_progress(mark: Callable[..., None]) -> Callable[[int, int], None]:
     return report
 
 
-async def sleep_unless(cancel: threading.Event | None, seconds: float) -> None:
-    """Sleep up to `seconds`, waking early (raising Cancelled) when `cancel` is set."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
-        await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+async def sleep_unless(cancel: Shutdown | None, seconds: float) -> None:
+    """Sleep `seconds`, or less: a stop requested on `cancel` wakes it at once and raises Cancelled."""
+    if cancel is None:
+        await asyncio.sleep(seconds)
+    elif await cancel.wait(seconds):
+        raise Cancelled()

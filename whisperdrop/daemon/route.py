@@ -92,7 +92,9 @@ class Router:
             if outcome.routed is not None:
                 return outcome.routed
             fallback_reason = outcome.reason
-        result = await self.local.transcribe(work.audio, work.options, cancel=cancel, progress=progress)
+        result = await self.local.transcribe(work.audio, work.options, cancel=cancel, progress=progress,
+                                             job_id=work.job_id, audio_sha256=work.audio_sha256 or None,
+                                             duration=work.duration or None)
         return Routed(
             result=result,
             route="local",

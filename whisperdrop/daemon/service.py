@@ -20,6 +20,7 @@ from whisperdrop import engine, log
 from whisperdrop.notify import Notifier
 from whisperdrop.daemon.metrics import MetricsWriter
 from whisperdrop.daemon.pipeline import Pipeline
+from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.watch import InboxWatcher
 from whisperdrop.engine import Engine, EngineError
 
@@ -42,7 +43,8 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     logger = log.get("daemon")
     notifier = notifier or Notifier()
     remote = build_remote(config)
-    pipeline = Pipeline(config, remote=remote)
+    shutdown = Shutdown()  # the one stop request: the pipeline (stages, intake, routes, API) and the watcher share it
+    pipeline = Pipeline(config, remote=remote, shutdown=shutdown)
     if not await _check_local_model(config, pipeline, remote, logger):  # every job would fail: say so, exit
         if remote is not None:
             await remote.close()
@@ -50,15 +52,14 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
         return 1
     await pipeline.start()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     signals_seen = 0
 
-    def on_signal(number: int) -> None:  # only sets flags; the loop does the work
+    def on_signal(number: int) -> None:  # only requests the stop; the loop does the work
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen > 1:
             os._exit(1)
-        stop.set()
+        shutdown.request(signal.Signals(number).name)
 
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, on_signal, number)
@@ -75,6 +76,7 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     watcher = InboxWatcher(
         config.inbox, settle_seconds=config.watch.settle_seconds, rescan_seconds=config.watch.rescan_seconds,
         recursive=config.watch.recursive, ignore=list(config.watch.ignore), on_closed=pipeline.closed,
+        shutdown=shutdown,
     )
     intake: set[asyncio.Task] = set()
 
@@ -94,8 +96,8 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     # Rendered in the writer's own thread: its aggregates scan the whole ledger.
     metrics = MetricsWriter(config.logging.metrics_textfile, pipeline.ledger.path,
                             config.path("state_dir") / "hosts.json", lambda: pipeline.ledger.db.total_changes)
-    heartbeat = loop.create_task(_keep_systemd_informed(notifier, pipeline, stop, metrics), name="notify")
-    await stop.wait()
+    heartbeat = loop.create_task(_keep_systemd_informed(notifier, pipeline, shutdown, metrics), name="notify")
+    await shutdown.wait()
 
     started = time.monotonic()
     notifier.stopping()
@@ -103,8 +105,7 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     _arm_stop_deadline(logger)
     if api is not None:
         api.begin_stop()  # no new requests; the waiting ones answer 503 once their jobs are parked
-    watcher.stop()
-    watch_task.cancel()
+    watch_task.cancel()  # the watcher returns on the shutdown by itself; this only makes sure
     heartbeat.cancel()
     for task in list(intake):
         task.cancel()
@@ -220,16 +221,13 @@ def _status_line(pipeline: Pipeline) -> str:
     return status
 
 
-async def _keep_systemd_informed(notifier: Notifier, pipeline: Pipeline, stop: asyncio.Event,
+async def _keep_systemd_informed(notifier: Notifier, pipeline: Pipeline, shutdown: Shutdown,
                                  metrics: MetricsWriter | None = None) -> None:
     """WATCHDOG=1 at half of WatchdogSec, a STATUS= line with the queue and the current job, and the
     Prometheus textfile (`logging.metrics_textfile`) when it is due."""
     interval = min(notifier.watchdog_interval or TICK_S, TICK_S)
-    while not stop.is_set():
+    while not shutdown.is_set():
         notifier.tick(status=lambda: _status_line(pipeline))
         if metrics is not None:
             metrics.step()
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-        except asyncio.TimeoutError:
-            pass
+        await shutdown.wait(interval)

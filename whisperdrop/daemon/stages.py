@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import log as logging, profiles, result as results
+from whisperdrop import checkpoint as checkpoints, log as logging, profiles, result as results
 from whisperdrop.daemon import delivery
 from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.extract import MediaError, extract
@@ -86,6 +86,11 @@ class Context:
 
     def result_path(self, job_id: str) -> Path:
         return self.results_dir / f"{job_id}.json"
+
+    @property
+    def partial_dir(self) -> Path:
+        """The local route's checkpoints: the finished part of each unfinished local transcription."""
+        return self.config.path("state_dir") / "partial"
 
 
 class Stages:
@@ -263,6 +268,11 @@ class Stages:
             fallback_reason=result.get("fallback_reason"), model=result.get("model"), timings=timings,
             transfer=transfer, attempts=0, last_error=None, progress=None,
         )
+        partial = checkpoints.path_of(context.partial_dir, job.job_id)
+        try:  # the Result is safe in the cache now: the finished part is no longer needed
+            await asyncio.get_running_loop().run_in_executor(context.io, checkpoints.remove, partial)
+        except OSError as error:  # the start-up sweep removes it later; the job goes on
+            context.log.warning("transcribe.checkpoint_failed", job_id=job.job_id, file=str(partial), error=str(error))
         seconds = timings.get("transcribe_s") or 0.0
         duration = result.get("duration") or job.duration or 0.0
         warning = result.get("language_warning")  # an English-only model on other speech: say so

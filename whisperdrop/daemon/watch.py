@@ -48,6 +48,8 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
+from whisperdrop.daemon.shutdown import Shutdown
+
 log = structlog.get_logger()
 
 KINDS = frozenset({"created", "modified", "closed", "moved_in", "deleted", "seen"})
@@ -247,6 +249,8 @@ class InboxWatcher:
     """Watches `inbox` and calls `on_ready(path)` for each settled file (see the module docstring).
 
     Paths handed out are under `inbox` as given (made absolute), even when it is itself a symlink.
+    `run()` returns once `shutdown` (the daemon's stop request; a watcher of its own when not given)
+    is requested.
     """
 
     def __init__(
@@ -259,6 +263,7 @@ class InboxWatcher:
         ignore: list[str],
         clock: Callable[[], float] = time.monotonic,
         on_closed: Callable[[Path], None] | None = None,
+        shutdown: Shutdown | None = None,
     ):
         if rescan_seconds <= 0:
             raise ValueError(f"rescan_seconds must be greater than 0, got {rescan_seconds!r}")
@@ -278,7 +283,7 @@ class InboxWatcher:
         self._rescan_now = False
         self.started = asyncio.Event()  # set once the inbox is watched and first scanned
         self.rescans = 0  # full rescans finished: lets a caller know the watcher has looked again
-        self._stop_requested = False
+        self.shutdown = shutdown or Shutdown()
         # Told (on the loop, never awaited) when a writer closes a file or moves one in, so its reading
         # can start while the settle timer runs (daemon.prefetch); whether it is taken is still ready()'s call.
         self._on_closed = on_closed
@@ -288,15 +293,9 @@ class InboxWatcher:
         self.settler.forget(path)
 
     def stop(self) -> None:
-        """Ask `run()` to return at its next turn (call from the loop's thread).
-
-        Cancelling the task alone is not enough on Python 3.11 and older: asyncio.wait_for can
-        swallow a cancellation that arrives as its inner wait completes (CPython gh-86296), which
-        left one daemon's stop waiting for this task forever.
-        """
-        self._stop_requested = True
-        if self._wakeup is not None:
-            self._wakeup.set()
+        """Ask `run()` to return at its next turn: requests the watcher's `shutdown` (the whole
+        daemon's, when it was given the daemon's)."""
+        self.shutdown.request("watcher stopped")
 
     async def run(self, on_ready: Callable[[Path], Awaitable[None] | None]) -> None:
         """Watch until cancelled, calling (and awaiting, if it returns an awaitable) `on_ready(path)`.
@@ -320,7 +319,7 @@ class InboxWatcher:
             await self._rescan()
             self.started.set()
             next_rescan = self._clock() + self._rescan_interval()
-            while not self._stop_requested:
+            while not self.shutdown.is_set():
                 self._apply_pending()
                 if self._rescan_now or self._clock() >= next_rescan:
                     self._rescan_now = False
@@ -332,12 +331,9 @@ class InboxWatcher:
                 wake = self.settler.next_wakeup()
                 deadline = next_rescan if wake is None else min(next_rescan, wake)
                 timeout = max(0.0, deadline - self._clock())
-                if not self._pending and not self._rescan_now and not self._stop_requested:
+                if not self._pending and not self._rescan_now:
                     self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), timeout)
-                    except asyncio.TimeoutError:
-                        pass
+                    await self.shutdown.wait(timeout, wake=self._wakeup)  # events, the deadline, or a stop
         finally:
             observer, self._observer, self._watch = self._observer, None, None
             observer.stop()

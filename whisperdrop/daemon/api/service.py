@@ -159,7 +159,7 @@ class ApiService:
         settled = await self.pipeline.settled(accepted.job_id, accepted.source_id, float(self.config.api.sync_timeout))
         extra = {"job_id": accepted.job_id, "status_url": f"/v1/jobs/{accepted.job_id}"}
         if not settled:
-            if self.pipeline.stopping.is_set():
+            if self.pipeline.shutdown.is_set():
                 raise ApiError(503, "the daemon is stopping; the job is kept and resumes when it starts again: "
                                     f"GET /v1/jobs/{accepted.job_id} then", code="stopping", extra=extra)
             raise ApiError(504, f"no transcript within api.sync_timeout ({self.config.api.sync_timeout:g} s); the job "
