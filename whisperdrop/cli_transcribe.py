@@ -265,7 +265,7 @@ class OneShot:
         self.quiet, self.install_signals = quiet, install_signals
         self.progress = progress  # told (done_s, duration_s) as well as the progress line
         self.display = _ProgressLine(enabled=not quiet)
-        self.cancel = Shutdown()  # the routes' stop request; `cancel.threads` stops the engine and hashing
+        self.shutdown = Shutdown()  # the routes' stop request; `shutdown.threads` stops the engine and hashing
         self.interrupted = False
         self.finished: list[tuple[str, list[Path]]] = []  # (name, the paths written, the JSON last)
         self.failed: list[tuple[str, str]] = []  # (name, why)
@@ -280,7 +280,7 @@ class OneShot:
             self.display.message("whisperdrop transcribe: stopped at once (second interrupt)")
             os._exit(130)
         self.interrupted = True
-        self.cancel.request("interrupt")  # the engine thread stops at its next segment
+        self.shutdown.request("interrupt")  # the engine thread stops at its next segment
         self.display.stop()
         if self._task is not None:
             self._task.cancel()
@@ -351,7 +351,7 @@ class OneShot:
                     raise _InputError("not a regular file")
                 self.doing = "reading it"
                 display.show(f"{name}: reading")
-                digest = await loop.run_in_executor(None, sha256_file, path, self.cancel.threads)
+                digest = await loop.run_in_executor(None, sha256_file, path, self.shutdown.threads)
                 job = make_job_id(digest, options)
                 self.doing = "extracting its audio"
                 display.show(f"{name}: extracting audio")
@@ -368,7 +368,7 @@ class OneShot:
                 self.doing = "transcribing it"
                 work = Work(job_id=job, audio=extracted.path, options=options, audio_size=extracted.bytes_out,
                             audio_sha256=extracted.sha256, duration=extracted.duration)
-                routed = await router.transcribe(work, cancel=self.cancel, progress=progress)
+                routed = await router.transcribe(work, shutdown=self.shutdown, progress=progress)
                 if self.interrupted:  # the engine stopped early; what it returned is not the whole file
                     raise asyncio.CancelledError
                 made = results.transcribed(

@@ -10,12 +10,12 @@ The daemon makes it from a ledger Job (`Work.of`); the one-shot CLI from the aud
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from whisperdrop.daemon.local import LocalTranscriber
+from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.spool import TranscribeOptions
 
 Progress = Callable[[float, float], None]  # (seconds done, seconds in all) of a job's audio
@@ -82,17 +82,17 @@ class Router:
             return self.local.options_for(options)
         return options
 
-    async def transcribe(self, work: Work, *, cancel: threading.Event, progress: Progress | None = None,
+    async def transcribe(self, work: Work, *, shutdown: Shutdown, progress: Progress | None = None,
                          mark: Mark | None = None) -> Routed:
         """Transcribe `work` on the chosen route; `mark(stage, **fields)` records each remote step in
         the ledger. Raises EngineError or Cancelled (a host's failures become a fallback reason)."""
         fallback_reason = None  # without hosts, local is the plan, not a fallback
         if self.remote is not None and self.provider in ("auto", "remote"):
-            outcome = await self.remote.transcribe(work, cancel=cancel, progress=progress, mark=mark)
+            outcome = await self.remote.transcribe(work, cancel=shutdown, progress=progress, mark=mark)
             if outcome.routed is not None:
                 return outcome.routed
             fallback_reason = outcome.reason
-        result = await self.local.transcribe(work.audio, work.options, cancel=cancel, progress=progress,
+        result = await self.local.transcribe(work.audio, work.options, cancel=shutdown.threads, progress=progress,
                                              job_id=work.job_id, audio_sha256=work.audio_sha256 or None,
                                              duration=work.duration or None)
         return Routed(

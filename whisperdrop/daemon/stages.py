@@ -15,7 +15,6 @@ import asyncio
 import functools
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.extract import MediaError, extract
 from whisperdrop.daemon.ledger import Job, Ledger, Source
 from whisperdrop.daemon.route import Router, Work
+from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.engine import EngineError
 from whisperdrop.errors import WhisperdropError
 from whisperdrop.files import write_atomic
@@ -51,7 +51,7 @@ class Context:
     ledger: Ledger
     router: Router
     io: ThreadPoolExecutor
-    cancel: threading.Event
+    shutdown: Shutdown  # the daemon's one stop request
     formats: list[str]
     log: Any = field(default_factory=lambda: logging.get("pipeline"))
     last_progress: dict[str, float] = field(default_factory=dict)  # job id -> monotonic time of its last report
@@ -150,7 +150,7 @@ class Stages:
                 if extracted is None:
                     extracted = await loop.run_in_executor(
                         context.io, lambda: extract(path, context.audio_path(job.job_id),
-                                                    context.config.audio.bitrate_kbps, cancel=context.cancel))
+                                                    context.config.audio.bitrate_kbps, cancel=context.shutdown.threads))
             except MediaError as error:
                 if not delivery.same_version(path, source.size, source.mtime_ns):
                     self.replaced(job, source)
@@ -232,7 +232,7 @@ class Stages:
             return
         try:
             routed = await context.router.transcribe(
-                Work.of(job, audio), cancel=context.cancel, progress=self._progress_callback(job.job_id),
+                Work.of(job, audio), shutdown=context.shutdown, progress=self._progress_callback(job.job_id),
                 mark=self._mark(job.job_id))
         except EngineError as error:
             if error.kind == "audio":
