@@ -124,7 +124,7 @@ def test_transcribe_files_and_transcribe_one_for_other_front_ends(tmp_path):
     """The plain functions: transcribe_files writes the plan's files and returns them; transcribe_one
     returns the Result and writes nothing; a missing file is a reason, not an exception."""
     from whisperdrop import config as config_module, profiles
-    from whisperdrop.cli_transcribe import transcribe_files, transcribe_one
+    from whisperdrop.oneshot import transcribe_files, transcribe_one
 
     config = config_module.validate({}, tmp_path)
     plan = profiles.plan(config, overrides={"initial_prompt": PROMPT, "outputs": ["vtt"]})

@@ -168,7 +168,7 @@ class ProgressPrinter:
 def transcribe(config, path: Path, options, params: Params) -> tuple[dict | None, str | None]:
     """The Result of `path` with `options` (a GPU host first, then the local CPU), or None and why.
     Ctrl-C ends the process at once with 130, as `whisperdrop transcribe` does (nothing half-written)."""
-    from whisperdrop.cli_transcribe import transcribe_one
+    from whisperdrop.oneshot import transcribe_one
 
     result, problem = transcribe_one(config, path, options,
                                      progress=ProgressPrinter() if params.print_progress else None)
