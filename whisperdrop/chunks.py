@@ -15,6 +15,9 @@ A chunk ends only where the VAD finds no speech: at the start of a speech span o
 never inside a span (the VAD itself splits speech longer than 30 s at its last pause of 98 ms or more,
 as faster-whisper does). Memory is bounded whatever the duration: the block being decoded, the
 samples since the VAD's horizon (at most one speech span, 30 s), and the chunk being filled.
+
+One thing over 400 lines: the streaming VAD and the chunker share one promise (a cut falls only
+where the VAD found no speech, with bounded memory), and each half is checked against the other's.
 """
 
 from __future__ import annotations
