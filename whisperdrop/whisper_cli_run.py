@@ -8,7 +8,6 @@ A flag given overrides the config; a flag not given takes the config's value (`t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
