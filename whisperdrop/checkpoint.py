@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from whisperdrop.files import fsync_directory, sha256_file, write_atomic
+from whisperdrop.files import fsync_directory, sha256_file, write_all, write_atomic
 
 SCHEMA = "whisperdrop.checkpoint/1"
 SUFFIX = ".jsonl"
@@ -185,10 +185,7 @@ class Checkpoint:
                 return
             descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
             try:
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(descriptor, view):]
-                os.fsync(descriptor)
+                write_all(descriptor, line)
             finally:
                 os.close(descriptor)
         except OSError as error:

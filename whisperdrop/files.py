@@ -26,6 +26,15 @@ def fsync_directory(path: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
+def write_all(descriptor: int, data: bytes) -> None:
+    """Write all of `data` to the open file `descriptor` (os.write may write less than asked), then
+    fsync it. Raises OSError."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
+    os.fsync(descriptor)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, *, tag: str | None = None, durable: bool = True) -> None:
     """Replace `path` with `data`: a hidden temporary beside it, fsync, rename, then fsync the folder.
 
@@ -47,10 +56,7 @@ def write_atomic(path: str | os.PathLike, data: bytes, *, tag: str | None = None
                          CREATE_MODE)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(descriptor, view):]
-            os.fsync(descriptor)
+            write_all(descriptor, data)
         finally:
             os.close(descriptor)
         os.replace(temporary, path)

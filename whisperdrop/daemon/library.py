@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whisperdrop.daemon import outbox
-from whisperdrop.files import fsync_directory
+from whisperdrop.files import fsync_directory, write_all
 from whisperdrop.subtitles import Limits
 
 # Names the daemon never takes in library mode: subtitles and text (ours and others'), artwork, metadata.
@@ -105,7 +105,7 @@ def _write_new(path: Path, data: bytes) -> bool:
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
         try:
-            _write_all(descriptor, data)
+            write_all(descriptor, data)
         finally:
             os.close(descriptor)
         try:
@@ -123,14 +123,7 @@ def _write_new(path: Path, data: bytes) -> bool:
     except FileExistsError:
         return False
     try:
-        _write_all(descriptor, data)
+        write_all(descriptor, data)
     finally:
         os.close(descriptor)
     return True
-
-
-def _write_all(descriptor: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(descriptor, view):]
-    os.fsync(descriptor)
