@@ -20,13 +20,14 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-import wave
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy
+from daemon_helpers import write_wav  # tests/: bench/run.py puts tests/ on the path
+from media import speech_in_noise
 
 RATE = 16000
 # (voice, words per minute): male and female, American, British and Scottish accents.
@@ -145,16 +146,6 @@ def _silence(seconds: float) -> numpy.ndarray:
     return numpy.zeros(int(seconds * RATE), dtype=numpy.int16)
 
 
-def _write_wav(path: Path, samples: numpy.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(RATE)
-        writer.writeframes(samples.tobytes())
-    return path
-
-
 def speech_file(folder: Path, seconds: float, name: str = "speech") -> Speech:
     """jfk.flac, then Harvard sentences, the voice changing every PER_BLOCK sentences, until the audio is
     at least `seconds` long; written to folder/<name>.wav."""
@@ -174,7 +165,7 @@ def speech_file(folder: Path, seconds: float, name: str = "speech") -> Speech:
     what = (f"{len(audio) / RATE / 60:.1f} min: jfk.flac (22 words) then {count} Harvard sentences read by espeak-ng, "
             f"the voice changing every {PER_BLOCK} ({min(len(VOICES), -(-count // PER_BLOCK))} voices), "
             f"{sum(len(t.split()) for t in texts)} words")
-    return Speech(_write_wav(folder / f"{name}.wav", audio), " ".join(texts), len(audio) / RATE, what)
+    return Speech(write_wav(folder / f"{name}.wav", audio), " ".join(texts), len(audio) / RATE, what)
 
 
 def speech_clips(folder: Path, count: int, seconds: float) -> list[Speech]:
@@ -192,7 +183,7 @@ def speech_clips(folder: Path, count: int, seconds: float) -> list[Speech]:
             texts.append(sentence)
             total = sum(len(piece) for piece in pieces) / RATE
         audio = numpy.concatenate(pieces)
-        clips.append(Speech(_write_wav(folder / f"clip-{index:02d}.wav", audio), " ".join(texts), len(audio) / RATE,
+        clips.append(Speech(write_wav(folder / f"clip-{index:02d}.wav", audio), " ".join(texts), len(audio) / RATE,
                             f"{voice}, {len(texts)} sentences"))
     return clips
 
@@ -202,20 +193,12 @@ def write_long_opus(path: Path, seconds: float, placements: list[float], bitrate
     recording) with jfk starting at each of `placements`, as 16 kHz mono Opus in Ogg, encoded a minute
     at a time (the way tests/test_engine_long.py builds its WAV)."""
     speech, _ = jfk()
-    total, minute = int(seconds * RATE), 60 * RATE
-    noise = numpy.random.default_rng(10).normal(0, 12, minute).astype(numpy.int16)
     time_base = Fraction(1, RATE)
     with av.open(str(path), mode="w", format="ogg", options={"fflags": "+bitexact"}) as output:
         encoder = output.add_stream("libopus", rate=RATE, options={"application": "audio", "compression_level": "0",
                                                                    "frame_duration": "60"})
         encoder.layout, encoder.format, encoder.bit_rate, encoder.time_base = "mono", "s16", bitrate_kbps * 1000, time_base
-        for begin in range(0, total, minute):
-            block = noise[: min(minute, total - begin)].copy()
-            for start in placements:
-                first = int(start * RATE)
-                low, high = max(first, begin), min(first + len(speech), begin + len(block))
-                if low < high:
-                    block[low - begin:high - begin] = speech[low - first:high - first]
+        for begin, block in speech_in_noise(speech, seconds, placements, RATE):
             frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="s16", layout="mono")
             frame.sample_rate, frame.pts, frame.time_base = RATE, begin, time_base
             for packet in encoder.encode(frame):

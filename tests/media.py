@@ -128,6 +128,24 @@ def make_clip(dest: Path, container: str, source: Path = JFK, video: bool = Fals
     return dest
 
 
+def speech_in_noise(speech: numpy.ndarray, seconds: float, placements: list[float],
+                    rate: int = 16000) -> Iterator[tuple[int, numpy.ndarray]]:
+    """(first sample, block) a minute at a time: `seconds` of a quiet noise floor (about -68 dBFS, the
+    same every minute) with the int16 `speech` starting at each of `placements` (seconds). Not digital
+    zeros: hours of exact silence are no recording, and leave Silero's state deaf to quiet words
+    that follow them."""
+    total, minute = int(seconds * rate), 60 * rate
+    noise = numpy.random.default_rng(10).normal(0, 12, minute).astype(numpy.int16)
+    for begin in range(0, total, minute):
+        block = noise[: min(minute, total - begin)].copy()
+        for start in placements:
+            first = int(start * rate)
+            low, high = max(first, begin), min(first + len(speech), begin + len(block))
+            if low < high:
+                block[low - begin:high - begin] = speech[low - first:high - first]
+        yield begin, block
+
+
 def concat_speech(dest: Path, seconds: float) -> Path:
     """Write jfk repeated to `seconds` of speech to `dest`, in the container its suffix names (.mp4 gets
     a video stream too, as a phone recording would)."""

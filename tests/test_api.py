@@ -14,7 +14,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from daemon_helpers import Daemon, jfk_pcm, jfk_reference, word_error_rate, write_variant_wav
+from daemon_helpers import Daemon, jfk_pcm, jfk_reference, word_error_rate, write_variant_wav, write_wav
 from media import JFK
 
 REQUEST_TIMEOUT_S = 300  # a generous bound: two cores shared by several test runs
@@ -240,14 +240,7 @@ def test_token_and_size_limit(tmp_path):
         assert status == 413 and "max_upload_mb" in json.loads(body)["error"]["message"]
         assert ledger_rows(daemon) == ([], [])
         assert not stored_uploads(daemon)
-        small = tmp_path / "small.wav"
-        import wave
-
-        with wave.open(str(small), "wb") as writer:
-            writer.setnchannels(1)
-            writer.setsampwidth(2)
-            writer.setframerate(16000)
-            writer.writeframes(jfk_pcm()[:16000 * 4].tobytes())
+        small = write_wav(tmp_path / "small.wav", jfk_pcm()[:16000 * 4])
         status, body = curl("-H", "Authorization: Bearer s3cret-token", "-F", f"audio=@{small}",
                             f"{daemon.url}/transcribe")
         assert status == 200 and "fellow americans" in json.loads(body)["text"].lower()

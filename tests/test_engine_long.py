@@ -14,9 +14,9 @@ import sys
 import wave
 from pathlib import Path
 
-import numpy
 import pytest
 from daemon_helpers import jfk_pcm, jfk_reference, word_error_rate
+from media import speech_in_noise
 
 HOURS = float(os.environ.get("WHISPERDROP_TEST_LONG_HOURS", "10"))
 PEAK_RSS_LIMIT_MB = 600
@@ -37,21 +37,11 @@ def write_long_wav(path: Path, seconds: float, placements: list[float]) -> Path:
     """`seconds` of a quiet noise floor at 16 kHz with jfk starting at each of `placements`, written a
     minute at a time. Not digital zeros: hours of exact silence are no recording, and leave Silero's
     state deaf to quiet words that follow them."""
-    speech = jfk_pcm()
-    total = int(seconds * RATE)
-    minute = 60 * RATE
-    noise = numpy.random.default_rng(10).normal(0, 12, minute).astype(numpy.int16)  # a room's floor, about -68 dBFS
     with wave.open(str(path), "wb") as writer:
         writer.setnchannels(1)
         writer.setsampwidth(2)
         writer.setframerate(RATE)
-        for begin in range(0, total, minute):
-            block = noise[: min(minute, total - begin)].copy()
-            for start in placements:
-                first = int(start * RATE)
-                low, high = max(first, begin), min(first + len(speech), begin + len(block))
-                if low < high:
-                    block[low - begin:high - begin] = speech[low - first:high - first]
+        for _begin, block in speech_in_noise(jfk_pcm(), seconds, placements, RATE):
             writer.writeframesraw(block.tobytes())
     return path
 

@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import time
-import wave
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import av
 import numpy
 import pytest
 
-from daemon_helpers import Daemon, jfk_pcm, jfk_reference, normalise, word_error_rate, write_speech_wav, write_variant_wav
+from daemon_helpers import Daemon, jfk_pcm, jfk_reference, normalise, word_error_rate, write_speech_wav, write_variant_wav, write_wav
 from media import make_silence_wav
 from sshd import skip_or_fail
 
@@ -274,13 +273,7 @@ def write_tone_wav(path: Path, index: int) -> Path:
     rate = 16000
     times = numpy.arange(rate // 2) / rate
     tone = (8000 * numpy.sin(2 * math.pi * (200 + index) * times)).astype(numpy.int16)
-    samples = numpy.concatenate([numpy.zeros(rate // 2, dtype=numpy.int16), tone])
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes(samples.tobytes())
-    return path
+    return write_wav(path, numpy.concatenate([numpy.zeros(rate // 2, dtype=numpy.int16), tone]))
 
 
 @pytest.mark.slow
