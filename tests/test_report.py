@@ -296,13 +296,17 @@ def test_doctor_passes_on_a_healthy_setup(sshd, tmp_path):
     assert not list((sshd.spool / "incoming").iterdir())  # the write probe is gone
 
 
-@pytest.mark.parametrize("case", ["missing key file", "key not authorized", "unknown host key", "no runner heartbeat"])
+@pytest.mark.parametrize("case", ["missing key file", "public key as key", "key not authorized", "unknown host key",
+                                  "no runner heartbeat"])
 def test_doctor_names_the_broken_step_and_its_fix(case, sshd, tmp_path):
     """doctor exits 1, names the host and the failing step, and prints the fix for each broken set-up."""
     settings = sshd.host_settings()
     if case == "missing key file":
         settings["key"] = str(tmp_path / "no-such-key")
         step, fix = "auth", "fix: set remote.hosts[].key to an existing private key file"
+    elif case == "public key as key":  # the host answers: the error must not be asyncssh's "Invalid private key"
+        settings["key"] = str(sshd.client_key.with_suffix(".pub"))
+        step, fix = "auth", f"fix: set remote.hosts[].key to the private key: the private key is probably {sshd.client_key}"
     elif case == "key not authorized":
         settings["key"] = str(sshd.host_key)  # a valid private key that is not in authorized_keys
         step, fix = "auth", f"fix: add the public key of {sshd.host_key} to the authorized_keys of root"
@@ -314,7 +318,7 @@ def test_doctor_names_the_broken_step_and_its_fix(case, sshd, tmp_path):
         _heartbeat(sshd.spool)
     else:
         step, fix = "runner", "fix: start the runner on 127.0.0.1"
-    if case in ("missing key file", "key not authorized"):
+    if case in ("missing key file", "public key as key", "key not authorized"):
         _heartbeat(sshd.spool)
     result = cli("doctor", "-c", str(_doctor_config(tmp_path, settings)), "--timeout", "5")
     assert result.returncode == 1, result.stdout + result.stderr
@@ -322,8 +326,8 @@ def test_doctor_names_the_broken_step_and_its_fix(case, sshd, tmp_path):
     assert fix in result.stdout, result.stdout
     if case == "unknown host key":
         assert "ssh-keyscan -p" in result.stdout
-    if case == "missing key file":  # no connection was made, so nothing may claim the host key is fine
-        assert "host testhost: host key" not in result.stdout
+    if case in ("missing key file", "public key as key"):  # no connection was made: nothing may claim the host key is fine
+        assert "host testhost: host key" not in result.stdout and "Invalid private key" not in result.stdout
     if case == "key not authorized":
         assert "ok    host testhost: host key:" in result.stdout
 

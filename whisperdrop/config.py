@@ -553,6 +553,13 @@ def is_public_key(path: Path) -> bool:
     return head.startswith(_PUBLIC_KEY_STARTS)
 
 
+def private_key_hint(public: Path) -> str:
+    """What to give as `key` instead of the public key `public`: the file beside it without .pub, when there is one."""
+    private = public.with_suffix("") if public.suffix == ".pub" else None
+    return (f"the private key is probably {private}" if private is not None and private.is_file()
+            else "give the private key file (the one without .pub)")
+
+
 def _host_problems(index: int, host: dict) -> list[str]:
     """A host's key file and known_hosts file: missing, unreadable, or a public key given as `key`."""
     problems = []
@@ -564,10 +571,8 @@ def _host_problems(index: int, host: dict) -> list[str]:
             problems.append(problem + "; point it at the host's private key, or remove it to use ssh-agent "
                                       "and the usual ~/.ssh/id_* keys")
         elif is_public_key(key):
-            private = key.with_suffix("") if key.suffix == ".pub" else None
-            named = (f"the private key is probably {private}" if private is not None and private.is_file()
-                     else "give the private key file (the one without .pub)")
-            problems.append(f"At '{where}.key': {str(key)!r} is a public key; 'key' takes the private key: {named}")
+            problems.append(f"At '{where}.key': {str(key)!r} is a public key; 'key' takes the private key: "
+                            f"{private_key_hint(key)}")
     if host.get("known_hosts"):
         known_hosts = Path(host["known_hosts"])
         problem = _file_problem(f"{where}.known_hosts", known_hosts)

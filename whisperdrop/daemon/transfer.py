@@ -42,6 +42,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import asyncssh
 
 from whisperdrop import log, spool
+from whisperdrop.config import is_public_key, private_key_hint
 from whisperdrop.errors import WhisperdropError
 
 T = TypeVar("T")
@@ -304,6 +305,10 @@ class Host:
             raise AuthError(self.name, "connect", f"key file {self.key} not found", transient=False,
                             hint="set remote.hosts[].key to an existing private key file, or leave it empty "
                                  "for the ssh-agent and ~/.ssh/id_* keys")
+        if self.key and is_public_key(Path(self.key)):  # asyncssh would say "Invalid private key"
+            raise AuthError(self.name, "connect", f"{self.key} is a public key; 'key' takes the private key",
+                            transient=False, hint=f"set remote.hosts[].key to the private key: "
+                                                  f"{private_key_hint(Path(self.key))}")
         started = time.monotonic()
         try:
             # asyncssh's connect_timeout covers TCP and the SSH handshake; wait_for guards a server
