@@ -144,3 +144,22 @@ def test_the_engine_refuses_to_translate_with_an_english_only_model():
     with pytest.raises(EngineError, match="bundled:tiny.en is English-only and cannot translate") as caught:
         Engine().transcribe(JFK, TranscribeOptions(task="translate"))
     assert caught.value.kind == "model"
+
+
+def test_other_speech_through_an_english_only_model_is_warned_on_the_terminal(tmp_path):
+    """German speech through the bundled English-only tiny.en: `transcribe` prints the Result's
+    language_warning on stderr beside "done", not only inside the JSON."""
+    import shutil
+
+    from sshd import skip_or_fail
+    from test_first_day_daemon import GERMAN
+
+    if shutil.which("espeak-ng") is None:
+        skip_or_fail("espeak-ng is not installed (it speaks the German clip)")
+    subprocess.run(["espeak-ng", "-v", "de", "-w", str(tmp_path / "german.wav"), GERMAN], check=True,
+                   capture_output=True, timeout=120)
+    done = whisperdrop("transcribe", "german.wav", "-o", "out", cwd=tmp_path)
+    no_traceback(done)
+    assert done.returncode == 0, done.stderr
+    warning = json.loads((tmp_path / "out" / "german.json").read_text())["language_warning"]
+    assert f"german.wav: warning: {warning}" in done.stderr

@@ -270,6 +270,8 @@ class OneShot:
                 if not self.quiet:
                     display.message(f"{name}: done [{extracted.duration:.1f} s of audio, {where}{note}, "
                                     f"{time.monotonic() - started:.1f} s]")
+                    if document.get("language_warning"):  # an English-only model heard other speech
+                        display.message(f"{name}: warning: {document['language_warning']}")
                     for written_path in written:
                         display.result(str(written_path))
             except _InputError as error:
