@@ -129,6 +129,35 @@ def test_cached_results_expire_unless_their_job_is_unfinished(tmp_path):
     assert sorted(name for name, path in files.items() if path.exists()) == ["new-done", "old-open"]
 
 
+def test_checkpoints_of_jobs_gone_or_past_transcription_are_swept_at_start(tmp_path):
+    """At start the daemon removes the local route's checkpoints (state/partial/<job>.jsonl) of jobs
+    that are gone, failed or already transcribed, and a crashed writer's temporary; an unfinished
+    job's checkpoint stays for it to resume from."""
+    import asyncio
+
+    pipeline = pipeline_for(tmp_path)
+    folder = tmp_path / "state" / "partial"
+    folder.mkdir(parents=True)
+    files = {}
+    for name, stage in (("open", "extracted"), ("done", "transcribed"), ("failed", "failed"), ("gone", None)):
+        job_id = name.ljust(64, "0")
+        if stage is not None:
+            pipeline.ledger.create_job(job_id, "f" * 64, 1, {})
+            pipeline.ledger.update_job(job_id, stage=stage)
+        files[name] = folder / f"{job_id}.jsonl"
+        files[name].write_text("{}\n")
+    files["temporary"] = folder / f".{'open'.ljust(64, '0')}.jsonl.tmp"
+    files["temporary"].write_text("{")
+
+    async def scenario():
+        await pipeline.start()
+        await pipeline.drain(5.0)
+        pipeline.close()
+
+    asyncio.run(scenario())
+    assert sorted(name for name, path in files.items() if path.exists()) == ["open"]
+
+
 class FakeClock:
     """Wall time that moves only when a test moves it."""
 
