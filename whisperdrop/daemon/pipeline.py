@@ -312,7 +312,10 @@ def _remove_older(folder: Path, cutoff: float, keep: set[str]) -> int:
             if not name.endswith(".json") or name[:-5] in keep or not entry.is_file(follow_symlinks=False):
                 continue
             if entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                os.unlink(entry.path)
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:  # removed meanwhile (by hand, or by another expiry): gone is gone
+                    continue
                 removed += 1
     return removed
 
