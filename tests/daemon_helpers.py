@@ -20,6 +20,18 @@ from media import JFK, JFK_TEXT
 REPO = Path(__file__).resolve().parents[1]
 
 
+def json_lines(path: Path) -> list[dict]:
+    """The lines of `path` that are whole JSON: a log's events, a checkpoint's batches (a kill -9 or a
+    writer still at work may have left the last line torn; it is skipped)."""
+    found = []
+    for line in Path(path).read_bytes().splitlines():
+        try:
+            found.append(json.loads(line))
+        except ValueError:
+            continue
+    return found
+
+
 def normalise(text: str) -> list[str]:
     cleaned = "".join(character.lower() if character.isalnum() or character.isspace() else " " for character in text)
     return cleaned.split()

@@ -8,21 +8,10 @@ import os
 import shutil
 
 import pytest
-from daemon_helpers import Daemon, write_speech_wav
+from daemon_helpers import Daemon, json_lines, write_speech_wav
 
 from whisperdrop.engine import Engine
 from whisperdrop.spool import TranscribeOptions
-
-
-def _whole_lines(path) -> list[dict]:
-    """The checkpoint's lines that are whole JSON (a kill -9 may have torn the last one)."""
-    lines = []
-    for line in path.read_bytes().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except ValueError:
-            pass
-    return lines
 
 
 def _times(result: dict) -> list:
@@ -56,7 +45,7 @@ def test_a_daemon_stopped_mid_job_resumes_it_at_the_next_start(stop, tmp_path):
         (kept,) = partial.glob("*.jsonl")
         job_id = kept.stem
         audio = shutil.copy(tmp_path / "state" / "work" / f"{job_id}.opus", tmp_path / "extracted.opus")
-        chunks_kept = sum(1 for batch in _whole_lines(kept)[1:] for chunk in batch["chunks"] if chunk["pass"] == 1)
+        chunks_kept = sum(1 for batch in json_lines(kept)[1:] for chunk in batch["chunks"] if chunk["pass"] == 1)
 
         daemon.start()
         daemon.wait_for(lambda: daemon.outputs(), timeout=300, what="the outbox JSON")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jiwer
 import pytest
+from daemon_helpers import json_lines
 from media import JFK, JFK_TEXT, concat_speech
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
@@ -133,13 +134,7 @@ def in_hand(path: Path) -> bool:
 
 
 def events(log_path: Path) -> list[dict]:
-    found = []
-    for line in log_path.read_text().splitlines():
-        try:
-            found.append(json.loads(line))
-        except ValueError:
-            continue
-    return found
+    return json_lines(log_path)
 
 
 class RunnerProcesses:

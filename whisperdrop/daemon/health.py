@@ -125,12 +125,16 @@ class HostState:
     last_error: str | None = None
     runners: list = field(default_factory=list)  # the alive runners' heartbeats at the last check
     checked_at: float = 0.0
-    in_flight: int = 0
+    jobs: set = field(default_factory=set)  # ids of this daemon's jobs between their upload and fetch there
     spool_ready: bool = False
 
     @property
     def name(self) -> str:
         return self.host.name
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.jobs)
 
 
 def load(runners: list[dict], in_flight: int) -> float:

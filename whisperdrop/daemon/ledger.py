@@ -4,7 +4,8 @@ Two tables. `jobs`: one row per job id (audio + options), with its stage, attemp
 figures of each stage. `sources`: one row per file taken from the inbox, pointing at its job; one
 job can serve several identical sources (the same file dropped twice is transcribed once).
 
-Job stages, in order: new -> extracted -> uploaded -> submitted -> transcribed -> done, or failed.
+Job stages, in order: new -> extracted -> (uploaded -> submitted -> ready, on a GPU host) -> transcribed
+-> done, or failed.
 Source states: pending -> done, or failed. Each change is committed before the next stage starts, so
 a restart resumes every job at its last finished stage.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-JOB_STAGES = ("new", "extracted", "uploaded", "submitted", "transcribed", "done", "failed")
+JOB_STAGES = ("new", "extracted", "uploaded", "submitted", "ready", "transcribed", "done", "failed")
 FINISHED = ("done", "failed")
 
 _SCHEMA = """
@@ -77,7 +78,7 @@ class Job:
     """A row of `jobs`, as read: a value. Change the row with `Ledger.update_job` and read it again."""
 
     job_id: str
-    stage: str  # new, extracted, uploaded, submitted, transcribed, done or failed
+    stage: str  # new, extracted, uploaded, submitted, ready, transcribed, done or failed
     attempts: int  # tries that failed and may be retried
     created_at: float
     updated_at: float

@@ -1,14 +1,14 @@
 """The remote route: GPU hosts over SSH, chosen by health and load, with a fallback reason when none serves.
 
-For one job: check the hosts (a live runner, see health.RunnerWatch), choose where to try
-(health.candidates, pure: the host it is already on, else the healthy ones by load), and run the
-job's steps there (remote_steps: upload, submit, await, fetch; each recorded in the ledger through
-`mark`, so a restart resumes an upload or goes back to waiting). A host that fails is marked down
-with a doubling back-off and probed again later.
+A job's remote work is four rows of the daemon's stage table (remote_steps: upload, submit, await
+the result, fetch), and `step(work)` runs the one its stage names. The first, `place`, checks the
+hosts (a live runner, see health.RunnerWatch), chooses where to go (health.candidates, pure: the
+healthy hosts by load) and uploads there. A job already on a host stays with it; a host that fails
+is marked down with a doubling back-off and probed again later, and the job is placed again.
 
-`transcribe` never raises for a host's failure: it returns an `Outcome` whose `reason` says why no
-host served the job, and the router falls back to the local engine (provider `auto`) or waits
-(provider `remote`).
+`step` never raises for a host's failure: when no host serves the job it returns an `Outcome` whose
+`reason` says why, and the router falls back to the local engine (provider `auto`) or the job
+waits (provider `remote`).
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from whisperdrop import log
 from whisperdrop.daemon.health import (HostState, RunnerWatch, backoff, candidates, live_runners, load,
                                        when_none_served)
-from whisperdrop.daemon.remote_steps import (RUNNING_POLL_S, Attempt, HostUnusable, JobOnHost,  # noqa: F401
-                                             sleep_unless)
-from whisperdrop.daemon.route import Mark, Progress, Routed, Work
+from whisperdrop.daemon.remote_steps import HostUnusable, JobOnHost, sleep_unless
+from whisperdrop.daemon.route import REMOTE_STAGES, Mark, Progress, Routed, Work
 from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.transfer import Host, HostError
 from whisperdrop.engine import Cancelled
@@ -44,7 +43,7 @@ class Outcome:
 
 
 class RemotePool:
-    """All configured GPU hosts; `transcribe(job, ...)` runs one job remotely or says why not."""
+    """All configured GPU hosts; `step(work, ...)` runs a job's next remote step, or says why no host serves it."""
 
     def __init__(self, config: Any, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
@@ -104,10 +103,13 @@ class RemotePool:
             raise HostUnusable(f"{state.name}: {state.watch.why_none(self.monotonic())}; "
                                "start `whisperdrop runner` there")
 
-    async def _healthy_hosts(self, cancel: Shutdown | None = None) -> tuple[list[HostState], list[str]]:
-        """Check every host not in back-off; (the healthy ones, why each other one is not)."""
+    async def _healthy_hosts(self, cancel: Shutdown | None = None,
+                             skip: str | None = None) -> tuple[list[HostState], list[str]]:
+        """Check every host not in back-off (but `skip`); (the healthy ones, why each other one is not)."""
         reasons, healthy = [], []
         for state in self.states:
+            if state.name == skip:
+                continue
             if state.down_until > self.clock():
                 reasons.append(f"{state.name}: down ({state.last_error}); next try in "
                                f"{state.down_until - self.clock():.0f} s")
@@ -138,53 +140,79 @@ class RemotePool:
         except OSError as error:  # a status snapshot must never break a job; say so and go on
             self.log.warning("host.health_snapshot_failed", error=str(error))
 
-    # one job
+    # one job, one step at a time
 
-    async def transcribe(self, work: Work, *, cancel: Shutdown, progress: Progress | None = None,
-                         mark: Mark | None = None) -> Outcome:
-        """Run `work` on a GPU host; return its Routed result, or the reason no host served it.
+    async def step(self, work: Work, *, cancel: Shutdown, progress: Progress | None = None,
+                   mark: Mark | None = None) -> Work | Routed | Outcome:
+        """Run the next remote step of `work` (see remote_steps): `extracted` is placed on a host
+        and uploaded, `uploaded` submitted, `submitted` awaited, `ready` fetched. Returns the job's
+        next Work, its Routed result after the fetch, or an Outcome saying why no host serves it.
+
+        A job already on a host stays there: a host that cannot be reached while the job waits there
+        is waited for (the step returns `work` unchanged after remote.retry_initial_seconds); any
+        other failure of its host places the job again, on another host or nowhere (the Outcome).
         Raises Cancelled when a stop is requested on `cancel`."""
-        mark = mark or (lambda *args, **kwargs: None)
-        attempt = Attempt.of(work)
+        mark = mark or (lambda **fields: None)
+        if cancel.is_set():
+            raise Cancelled()
+        state = self.state(work.host) if work.stage in REMOTE_STAGES else None
+        if state is None:  # nothing sent yet, or its host is no longer configured
+            return await self.place(replace(work, stage="extracted"), cancel=cancel, progress=progress, mark=mark)
+        on_host = JobOnHost(self, state, work, cancel=cancel, progress=progress, mark=mark)
+        try:
+            if work.stage == "uploaded":
+                return await on_host.submit()
+            if work.stage == "submitted":
+                return await on_host.await_result()
+            return await on_host.fetch()
+        except (HostError, HostUnusable, ProtocolError) as error:
+            if isinstance(error, HostError):
+                self.mark_down(state, error)
+                if error.transient and work.stage in ("submitted", "ready"):
+                    # The job is queued or done on that host: wait for it there (until
+                    # remote.job_timeout, which `await_result` enforces) instead of resending and
+                    # resubmitting it, or falling back while the runner still does it.
+                    submitted = work.timings.get("submitted_at")
+                    self.log.warning("route.waiting_for_host", job_id=work.job_id, reason=f"{state.name}: {error}",
+                                     retry_in_s=self.settings.retry_initial_seconds,
+                                     waited_s=None if submitted is None else round(self.clock() - submitted, 1))
+                    await sleep_unless(cancel, self.settings.retry_initial_seconds)
+                    return work
+            on_host.leave()
+            return await self.place(replace(work, stage="extracted", host=None), cancel=cancel, progress=progress,
+                                    mark=mark, failed=(state.name, f"{state.name}: {error}"))
+
+    async def place(self, work: Work, *, cancel: Shutdown, progress: Progress | None, mark: Mark,
+                    failed: tuple[str, str] | None = None) -> Work | Outcome:
+        """extracted -> uploaded: choose a host (health.candidates: healthy hosts by load, short audio
+        local under `auto`) and upload there; a host that fails gives way to the next. When none
+        serves: an Outcome with the reasons under `auto`, a wait and another try under `remote`.
+        `failed` is (host, reason) of a host this job just failed on: not tried again at once."""
+        reasons = [failed[1]] if failed else []
+        skip = failed[0] if failed else None
         waited_since = self.clock()
         while True:
             if cancel.is_set():
                 raise Cancelled()
-            resumed = self.state(attempt.host) if attempt.stage in ("uploaded", "submitted") else None
-            if resumed is None:
-                attempt.stage = "extracted"  # nothing sent yet, or its host is no longer configured
-            # A job already on a host stays with it: `await_result` polls it until remote.job_timeout.
-            healthy, reasons = ([], []) if resumed else await self._healthy_hosts(cancel)
+            healthy, unhealthy = await self._healthy_hosts(cancel, skip=skip)
+            reasons += unhealthy
             names, local_reason = candidates(
                 provider=self.provider, duration=work.duration, local_below=self.settings.local_below_seconds,
-                resumed=resumed.name if resumed else None,
-                healthy=[(state.name, load(state.runners, state.in_flight)) for state in healthy])
+                resumed=None, healthy=[(state.name, load(state.runners, state.in_flight)) for state in healthy])
             if local_reason is not None:
                 return Outcome(None, local_reason)
-            held = False
             for state in [self.state(name) for name in names]:
+                on_host = JobOnHost(self, state, work, cancel=cancel, progress=progress, mark=mark)
                 try:
-                    routed = await JobOnHost(self, state, work, attempt, cancel=cancel, progress=progress,
-                                             mark=mark).run()
-                    return Outcome(routed)
+                    return await on_host.upload()
                 except (HostError, HostUnusable, ProtocolError) as error:
+                    on_host.leave()
                     if isinstance(error, HostError):
                         self.mark_down(state, error)
                     reasons.append(f"{state.name}: {error}")
-                    if isinstance(error, HostError) and error.transient and attempt.stage == "submitted":
-                        # The job is queued or done on that host: wait for it there (until
-                        # remote.job_timeout, which `await_result` enforces) instead of resending and
-                        # resubmitting it, or falling back while the runner still does it.
-                        attempt.host = state.name
-                        held = True
-                        break
-                    attempt.stage = "extracted"  # the next host starts from the upload
-            if held:
-                self.log.warning("route.waiting_for_host", job_id=work.job_id, reason="; ".join(reasons),
-                                 retry_in_s=self.settings.retry_initial_seconds,
-                                 waited_s=round(self.clock() - waited_since, 1))
-                await sleep_unless(cancel, self.settings.retry_initial_seconds)
-                continue
+                except BaseException:
+                    on_host.leave()
+                    raise
             next_probe = min((state.down_until for state in self.states), default=None)
             action, value = when_none_served(
                 provider=self.provider, reasons=reasons, retry_max=self.settings.retry_max_seconds,
@@ -196,6 +224,7 @@ class RemotePool:
                              "no GPU host is configured", retry_in_s=round(value, 1),
                              waited_s=round(self.clock() - waited_since, 1))
             await sleep_unless(cancel, value)
+            reasons, skip = [], None  # after a wait, every host is a candidate again
 
     async def runners_gone(self, state: HostState, cancel: Shutdown) -> str | None:
         """None while the host has a live runner (re-read every HEALTH_CACHE_S); otherwise why not.

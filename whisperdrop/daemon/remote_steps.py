@@ -1,19 +1,23 @@
-"""One job on one GPU host, as four steps: upload, submit, await the result, fetch it.
+"""One job on one GPU host, as four steps, each one row of the daemon's stage table:
 
-Each step does one thing over SFTP and records the stage it reached with `mark(stage, **fields)`,
-which the pipeline commits to the ledger, so a restart resumes after the last finished step: an
-upload resumes from the bytes already there, a submitted job goes back to waiting. `JobOnHost.run`
-chains them; a checksum failure found by the runner sends the job back to the upload.
+    extracted --upload--> uploaded --submit--> submitted --await result--> ready --fetch--> (Routed)
 
-`Attempt` is this module's private record of how far the job got (stage, host, figures); the
-ledger's Job and the route's Work are never changed in place.
+Each step does one thing over SFTP and returns the job's next `Work` (a new value: the stage it
+reached, its host and figures), which the stage table commits to the ledger before the next step
+runs; so a restart resumes after the last finished step: an upload resumes from the bytes already
+there, a submitted job goes back to waiting, a published Result is fetched without waiting again.
+The last step returns the `Routed` Result. A checksum failure found by the runner sends the job back
+through the upload (at most MAX_CHECKSUM_RETRIES times).
+
+`mark(**fields)` reports progress within a step (upload fraction, a Slurm runner's queue state) to
+the ledger; it never changes a stage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -37,59 +41,25 @@ class HostUnusable(Exception):
     """A host cannot take this job now; the message is the fallback reason."""
 
 
-@dataclass
-class Attempt:
-    """How far one job got on the GPU hosts: `stage` (extracted, uploaded, submitted), on `host`,
-    with the transfer and timing figures so far. Starts from the job's Work; private to the route."""
-
-    stage: str
-    host: str | None
-    transfer: dict = field(default_factory=dict)
-    timings: dict = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, work: Work) -> "Attempt":
-        return cls(work.stage, work.host, dict(work.transfer), dict(work.timings))
-
-
 class JobOnHost:
-    """The steps of `work` on the host `state`, for `pool` (its settings, clock, log and health)."""
+    """The steps of `work` on the host `state`, for `pool` (its settings, clock, log and health).
+    While a job is between its upload and its fetch, the host counts it in `state.jobs` (its load)."""
 
-    def __init__(self, pool: "RemotePool", state: HostState, work: Work, attempt: Attempt, *,
-                 cancel: Shutdown, progress: Callable[[float, float], None] | None,
-                 mark: Callable[..., None]):
-        self.pool, self.state, self.work, self.attempt = pool, state, work, attempt
+    def __init__(self, pool: "RemotePool", state: HostState, work: Work, *, cancel: Shutdown,
+                 progress: Callable[[float, float], None] | None, mark: Callable[..., None]):
+        self.pool, self.state, self.work = pool, state, work
         self.cancel, self.progress, self.mark = cancel, progress, mark
         self.log = pool.log
+        state.jobs.add(work.job_id)
 
-    async def run(self) -> Routed:
-        """Upload (unless done), submit (unless done), await and fetch. Raises HostError, HostUnusable,
-        ProtocolError or Cancelled; `attempt.stage` says how far it got."""
-        self.state.in_flight += 1
-        try:
-            checksum_retries = 0
-            while True:
-                if self.attempt.stage not in ("uploaded", "submitted"):
-                    await self.upload()
-                if self.attempt.stage == "uploaded":
-                    await self.submit()
-                if await self.await_result() != "checksum":
-                    break
-                checksum_retries += 1
-                if checksum_retries > MAX_CHECKSUM_RETRIES:
-                    raise HostUnusable(f"the audio arrived damaged {checksum_retries} times")
-                self.log.warning("stage.checksum_mismatch", job_id=self.work.job_id, host=self.state.name,
-                                 action="uploading again from zero")
-                await self.state.host.cleanup(self.work.job_id)
-                self.attempt.stage = "extracted"
-                self.mark("extracted", timings=self.attempt.timings, transfer=self.attempt.transfer)
-            return await self.fetch()
-        finally:
-            self.state.in_flight -= 1
+    def leave(self) -> None:
+        """The job is no longer on this host (fetched, or given up here)."""
+        self.state.jobs.discard(self.work.job_id)
 
-    async def upload(self) -> None:
-        """Send the audio (resuming a cut upload), then mark `uploaded` with the transfer figures."""
-        host, work, transfer, timings = self.state.host, self.work, self.attempt.transfer, self.attempt.timings
+    async def upload(self) -> Work:
+        """extracted -> uploaded: send the audio (resuming a cut upload), with the transfer figures."""
+        host, work = self.state.host, self.work
+        transfer, timings = dict(work.transfer), dict(work.timings)
         async with self.pool.uploads:
             started = time.monotonic()
             written_before = host.bytes_written
@@ -103,33 +73,31 @@ class JobOnHost:
         if stats.bytes_sent:  # a skipped upload (the audio was there whole) resumed nothing
             transfer["resumed_from"] = max(transfer["resumed_from"], stats.resumed_from)
         timings["upload_s"] = round(timings.get("upload_s", 0) + time.monotonic() - started, 3)
-        self.attempt.stage, self.attempt.host = "uploaded", self.state.name
-        self.mark("uploaded", host=self.state.name, transfer=transfer, timings=timings)
         self.log.info("stage.upload", job_id=work.job_id, host=self.state.name, bytes=stats.bytes_sent,
                       audio_bytes=stats.audio_bytes, resumed_from=stats.resumed_from, seconds=round(stats.seconds, 3),
                       mbit_s=round(stats.bytes_sent * 8 / stats.seconds / 1e6, 1) if stats.seconds else None)
+        return replace(work, stage="uploaded", host=self.state.name, transfer=transfer, timings=timings)
 
-    async def submit(self) -> None:
-        """Write the job document (its appearance submits the job), then mark `submitted`."""
+    async def submit(self) -> Work:
+        """uploaded -> submitted: write the job document (its appearance submits the job)."""
         work = self.work
         document = make_job_document(work.job_id, work.options, work.audio_size, work.audio_sha256,
                                      work.duration or 0.0, "audio.opus", self.pool.clock())
         await self.state.host.submit(document)
-        self.attempt.timings["submitted_at"] = self.pool.clock()
-        self.attempt.stage, self.attempt.host = "submitted", self.state.name
-        self.mark("submitted", host=self.state.name, timings=self.attempt.timings)
         self.log.info("stage.submit", job_id=work.job_id, host=self.state.name)
+        return replace(work, stage="submitted", timings={**work.timings, "submitted_at": self.pool.clock()})
 
-    async def await_result(self) -> str:
-        """Poll the job's state with back-off until done; "checksum" when the runner found bad audio.
+    async def await_result(self) -> Work:
+        """submitted -> ready: poll the job's state with back-off until the runner published its Result.
+        Audio the runner found damaged is uploaded again (-> uploaded).
 
         Raises HostUnusable when the job failed there, when the host's runners stopped or went
         silent (re-checked every HEALTH_CACHE_S; the job is removed there), or when `job_timeout`
         passed (a late result is cleaned up then); HostError when the host cannot be reached at all.
         """
-        pool, state, job_id = self.pool, self.state, self.work.job_id
+        pool, state, work = self.pool, self.state, self.work
         settings = pool.settings
-        submitted = self.attempt.timings.get("submitted_at", pool.clock())
+        submitted = work.timings.get("submitted_at", pool.clock())
         interval = settings.poll_interval
         seen_slurm = None
         while True:
@@ -139,20 +107,20 @@ class JobOnHost:
                 await self.abandon()
                 raise HostUnusable(f"no result within remote.job_timeout ({settings.job_timeout:g} s)")
             try:
-                status, document = await state.host.state(job_id)
+                status, document = await state.host.state(work.job_id)
             except HostError as error:
                 if not error.transient:
                     raise
-                self.log.warning("remote.poll_failed", job_id=job_id, host=state.name, error=str(error))
+                self.log.warning("remote.poll_failed", job_id=work.job_id, host=state.name, error=str(error))
                 await sleep_unless(self.cancel, min(POLL_MAX_S, interval * 4))
                 continue
             if status == "done":
-                return "done"
+                return replace(work, stage="ready")
             if status == "failed":
                 document = document or {}
                 if document.get("kind") == "checksum":
-                    return "checksum"
-                await state.host.cleanup(job_id)
+                    return await self._upload_again()
+                await state.host.cleanup(work.job_id)
                 raise HostUnusable(f"the runner failed the job ({document.get('kind')}: {document.get('message')})")
             if status == "missing":
                 raise HostUnusable("the job vanished from the spool (expired or removed)")
@@ -164,7 +132,7 @@ class JobOnHost:
             slurm = (document or {}).get("slurm") if status == "running" else None
             if isinstance(slurm, dict) and slurm != seen_slurm:  # a Slurm runner: queued or starting there
                 seen_slurm = slurm
-                self.mark(None, progress={"upload": 1.0, "slurm": {key: slurm.get(key) for key in SLURM_FIELDS}})
+                self.mark(progress={"upload": 1.0, "slurm": {key: slurm.get(key) for key in SLURM_FIELDS}})
             if status == "running" and document and self.progress is not None:
                 done, duration = document.get("done_s"), document.get("duration_s")
                 if isinstance(done, (int, float)) and isinstance(duration, (int, float)):
@@ -177,10 +145,23 @@ class JobOnHost:
                 await sleep_unless(self.cancel, interval)
                 interval = min(POLL_MAX_S, interval * 1.5)
 
+    async def _upload_again(self) -> Work:
+        """The runner found the audio damaged: remove it there and send it again from zero."""
+        work = self.work
+        retries = work.transfer.get("checksum_retries", 0) + 1
+        if retries > MAX_CHECKSUM_RETRIES:
+            raise HostUnusable(f"the audio arrived damaged {retries} times")
+        self.log.warning("stage.checksum_mismatch", job_id=work.job_id, host=self.state.name,
+                         action="uploading again from zero")
+        await self.state.host.cleanup(work.job_id)
+        again = replace(work, stage="extracted", transfer={**work.transfer, "checksum_retries": retries})
+        return await JobOnHost(self.pool, self.state, again, cancel=self.cancel, progress=self.progress,
+                               mark=self.mark).upload()
+
     async def fetch(self) -> Routed:
-        """Copy the Result here and return it with the route's figures (the runner's queue, load and
-        transcription times among them)."""
-        timings = self.attempt.timings
+        """ready -> Routed: copy the Result here, with the route's figures (the runner's queue, load
+        and transcription times among them)."""
+        timings = dict(self.work.timings)
         started = time.monotonic()
         result_path = Path(self.work.audio).with_suffix(".remote.json")
         result = await self.state.host.fetch_result(self.work.job_id, result_path)
@@ -190,14 +171,17 @@ class JobOnHost:
         for key in ("queue_s", "transcribe_s", "load_s"):
             if key in runner_timings:
                 timings[key] = runner_timings[key]
+        self.leave()
         self.pool.mark_up(self.state)
+        transfer = {key: value for key, value in self.work.transfer.items() if key != "checksum_retries"}
         return Routed(result=result, route="remote", host=self.state.name,
                       timings={key: value for key, value in timings.items() if key != "submitted_at"},
-                      transfer=self.attempt.transfer)
+                      transfer=transfer)
 
     async def abandon(self) -> None:
         """Give up on the job here: remove its files now if the host answers (a late result is discarded)."""
         state, job_id = self.state, self.work.job_id
+        self.leave()
         try:
             await asyncio.wait_for(state.host.cleanup(job_id), timeout=self.pool.settings.connect_timeout)
             self.log.info("remote.abandoned", job_id=job_id, host=state.name, cleaned=True)
@@ -215,7 +199,7 @@ def _upload_progress(mark: Callable[..., None]) -> Callable[[int, int], None]:
         now = time.monotonic()
         if now - last >= 1.0 or done >= total:
             last = now
-            mark(None, progress={"upload": round(done / total, 3) if total else 1.0})
+            mark(progress={"upload": round(done / total, 3) if total else 1.0})
 
     return report
 

@@ -1,4 +1,4 @@
-"""The route stage: decide where a job is transcribed, and do it there.
+"""The route: decide where a job is transcribed, and do it there, one step at a time.
 
 `transcription.provider`: `local` (this machine), `remote` (a GPU host, waiting for one), `auto`
 (a GPU host, falling back to the local engine). The Result says which rung served the job
@@ -19,17 +19,17 @@ from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.spool import TranscribeOptions
 
 Progress = Callable[[float, float], None]  # (seconds done, seconds in all) of a job's audio
-Mark = Callable[..., None]  # mark(stage, **fields): a remote step reached, for the ledger
+Mark = Callable[..., None]  # mark(**fields): progress within a remote step (upload, Slurm queue), for the ledger
 
-REMOTE_STAGES = ("uploaded", "submitted")  # how far a remote attempt got; "extracted" is not started
+REMOTE_STAGES = ("uploaded", "submitted", "ready")  # how far a remote attempt got; "extracted" is not started
 
 
 @dataclass(frozen=True)
 class Work:
     """One job's audio on its way to a transcript: what the route stage needs, nothing more.
 
-    `stage` is `extracted` (nothing sent yet), `uploaded` or `submitted` (on `host` already, so a
-    restart resumes there); `transfer` and `timings` are the figures so far.
+    `stage` is `extracted` (nothing sent yet), `uploaded`, `submitted` or `ready` (on `host` already,
+    so a restart resumes there); `transfer` and `timings` are the figures so far.
     """
 
     job_id: str
@@ -82,15 +82,16 @@ class Router:
             return self.local.options_for(options)
         return options
 
-    async def transcribe(self, work: Work, *, shutdown: Shutdown, progress: Progress | None = None,
-                         mark: Mark | None = None) -> Routed:
-        """Transcribe `work` on the chosen route; `mark(stage, **fields)` records each remote step in
-        the ledger. Raises EngineError or Cancelled (a host's failures become a fallback reason)."""
+    async def step(self, work: Work, *, shutdown: Shutdown, progress: Progress | None = None,
+                   mark: Mark | None = None) -> Work | Routed:
+        """One step of `work` on its route: on a GPU host, the next remote step (returns the job's
+        next Work, or the Routed result once fetched); locally, the whole transcription (Routed).
+        Raises EngineError or Cancelled (a host's failures become a fallback reason)."""
         fallback_reason = None  # without hosts, local is the plan, not a fallback
         if self.remote is not None and self.provider in ("auto", "remote"):
-            outcome = await self.remote.transcribe(work, cancel=shutdown, progress=progress, mark=mark)
-            if outcome.routed is not None:
-                return outcome.routed
+            outcome = await self.remote.step(work, cancel=shutdown, progress=progress, mark=mark)
+            if isinstance(outcome, (Work, Routed)):
+                return outcome
             fallback_reason = outcome.reason
         result = await self.local.transcribe(work.audio, work.options, cancel=shutdown.threads, progress=progress,
                                              job_id=work.job_id, audio_sha256=work.audio_sha256 or None,
@@ -102,3 +103,11 @@ class Router:
             fallback_reason=fallback_reason,
             timings={"queue_s": 0.0, **result["timings"]},
         )
+
+    async def transcribe(self, work: Work, *, shutdown: Shutdown, progress: Progress | None = None) -> Routed:
+        """Every step of `work` in one go, for a caller that keeps no ledger (the one-shot CLI)."""
+        while True:
+            outcome = await self.step(work, shutdown=shutdown, progress=progress)
+            if isinstance(outcome, Routed):
+                return outcome
+            work = outcome

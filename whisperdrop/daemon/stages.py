@@ -1,9 +1,13 @@
 """The job stages as a table: each entry takes a Job and the time, does one step, and commits the
 stage it reaches to the ledger before it returns (huey's `loop(now)`, one job at a time).
 
-    new -> extract -> extracted -> transcribe (route: local, or remote upload/submit/await/fetch,
-    each remote step committed as it ends) -> transcribed -> deliver -> done
-                                                        permanent error -> failed -> deliver (to failed/)
+    new -> extract -> extracted -> route: local transcription ---------------------------> transcribed
+                                         or upload -> uploaded -> submit -> submitted -> await result
+                                         -> ready -> fetch -------------------------------> transcribed
+    transcribed -> deliver -> done;   permanent error -> failed -> deliver (to failed/)
+
+A remote step whose host fails places the job again (another host, or the local fallback) in the
+same step (see daemon.remote).
 
 `Stages.step(job, now)` runs the entry for the job's stage. Errors: `Permanent` (the file can never
 be transcribed; the job fails) or anything else (retried by the pipeline); `Cancelled` parks the job.
@@ -102,6 +106,7 @@ class Stages:
         self.table: dict[str, Callable[[Job, float], Any]] = {
             "new": self.extract,
             "extracted": self.transcribe, "uploaded": self.transcribe, "submitted": self.transcribe,
+            "ready": self.transcribe,
             "transcribed": self.deliver, "done": self.deliver, "failed": self.deliver,
         }
 
@@ -208,18 +213,17 @@ class Stages:
         return report
 
     def _mark(self, job_id: str) -> Callable[..., None]:
-        """`mark(stage, **fields)`: the remote steps commit the stage each one reaches."""
-        def mark(stage: str | None = None, **fields: Any) -> None:
-            changes = dict(fields)
-            if stage:
-                changes["stage"] = stage
-            self.context.ledger.update_job(job_id, **changes)
+        """`mark(**fields)`: progress within a remote step (upload fraction, Slurm queue) to the ledger."""
+        def mark(**fields: Any) -> None:
+            self.context.ledger.update_job(job_id, **fields)
 
         return mark
 
     async def transcribe(self, job: Job, now: float) -> None:
-        """extracted (or uploaded, submitted) -> transcribed: route the audio, cache the Result in
-        state/results, commit. Raises Permanent("audio") for audio the engine cannot decode."""
+        """One step on the job's route: extracted -> transcribed (local), or the next remote step
+        (extracted -> uploaded -> submitted -> ready -> transcribed), each committed as it ends. A
+        transcript is cached in state/results before its commit. Raises Permanent("audio") for audio
+        the engine cannot decode."""
         context = self.context
         cached = context.result_path(job.job_id)
         if cached.exists():  # transcribed before a crash, ledger not yet updated: never transcribe twice
@@ -230,9 +234,10 @@ class Stages:
             context.log.warning("job.audio_missing", job_id=job.job_id, action="extracting again")
             context.ledger.update_job(job.job_id, stage="new")
             return
+        work = Work.of(job, audio)
         try:
-            routed = await context.router.transcribe(
-                Work.of(job, audio), shutdown=context.shutdown, progress=self._progress_callback(job.job_id),
+            routed = await context.router.step(
+                work, shutdown=context.shutdown, progress=self._progress_callback(job.job_id),
                 mark=self._mark(job.job_id))
         except EngineError as error:
             if error.kind == "audio":
@@ -240,9 +245,14 @@ class Stages:
             raise
         finally:
             context.last_progress.pop(job.job_id, None)
+        if isinstance(routed, Work):  # one remote step ended: commit the stage it reached
+            if routed != work:
+                context.ledger.update_job(job.job_id, stage=routed.stage, host=routed.host, transfer=routed.transfer,
+                                          timings=routed.timings, attempts=0, last_error=None)
+            return
         result = results.transcribed(
             routed.result, job_id=job.job_id, route=routed.route, host=routed.host,
-            fallback_reason=routed.fallback_reason, timings={**job.timings, **routed.timings},
+            fallback_reason=routed.fallback_reason, timings={**_figures(job.timings), **routed.timings},
             transfer={**job.transfer, **routed.transfer},
         )
         await asyncio.get_running_loop().run_in_executor(context.io, write_atomic, cached, _json_bytes(result))
@@ -366,6 +376,11 @@ class Stages:
                                 action="left alone; this format was not written beside the source")
         if context.hooks is not None:
             context.hooks.done(job, source, done, done.language)
+
+
+def _figures(timings: dict) -> dict:
+    """A job's timings without the remote steps' own bookkeeping (`submitted_at`, a time stamp)."""
+    return {key: value for key, value in timings.items() if key != "submitted_at"}
 
 
 def _json_bytes(document: dict) -> bytes:

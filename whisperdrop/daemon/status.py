@@ -157,10 +157,10 @@ def job_progress(job: Job) -> dict:
     a Slurm runner has it queued or starting (None otherwise)."""
     progress = job.progress or {}
     upload = progress.get("upload")
-    if upload is None and job.stage in ("uploaded", "submitted", "transcribed"):
+    if upload is None and job.stage in ("uploaded", "submitted", "ready", "transcribed"):
         upload = 1.0
     transcribe = progress.get("transcribe")
-    if transcribe is None and job.stage == "transcribed":
+    if transcribe is None and job.stage in ("ready", "transcribed"):
         transcribe = 1.0
     return {"upload": upload, "transcribe": transcribe, "done_s": progress.get("done_s"),
             "duration_s": progress.get("duration_s") or job.duration, "slurm": progress.get("slurm")}
