@@ -74,6 +74,11 @@ def _not_negative(value: Any) -> str | None:
     return None if value >= 0 else "a number of 0 or more"
 
 
+def _seconds(default: float, description: str, zero_ok: bool = False) -> Option:
+    """A duration in seconds: a number above 0 (or 0 and above, where 0 means off or at once)."""
+    return Option(NUMBER, default, description, check=_not_negative if zero_ok else _positive)
+
+
 def _port(value: Any) -> str | None:
     return None if 0 < value < 65536 else "a TCP port from 1 to 65535"
 
@@ -165,8 +170,8 @@ SCHEMA: dict[str, Any] = {
         "is not transcribed again; 0 keeps them for ever.", check=_not_negative,
     ),
     "watch": {
-        "settle_seconds": Option(NUMBER, 2.0, "A file is taken once it has not changed for this long.", check=_not_negative),
-        "rescan_seconds": Option(NUMBER, 60.0, "Full rescan of the inbox, behind the inotify events.", check=_positive),
+        "settle_seconds": _seconds(2.0, "A file is taken once it has not changed for this long.", zero_ok=True),
+        "rescan_seconds": _seconds(60.0, "Full rescan of the inbox, behind the inotify events."),
         "recursive": Option(bool, True, "Watch subfolders too (mirrored into the outbox)."),
         "ignore": Option(
             list, ["*.part", "*.tmp", "*~", ".*", "*.crdownload", "*.partial", "*.swp"],
@@ -205,8 +210,8 @@ SCHEMA: dict[str, Any] = {
     "subtitles": {
         "max_line_chars": Option(int, 42, "Longest line of an SRT or VTT cue, in characters.", check=_positive),
         "max_lines": Option(int, 2, "Lines a cue may have.", check=_positive),
-        "max_cue_seconds": Option(NUMBER, 7.0, "Longest time a cue stays on screen.", check=_positive),
-        "pause_seconds": Option(NUMBER, 0.5, "A silence this long between words always ends a cue, as a sentence end does.", check=_positive),
+        "max_cue_seconds": _seconds(7.0, "Longest time a cue stays on screen."),
+        "pause_seconds": _seconds(0.5, "A silence this long between words always ends a cue, as a sentence end does."),
     },
     "local": {
         "model": Option(str, "bundled:tiny.en", "Model for local CPU transcription (the fallback)."),
@@ -223,15 +228,15 @@ SCHEMA: dict[str, Any] = {
             example={"name": "gpu1", "host": "gpu1.example.org", "user": "whisperdrop",
                      "key": "~/.ssh/whisperdrop_ed25519", "known_hosts": "~/.ssh/known_hosts"},
         ),
-        "connect_timeout": Option(NUMBER, 10.0, "Seconds to open an SSH connection before the host counts as down.", check=_positive),
-        "keepalive_interval": Option(NUMBER, 15.0, "Seconds between SSH keepalives; 3 missed ones drop the connection.", check=_positive),
-        "job_timeout": Option(NUMBER, 1800.0, "Seconds to wait for a submitted job's result before falling back (auto).", check=_positive),
+        "connect_timeout": _seconds(10.0, "Seconds to open an SSH connection before the host counts as down."),
+        "keepalive_interval": _seconds(15.0, "Seconds between SSH keepalives; 3 missed ones drop the connection."),
+        "job_timeout": _seconds(1800.0, "Seconds to wait for a submitted job's result before falling back (auto)."),
         "parallel_uploads": Option(int, 2, "Uploads in flight at once, over all hosts.", check=_positive),
-        "local_below_seconds": Option(NUMBER, 0.0, "Audio shorter than this is transcribed locally (0: off).", check=_not_negative),
-        "retry_initial_seconds": Option(NUMBER, 5.0, "First back-off after a host fails; doubles up to the maximum.", check=_positive),
-        "retry_max_seconds": Option(NUMBER, 300.0, "Longest back-off between probes of a failed host.", check=_positive),
-        "heartbeat_max_age": Option(NUMBER, 60.0, "A runner heartbeat older than this counts as no runner.", check=_positive),
-        "poll_interval": Option(NUMBER, 0.5, "First interval between result polls; backs off to 5 s.", check=_positive),
+        "local_below_seconds": _seconds(0.0, "Audio shorter than this is transcribed locally (0: off).", zero_ok=True),
+        "retry_initial_seconds": _seconds(5.0, "First back-off after a host fails; doubles up to the maximum."),
+        "retry_max_seconds": _seconds(300.0, "Longest back-off between probes of a failed host."),
+        "heartbeat_max_age": _seconds(60.0, "A runner heartbeat older than this counts as no runner."),
+        "poll_interval": _seconds(0.5, "First interval between result polls; backs off to 5 s."),
     },
     "runner": {
         "spool": Option(str, "spool", "Spool directory on the GPU host (the same one the SFTP account sees)."),
@@ -244,7 +249,7 @@ SCHEMA: dict[str, Any] = {
         "max_jobs_per_batch": Option(int, 16, "Queued jobs with the same model and options that one step claims and "
                                      "decodes in shared batches; 1 takes one job at a time.", check=_positive),
         "name": Option(str, None, "Runner name in heartbeats; default: hostname-gpuN.", nullable=True),
-        "heartbeat_seconds": Option(NUMBER, 5.0, "Interval between heartbeats.", check=_positive),
+        "heartbeat_seconds": _seconds(5.0, "Interval between heartbeats."),
         "expire_days": Option(NUMBER, 7.0, "Leftover spool files older than this are removed.", check=_positive),
         "max_models": Option(int, 2, "Loaded models kept in memory at once.", check=_positive),
         "backend": Option(
@@ -266,7 +271,7 @@ SCHEMA: dict[str, Any] = {
                 str, "", "Shell lines each batch script runs before the task (module load cuda, conda activate...).",
             ),
             "max_array": Option(int, 16, "Most jobs submitted in one sbatch (a job array).", check=_positive),
-            "poll_seconds": Option(NUMBER, 10.0, "Seconds between squeue polls and submissions.", check=_positive),
+            "poll_seconds": _seconds(10.0, "Seconds between squeue polls and submissions."),
         },
     },
     "api": {
@@ -292,7 +297,7 @@ SCHEMA: dict[str, Any] = {
             "the JSON arrives on its stdin and in WHISPERDROP_* variables. null: none.", check=_strings, nullable=True,
         ),
         "events": Option(list, ["done", "failed"], "Which outcomes notify: done, failed.", check=_events),
-        "timeout_seconds": Option(NUMBER, 10.0, "Each webhook call or command may take this long.", check=_positive),
+        "timeout_seconds": _seconds(10.0, "Each webhook call or command may take this long."),
         "retries": Option(int, 3, "Further tries after a failed call, with a doubling pause.", check=_not_negative),
     },
     "library_mode": Option(
