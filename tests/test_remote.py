@@ -179,6 +179,7 @@ def test_changed_audio_on_the_host_is_caught_and_sent_again(sshd, tmp_path):
         assert result["executed_on"]["route"] == "remote"
         assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
         assert result["transfer"]["bytes"] == 2 * result["transfer"]["audio_bytes"]
+        assert result["transfer"]["checksum_retries"] == 1
         assert daemon.count("stage.checksum_mismatch") == 1
         assert [event["kind"] for event in runner.events("runner.job_failed")] == ["checksum"]
     finally:

@@ -173,10 +173,9 @@ class JobOnHost:
                 timings[key] = runner_timings[key]
         self.leave()
         self.pool.mark_up(self.state)
-        transfer = {key: value for key, value in self.work.transfer.items() if key != "checksum_retries"}
         return Routed(result=result, route="remote", host=self.state.name,
                       timings={key: value for key, value in timings.items() if key != "submitted_at"},
-                      transfer=transfer)
+                      transfer=dict(self.work.transfer))
 
     async def abandon(self) -> None:
         """Give up on the job here: remove its files now if the host answers (a late result is discarded)."""
