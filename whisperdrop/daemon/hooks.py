@@ -36,10 +36,12 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from whisperdrop import __version__, log as logging
+from whisperdrop.daemon.health import backoff
 
 SCHEMA = "whisperdrop.notify/1"
 QUEUE_SIZE = 1000  # notifications waiting per target; beyond that they are dropped, logged
 RETRY_PAUSE_S = 1.0  # the first pause between tries; doubled after each
+RETRY_MAX_PAUSE_S = 60.0  # and never longer than this
 CLOSE_WAIT_S = 2.0  # how long close() waits for the cancelled senders (a command being killed)
 OUTPUT_TAIL = 400  # characters of a failed command's output (or a refused webhook's body) kept as evidence
 
@@ -243,7 +245,7 @@ class Hooks:
                     self.log.error("notify.failed", **fields, attempts=attempt, error=message,
                                    hint=_hint(target.name))
                     return False
-                pause = RETRY_PAUSE_S * 2 ** (attempt - 1)
+                pause = backoff(attempt, RETRY_PAUSE_S, RETRY_MAX_PAUSE_S)
                 self.log.warning("notify.retry", **fields, attempt=attempt, retry_in_s=pause, error=message)
                 await asyncio.sleep(pause)
                 continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from whisperdrop.daemon.health import HostState
@@ -163,9 +162,7 @@ class JobOnHost:
         and transcription times among them)."""
         timings = dict(self.work.timings)
         started = time.monotonic()
-        result_path = Path(self.work.audio).with_suffix(".remote.json")
-        result = await self.state.host.fetch_result(self.work.job_id, result_path)
-        result_path.unlink(missing_ok=True)
+        result = await self.state.host.fetch_result(self.work.job_id)  # the stage caches it in state/results
         timings["fetch_s"] = round(time.monotonic() - started, 3)
         runner_timings = result.get("timings", {})
         for key in ("queue_s", "transcribe_s", "load_s"):

@@ -44,6 +44,7 @@ import asyncssh
 from whisperdrop import log, spool
 from whisperdrop.config import is_public_key, private_key_hint
 from whisperdrop.errors import WhisperdropError
+from whisperdrop.files import write_atomic
 
 T = TypeVar("T")
 
@@ -577,8 +578,9 @@ class Host:
                 return "failed", failure
         return "missing", None
 
-    async def fetch_result(self, job_id: str, dest: Path) -> dict:
-        """Copy results/<id>.json to `dest` (via dest.tmp, fsync, rename) and return it parsed.
+    async def fetch_result(self, job_id: str, dest: Path | None = None) -> dict:
+        """Read results/<id>.json, check it and return it parsed; with `dest`, also keep a copy there
+        (files.write_atomic: a crash leaves no part of it).
 
         Raises HostError (network, missing result) or spool.ProtocolError (not a valid Result for
         this job, or over MAX_RESULT_BYTES; `dest` is then left untouched).
@@ -592,18 +594,8 @@ class Host:
             document = spool.check_result(json.loads(data), job_id)
         except ValueError as error:  # json.JSONDecodeError and spool.ProtocolError
             raise spool.ProtocolError(f"host {self.name}: result of {job_id}: {error}") from error
-        dest = Path(dest)
-        temporary = dest.with_name(dest.name + ".tmp")
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, dest)
-        directory = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        if dest is not None:
+            write_atomic(dest, data)
         return document
 
     async def heartbeats(self) -> list[dict]:
