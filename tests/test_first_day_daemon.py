@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon_helpers import Daemon, wait_failed, write_variant_wav
+from sshd import skip_or_fail
 from media import JFK, make_text_as_mp3
 
 
@@ -113,10 +114,11 @@ GERMAN = ("Guten Morgen. Heute sprechen wir über die Entwicklung der erneuerbar
           "einen Plan vorgelegt, der viele Milliarden Euro kostet.")
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (it speaks the German clip)")
 def test_english_only_model_warns_on_speech_that_is_not_english(daemon, tmp_path):
     """German speech through the English-only tiny.en gets a language_warning in its Result and in
     stage.transcribe, naming the multilingual models; English speech (jfk) gets none."""
+    if shutil.which("espeak-ng") is None:
+        skip_or_fail("espeak-ng is not installed (it speaks the German clip; bash scripts/test installs it as root)")
     import subprocess
 
     subprocess.run(["espeak-ng", "-v", "de", "-w", str(tmp_path / "german.wav"), GERMAN], check=True,

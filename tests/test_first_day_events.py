@@ -7,14 +7,13 @@ from __future__ import annotations
 import ast
 import json
 import re
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from daemon_helpers import Daemon
+from sshd import skip_or_fail
 from media import JFK
 from whisperdrop import events
 
@@ -84,10 +83,11 @@ def whole_story_recipe() -> str:
     return readme[index + 1]
 
 
-@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
 def test_readme_whole_story_recipe_finds_every_line_of_a_job(tmp_path):
     """The README's jq recipe for one job, given the 12-digit id `status` shows, prints every log line
     of a real daemon that carries that job's id, and no other."""
+    if shutil.which("jq") is None:
+        skip_or_fail("jq is not installed (apt-get install jq; bash scripts/test installs it as root)")
     daemon = Daemon(tmp_path).start()
     try:
         target = daemon.inbox / "story.flac"
