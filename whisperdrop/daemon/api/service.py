@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from whisperdrop import log
 from whisperdrop.daemon.api import uploads
@@ -62,6 +63,7 @@ class ApiService:
         self.remote = remote
         self.state_dir = config.path("state_dir")
         self.limit = int(float(config.api.max_upload_mb) * 1_000_000)
+        self.figures: Callable[[], dict] | None = None  # the server's bounds and their use (ApiServer.figures)
         self.log = log.get("api")
 
     # options
@@ -122,15 +124,16 @@ class ApiService:
 
     # one upload
 
-    async def accept(self, upload: Any, asked: Asked, *, raw_pcm: bool = False) -> Accepted:
+    async def accept(self, upload: Any, asked: Asked, *, raw_pcm: bool = False, video_file: str | None = None) -> Accepted:
         """Store `upload` (a Starlette UploadFile) durably, check it is media, and record it as a
-        source of its job; the job is scheduled. Raises ApiError (400, 413, 415) with nothing kept."""
+        source of its job; the job is scheduled. `video_file`: the name of the video the audio comes
+        from (Bazarr's), which names the outputs. Raises ApiError (400, 413, 415) with nothing kept."""
         if upload is None or not hasattr(upload, "file"):
             raise ApiError(422, "no file in the request: send the audio as a multipart file field", code="no_file")
         planned = self.plan(asked)
         loop = asyncio.get_running_loop()
         write_outbox = asked.outbox is not False
-        request = {"formats": list(planned.formats), "profile": planned.profile}
+        request = {"formats": list(planned.formats), "profile": planned.profile, "video_file": video_file}
         try:
             stored = await loop.run_in_executor(
                 self.pipeline.context.io, lambda: uploads.store(upload.file, self.state_dir, upload.filename, self.limit,
@@ -138,6 +141,8 @@ class ApiService:
         except uploads.TooLarge as error:
             raise ApiError(413, f"{error}; send a smaller file, or raise api.max_upload_mb in config.yaml",
                            code="too_large") from None
+        finally:
+            await upload.close()  # the parser's spooled copy: gone now, not when a synchronous answer is sent
         try:
             await loop.run_in_executor(self.pipeline.context.io, uploads.probe, stored.path, upload.filename)
         except uploads.NotMedia as error:
@@ -168,17 +173,37 @@ class ApiService:
         source = self.pipeline.ledger.source(accepted.source_id)
         job = self.pipeline.ledger.job(accepted.job_id)
         if source.state != "done" or job is None or job.stage == "failed":
-            raise self.failure(accepted.job_id, job, source)
+            raise self.failure(accepted.job_id, job, source, accepted.filename or Path(accepted.relpath).name)
         result = await self.result(accepted.job_id)
         return result, {**self.extra(result, job), "profile": accepted.profile,
                         "outbox": (source.outputs or {}).get("base")}
 
-    def failure(self, job_id: str, job: Any, source: Any) -> ApiError:
-        """The ApiError of a job that failed (422: the upload could not be transcribed)."""
+    def failure(self, job_id: str, job: Any, source: Any, shown: str | None = None) -> ApiError:
+        """The ApiError of a job that failed (422: the upload could not be transcribed), naming the
+        upload as `shown` (the client's file name), never by the daemon's own paths."""
         error = (job.last_error if job else None) or (source.last_error if source else None) or "unknown error"
         kind, _, message = error.partition(": ")
-        return ApiError(422, f"could not transcribe the upload: {message or kind}",
-                        code=kind if message else "failed", extra={"job_id": job_id, "hint": job.hint if job else None})
+        hint = self.scrubbed(job.hint, shown) if job else None
+        return ApiError(422, f"could not transcribe the upload: {self.scrubbed(message or kind, shown)}",
+                        code=kind if message else "failed", extra={"job_id": job_id, "hint": hint})
+
+    def scrubbed(self, text: str | None, shown: str | None = None) -> str | None:
+        """`text` (a job's error or hint) without the daemon's own paths: one under state_dir (the
+        upload, its extracted audio) becomes `shown` quoted (the name the client gave, or "the
+        upload"); one under the inbox, outbox, archive or failed folder its path relative to it."""
+        if not text:
+            return text
+        folders = {str(self.config.path(key)): key for key in ("state_dir", "inbox", "outbox", "archive", "failed")}
+        pattern = "|".join(re.escape(folder) for folder in sorted(folders, key=len, reverse=True))
+
+        def replace(match: re.Match) -> str:
+            folder = match.group(1) or match.group(3)
+            rest = (match.group(2) or match.group(4) or "").lstrip("/")
+            if folders[folder] == "state_dir":
+                return repr(shown) if shown else "the upload"
+            return repr(rest) if rest else folders[folder]
+
+        return re.sub(rf"'({pattern})(/[^']*)?'|({pattern})(/[^\s'\":,;]*)?", replace, text)
 
     async def result(self, job_id: str) -> dict:
         """The job's cached Result (state/results). Raises ApiError 404 when it is gone."""
@@ -206,16 +231,20 @@ class ApiService:
         if job is None:
             raise ApiError(404, f"no job {job_id!r} in the ledger; POST the file to /v1/jobs to make one",
                            param="job_id", code="no_such_job")
+        uploaded = [source for source in self.pipeline.ledger.sources_of(job_id) if uploads.is_upload(source.relpath)]
+        shown = Path(uploaded[0].relpath).name if uploaded else None
         status = {"new": "queued", "done": "done", "failed": "failed"}.get(job.stage, "running")
         if job.stage == "transcribed":
             status = "running"
         return {"job_id": job.job_id, "status": status, "stage": job.stage, "progress": job.progress,
                 "duration": job.duration, "route": job.route, "host": job.host, "fallback_reason": job.fallback_reason,
-                "attempts": job.attempts, "error": job.last_error, "hint": job.hint if job.stage == "failed" else None,
+                "attempts": job.attempts, "error": self.scrubbed(job.last_error, shown),
+                "hint": self.scrubbed(job.hint, shown) if job.stage == "failed" else None,
                 "created_at": job.created_at, "updated_at": job.updated_at, "finished_at": job.finished_at}
 
     def health(self) -> dict:
-        """`GET /health`: the original plan's {"status", "model"} and each route's state."""
+        """`GET /health`: the original plan's {"status", "model"}, each route's state, and the API's
+        bounds with how full they are (`api`: connections, uploads in flight, refusals by reason)."""
         now = time.time()
         hosts = []
         for state in getattr(self.remote, "states", []):
@@ -233,4 +262,4 @@ class ApiService:
                 "local": {"model": self.config.local.model, "device": self.config.local.device,
                           "role": ("every job" if self.remote is None or provider == "local" else "fallback")
                           if local_on else "off"},
-                "jobs_in_progress": self.pipeline.busy()}
+                "jobs_in_progress": self.pipeline.busy(), **({"api": self.figures()} if self.figures else {})}
