@@ -103,6 +103,7 @@ def output_stem(video_file: str | None, filename: str | None, job_id: str, taken
         extension = os.path.splitext(name)[1]
         stem = name[: -len(extension)] if extension and _EXTENSION.fullmatch(extension) \
             and not extension[1:].isdigit() else name
+        stem = stem.strip("._")  # "Film (2019).mkv": Film_2019, not Film_2019_
         if stem and not is_generic(stem):
             return stem
     return f"{time.strftime('%Y-%m-%d', time.localtime(taken_at))}-{job_id[:12]}"
