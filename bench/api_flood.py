@@ -11,7 +11,9 @@ head, and are held for `--seconds`. During the flood a file is dropped into the 
 an authorized `GET /health` is timed. Printed per tree: the flood's sockets connected, the most
 sockets the daemon held (from /proc/<pid>/fd), the flood's sockets still open at the end, the
 authorized request's status and seconds, the log lines and bytes written during the flood, and
-whether the dropped file was transcribed within 120 s of the flood's end.
+whether the dropped file was transcribed within 120 s of the flood's end. Then, against a token-less
+daemon of the same tree: the cross-site upload's status and the files it wrote, and whether the
+answer to a 3-byte raw PCM upload names the state folder.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def daemon_sockets(pid: int) -> int:
 def measure(tree: Path, connections: int, seconds: float, scratch: Path) -> dict:
     """One flood against the daemon of `tree`; the figures (see the module's doc)."""
     port = free_port()
+    scratch.mkdir(parents=True, exist_ok=True)
     daemon = Daemon(scratch, api={"listen": f"127.0.0.1:{port}", "token": TOKEN})
     daemon.start(env={"PYTHONPATH": str(tree)}, open_files=(1024, 1024))
     figures: dict = {"tree": str(tree)}
@@ -112,6 +115,30 @@ def measure(tree: Path, connections: int, seconds: float, scratch: Path) -> dict
     return figures
 
 
+def probe(tree: Path, scratch: Path) -> dict:
+    """The issue's other probes against a token-less daemon of `tree` on loopback: the cross-site
+    upload (Host and Origin attacker.example) and the 3-byte raw PCM upload, whose answer named the
+    state folder."""
+    port = free_port()
+    daemon = Daemon(scratch, api={"listen": f"127.0.0.1:{port}"})
+    daemon.start(env={"PYTHONPATH": str(tree)})
+    try:
+        wav = write_variant_wav(scratch / "cross-site.wav", 1)
+        with open(wav, "rb") as stream:
+            cross = httpx.post(f"http://127.0.0.1:{port}/asr", params={"output": "txt"},
+                               headers={"Host": "attacker.example", "Origin": "http://attacker.example"},
+                               files={"audio_file": ("cross-site.wav", stream)}, timeout=300)
+        short = httpx.post(f"http://127.0.0.1:{port}/asr", params={"encode": "false"},
+                           files={"audio_file": ("x.pcm", b"\x01\x02\x03")}, timeout=300)
+        written = sorted(path.name for path in (daemon.outbox / "api").glob("cross-site*")) \
+            if (daemon.outbox / "api").exists() else []
+        return {"cross_site_status": cross.status_code, "cross_site_files": len(written),
+                "three_bytes_status": short.status_code, "state_path_in_answer": str(scratch / "state") in short.text}
+    finally:
+        daemon.stop()
+        daemon.kill()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="a checkout of the code to compare with (e.g. main's worktree)")
@@ -125,9 +152,13 @@ def main() -> int:
     for tree in trees:
         with tempfile.TemporaryDirectory(prefix="wd-flood-") as scratch:
             print(f"# flood against {tree} ...", file=sys.stderr, flush=True)
-            rows.append(measure(tree, args.connections, args.seconds, Path(scratch)))
+            row = measure(tree, args.connections, args.seconds, Path(scratch) / "flood")
+        with tempfile.TemporaryDirectory(prefix="wd-probe-") as scratch:
+            row.update(probe(tree, Path(scratch)))
+        rows.append(row)
     keys = ["connected", "daemon_sockets_most", "flood_still_open", "authorized_status", "authorized_seconds",
-            "log_lines", "log_bytes", "dropped_file_transcribed", "flood_seconds"]
+            "log_lines", "log_bytes", "dropped_file_transcribed", "flood_seconds", "cross_site_status",
+            "cross_site_files", "three_bytes_status", "state_path_in_answer"]
     print("| tree | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for row in rows:
