@@ -128,10 +128,12 @@ def status_of(answer: bytes) -> int:
 
 
 def chunked_upload_that_keeps_sending(address: tuple[str, int], path: str, host: str, megabytes: int,
+                                      framed_megabytes: int | None = None,
                                       timeout: float = 120.0) -> tuple[bytes, int]:
     """POST a multipart upload of `megabytes` MB, chunked (no Content-Length), that goes on sending
-    after the answer comes, until the server closes the connection or everything is sent; returns
-    (the answer, bytes sent)."""
+    after the answer comes, until the server closes the connection or everything is sent; past
+    `framed_megabytes` (when given) the bytes go out raw, without chunk framing, as a client that
+    ignores the answer streams the rest of its file. Returns (the answer, bytes sent)."""
     boundary = b"wdboundary"
     start = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="audio"; filename="big.wav"\r\n'
              b"Content-Type: audio/wav\r\n\r\n")
@@ -146,7 +148,8 @@ def chunked_upload_that_keeps_sending(address: tuple[str, int], path: str, host:
         deadline = time.monotonic() + timeout
         try:
             while sent < megabytes << 20 and time.monotonic() < deadline:
-                sock.sendall(b"%x\r\n%s\r\n" % (len(block), block))
+                framed = framed_megabytes is None or sent < framed_megabytes << 20
+                sock.sendall(b"%x\r\n%s\r\n" % (len(block), block) if framed else block)
                 sent += len(block)
                 sock.setblocking(False)
                 try:
