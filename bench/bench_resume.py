@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 
 from common import Context, Row, ratio
-from whisperdrop import log
 from whisperdrop.daemon import transfer
+from whisperdrop.shared import log
 
 SECTION = "resume"
 CUTS = (0.25, 0.50, 0.75)

@@ -223,7 +223,7 @@ def test_remote_documents_are_read_with_a_size_cap(sshd, tmp_path):
     import pytest
 
     from whisperdrop.daemon import transfer
-    from whisperdrop.spool import ProtocolError
+    from whisperdrop.shared.spool import ProtocolError
 
     job = "c" * 64
     for folder in ("work", "progress", "runners", "results"):
@@ -259,7 +259,7 @@ def test_an_unexpected_error_is_retried_a_few_times_then_fails_visibly(tmp_path)
     times, then its source goes to failed/ beside an error record naming the error; the daemon carries on."""
     import hashlib
 
-    from whisperdrop.spool import TranscribeOptions, job_id
+    from whisperdrop.shared.spool import TranscribeOptions, job_id
 
     (tmp_path / "daemon").mkdir()
     daemon = Daemon(tmp_path / "daemon", max_attempts=2, transcription={"provider": "local"})

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from whisperdrop import config
-from whisperdrop.cli import main
+from whisperdrop.cli.commands import main
+from whisperdrop.shared import config
 
 REPO = Path(__file__).resolve().parents[1]
 

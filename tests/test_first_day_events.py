@@ -1,4 +1,4 @@
-"""Issue 13, item 8: one log schema. Every event the package logs is in whisperdrop/events.py with
+"""Issue 13, item 8: one log schema. Every event the package logs is in whisperdrop/shared/events.py with
 its fields, the README's event table is made from that list, and the README's recipe for the whole
 story of one job finds every line of that job in a real daemon's log."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from daemon_helpers import Daemon
 from sshd import skip_or_fail
 from media import JFK
-from whisperdrop import events
+from whisperdrop.shared import events
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
@@ -49,7 +49,7 @@ def test_every_logged_event_and_field_is_in_the_schema():
     for path, line, name, keywords in log_calls():
         event = events.EVENTS.get(name)
         if event is None or not NAME.match(name):
-            problems.append(f"{path}:{line}: {name!r} is not a namespaced event of whisperdrop/events.py")
+            problems.append(f"{path}:{line}: {name!r} is not a namespaced event of whisperdrop/shared/events.py")
             continue
         unknown = [key for key in keywords if key not in event.fields and key not in events.ALWAYS]
         if unknown:

@@ -15,10 +15,10 @@ import numpy
 import pytest
 from daemon_helpers import jfk_reference, speech_at, word_error_rate
 
-from whisperdrop import checkpoint as checkpoints
-from whisperdrop.chunks import Chunk, ChunkSource
-from whisperdrop.engine import Cancelled, Engine
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine import checkpoint as checkpoints
+from whisperdrop.engine.chunks import Chunk, ChunkSource
+from whisperdrop.engine.engine import Cancelled, Engine
+from whisperdrop.shared.spool import TranscribeOptions
 
 OPTIONS = TranscribeOptions(model="bundled:tiny.en")  # the shipped defaults otherwise: word timestamps, VAD, beam 5
 SETTINGS = dict(device="cpu", compute_type="default", batch_size=2, chunking={"keep_gap": 0.0})

@@ -10,8 +10,8 @@ import shutil
 import pytest
 from daemon_helpers import Daemon, json_lines, write_speech_wav
 
-from whisperdrop.engine import Engine
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine.engine import Engine
+from whisperdrop.shared.spool import TranscribeOptions
 
 
 def _times(result: dict) -> list:

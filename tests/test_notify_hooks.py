@@ -225,7 +225,7 @@ def test_a_dead_webhook_is_retried_then_given_up_on(tmp_path):
 
 def test_a_webhook_that_is_not_http_is_a_config_error(tmp_path):
     """notify.webhook must be an http:// or https:// URL: check-config names the key and what was expected."""
-    from whisperdrop import config
+    from whisperdrop.shared import config
 
     with pytest.raises(config.ConfigError) as caught:
         config.validate({"notify": {"webhook": "file:///etc/passwd", "events": ["done", "started"]}}, tmp_path)

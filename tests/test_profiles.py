@@ -16,8 +16,8 @@ import yaml
 from daemon_helpers import Daemon
 from test_remote import gpu_host  # noqa: F401  (a fixture: a real sshd and a runner behind it)
 from media import JFK
-from whisperdrop import config as config_module, profiles
-from whisperdrop.spool import job_id
+from whisperdrop.shared import config as config_module, profiles
+from whisperdrop.shared.spool import job_id
 
 BJJ = {"name": "bjj", "match": ["bjj/**"], "initial_prompt": "Jiu-jitsu class: kimura, berimbolo.",
        "hotwords": "kimura berimbolo", "outputs": ["srt"]}

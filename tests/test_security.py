@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from daemon_helpers import Daemon, jfk_reference, word_error_rate, write_variant_wav
-from whisperdrop import config as config_module, spool
 from whisperdrop.daemon.transfer import Host
+from whisperdrop.shared import config as config_module, spool
 
 JOB = hashlib.sha256(b"security job").hexdigest()
 

@@ -19,7 +19,7 @@ import pytest
 
 from daemon_helpers import REPO, Daemon
 from sshd import skip_or_fail
-from whisperdrop.notify import Notifier
+from whisperdrop.shared.notify import Notifier
 
 UNITS = ("whisperdrop.service", "whisperdrop-runner.service")
 SHIPPED_BINARY = "/opt/whisperdrop/venv/bin/whisperdrop"

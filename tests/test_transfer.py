@@ -15,9 +15,9 @@ import pytest
 
 from faultserver import FaultServer, HungServer
 from sshd import keygen, known_hosts_line
-from whisperdrop import spool
 from whisperdrop.daemon import transfer
 from whisperdrop.daemon.transfer import AuthError, Host, HostError, HostKeyError
+from whisperdrop.shared import spool
 
 JOB = hashlib.sha256(b"job one").hexdigest()
 OTHER_JOB = hashlib.sha256(b"job two").hexdigest()

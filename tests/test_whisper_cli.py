@@ -14,7 +14,8 @@ import pytest
 
 from daemon_helpers import jfk_reference, normalise, word_error_rate
 from media import JFK
-from whisperdrop import whisper_cli, whisper_cli_output as output
+from whisperdrop.cli import whisper_cli_flags as whisper_cli
+from whisperdrop.outputs import whisper_cpp as output
 
 SCRIPT = Path(sys.executable).with_name("whisperdrop-whisper-cli")
 
@@ -81,7 +82,8 @@ def test_bad_arguments_are_usage_errors(argv, message):
 
 
 def _options(tmp_path, argv: list[str], **data):
-    from whisperdrop import config as config_module, whisper_cli_run
+    from whisperdrop.cli import whisper_cli as whisper_cli_run
+    from whisperdrop.shared import config as config_module
 
     config = config_module.validate(data, tmp_path)
     options, warnings = whisper_cli_run.options_for(whisper_cli.parse(argv), config)

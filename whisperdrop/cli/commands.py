@@ -13,7 +13,8 @@ import asyncio
 import os
 import sys
 
-from whisperdrop import __version__, config as config_module, log
+from whisperdrop import __version__
+from whisperdrop.shared import config as config_module, log
 
 
 def _load_config(args: argparse.Namespace) -> config_module.Config:
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run)
     run.set_defaults(handler=cmd_run)
 
-    from whisperdrop import cli_transcribe
+    from whisperdrop.cli import transcribe as cli_transcribe
 
     cli_transcribe.add_parser(commands, _add_common)
 
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("whisper-cli", add_help=False, help="whisper.cpp's whisper-cli, same flags and files "
                         "(see `whisperdrop whisper-cli -h`)")  # main() hands its arguments over before parsing
 
-    from whisperdrop import cli_report
+    from whisperdrop.cli import report as cli_report
 
     for name, command_help in cli_report.COMMANDS:
         sub = commands.add_parser(name, help=command_help)
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["whisper-cli"]:  # whisper.cpp's flags, not ours: all of them go to the drop-in
-        from whisperdrop.whisper_cli import main as whisper_cli_main
+        from whisperdrop.cli.whisper_cli_flags import main as whisper_cli_main
 
         return whisper_cli_main(arguments[1:])
     parser = build_parser()

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from whisperdrop import config as config_module
 from whisperdrop.daemon.shutdown import Shutdown
-from whisperdrop.profiles import Plan
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.shared import config as config_module
+from whisperdrop.shared.profiles import Plan
+from whisperdrop.shared.spool import TranscribeOptions
 
 
 @dataclass
@@ -209,14 +209,14 @@ class OneShot:
         self.display.message("\n".join(lines))
 
     async def _run(self, scratch: Path):
-        from whisperdrop import result as results
         from whisperdrop.daemon.extract import MediaError, extract
         from whisperdrop.daemon.local import LocalTranscriber
         from whisperdrop.daemon.route import Router, Work
         from whisperdrop.daemon.service import build_remote
-        from whisperdrop.engine import EngineError
-        from whisperdrop.files import sha256_file
-        from whisperdrop.spool import job_id as make_job_id
+        from whisperdrop.engine.engine import EngineError
+        from whisperdrop.outputs import result as results
+        from whisperdrop.shared.files import sha256_file
+        from whisperdrop.shared.spool import job_id as make_job_id
 
         config, display, options = self.config, self.display, self.options
         remote = build_remote(config)

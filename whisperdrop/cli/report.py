@@ -14,9 +14,9 @@ import sys
 from dataclasses import asdict
 from typing import Any, TextIO
 
-from whisperdrop import log
 from whisperdrop.daemon.doctor import DOCTOR_TIMEOUT_S, Check, doctor
 from whisperdrop.daemon.status import NoLedger, collect_stats, collect_status, format_age
+from whisperdrop.shared import log
 
 COMMANDS = (("status", "jobs by stage, hosts and recent errors"),
             ("stats", "throughput, error rate, stage times, cost of local against remote"),

@@ -2,10 +2,10 @@
 the daemon's extract, route and outbox stages over the files given, now; the sources stay where they are.
 
 The flags override the config for this run, over the profile named by `--profile` (see
-`whisperdrop.profiles`). The paths written go to stdout, one per line (the formats asked for, then
+`whisperdrop.shared.profiles`). The paths written go to stdout, one per line (the formats asked for, then
 `<stem>.json`, which is always written: it is the Result, and its presence means the set is whole);
 progress and messages go to stderr. The run itself (Ctrl-C, progress, what is written) is
-`whisperdrop.oneshot`'s; this module is the command's flags and what they plan.
+`whisperdrop.cli.oneshot`'s; this module is the command's flags and what they plan.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import config as config_module, log
-from whisperdrop.oneshot import OneShot, writer
-from whisperdrop.profiles import OUTPUT_FORMATS, Plan, ProfileError
-from whisperdrop.spool import TASKS
+from whisperdrop.cli.oneshot import OneShot, writer
+from whisperdrop.shared import config as config_module, log
+from whisperdrop.shared.profiles import OUTPUT_FORMATS, Plan, ProfileError
+from whisperdrop.shared.spool import TASKS
 
 FORMAT_CHOICES = ("json",) + OUTPUT_FORMATS
 
@@ -60,9 +60,9 @@ def plan_for(config: config_module.Config, args: argparse.Namespace) -> tuple[co
     """The config for this run (with `--model` as local.model too, so the flag holds on every route)
     and the Plan of its files: transcription, then `--profile`, then the flags. Raises ProfileError
     for an unknown profile or format, or translate with an English-only model."""
-    from whisperdrop import profiles
     from whisperdrop.daemon.local import LocalTranscriber
     from whisperdrop.daemon.route import Router
+    from whisperdrop.shared import profiles
 
     if args.language not in (None, profiles.AUTO_LANGUAGE):
         from faster_whisper.tokenizer import _LANGUAGE_CODES
@@ -91,7 +91,7 @@ def plan_for(config: config_module.Config, args: argparse.Namespace) -> tuple[co
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from whisperdrop.cli import _load_config
+    from whisperdrop.cli.commands import _load_config
 
     config = _load_config(args)
     try:

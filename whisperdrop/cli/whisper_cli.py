@@ -12,8 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-from whisperdrop import config as config_module, log, whisper_cli_output as output
-from whisperdrop.whisper_cli import PROG, Params, UsageError, map_model, usage
+from whisperdrop.cli.whisper_cli_flags import PROG, Params, UsageError, map_model, usage
+from whisperdrop.outputs import whisper_cpp as output
+from whisperdrop.shared import config as config_module, log
 
 AUTO = "auto"
 
@@ -32,8 +33,8 @@ def options_for(params: Params, config: config_module.Config):
     """The TranscribeOptions for `params` over the config's, and the warnings they bring; `-m` is
     written into `config` as local.model too. Raises UsageError for an unknown model (status 3) or
     language (status 2)."""
-    from whisperdrop import profiles
-    from whisperdrop.result import english_only
+    from whisperdrop.outputs.result import english_only
+    from whisperdrop.shared import profiles
 
     warnings: list[str] = []
     base = profiles.base_options(config)
@@ -167,7 +168,7 @@ class ProgressPrinter:
 def transcribe(config, path: Path, options, params: Params) -> tuple[dict | None, str | None]:
     """The Result of `path` with `options` (a GPU host first, then the local CPU), or None and why.
     Ctrl-C ends the process at once with 130, as `whisperdrop transcribe` does (nothing half-written)."""
-    from whisperdrop.oneshot import transcribe_one
+    from whisperdrop.cli.oneshot import transcribe_one
 
     result, problem = transcribe_one(config, path, options,
                                      progress=ProgressPrinter() if params.print_progress else None)

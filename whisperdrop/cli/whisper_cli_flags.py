@@ -278,7 +278,7 @@ def usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run whisper-cli's command line `argv` (default: sys.argv[1:]); returns the exit status."""
-    from whisperdrop import whisper_cli_run
+    from whisperdrop.cli import whisper_cli as whisper_cli_run
 
     try:
         params = parse(list(sys.argv[1:] if argv is None else argv))

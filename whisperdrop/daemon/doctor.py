@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from whisperdrop import config as config_module
 from whisperdrop.daemon.health import RunnerWatch, live_runners
 from whisperdrop.daemon.status import format_age
+from whisperdrop.shared import config as config_module
 
 DOCTOR_TIMEOUT_S = 10.0
 
@@ -65,7 +65,7 @@ def check_local(config: Any) -> list[Check]:
 
 def _check_local_model(local: Any) -> Check:
     """Load the `local` model section's model once, as the fallback would."""
-    from whisperdrop import engine
+    from whisperdrop.engine import engine
 
     started = time.monotonic()
     try:

@@ -24,8 +24,8 @@ from whisperdrop.daemon.health import HostState
 from whisperdrop.daemon.route import Routed, Work
 from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.transfer import HostError
-from whisperdrop.engine import Cancelled
-from whisperdrop.spool import make_job_document
+from whisperdrop.engine.engine import Cancelled
+from whisperdrop.shared.spool import make_job_document
 
 if TYPE_CHECKING:
     from whisperdrop.daemon.remote import RemotePool

@@ -41,10 +41,10 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import asyncssh
 
-from whisperdrop import log, spool
-from whisperdrop.config import is_public_key, private_key_hint
-from whisperdrop.errors import WhisperdropError
-from whisperdrop.files import write_atomic
+from whisperdrop.shared import log, spool
+from whisperdrop.shared.config import is_public_key, private_key_hint
+from whisperdrop.shared.errors import WhisperdropError
+from whisperdrop.shared.files import write_atomic
 
 T = TypeVar("T")
 

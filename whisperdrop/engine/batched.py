@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy
 
-from whisperdrop import checkpoint
-from whisperdrop.chunks import SAMPLE_RATE, Chunk, ChunkSource
-from whisperdrop.files import Cancelled
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine import checkpoint
+from whisperdrop.engine.chunks import SAMPLE_RATE, Chunk, ChunkSource
+from whisperdrop.shared.files import Cancelled
+from whisperdrop.shared.spool import TranscribeOptions
 
 MAX_PASSES = 3                  # a stretch of speech is decoded at most this often
 MISSED_SPEECH = 3 * SAMPLE_RATE  # skipped speech this long (samples) is decoded again: a shorter stretch costs a whole

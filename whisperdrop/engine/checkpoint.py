@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from whisperdrop.files import fsync_directory, sha256_file, write_all, write_atomic
+from whisperdrop.shared.files import fsync_directory, sha256_file, write_all, write_atomic
 
 SCHEMA = "whisperdrop.checkpoint/1"
 SUFFIX = ".jsonl"

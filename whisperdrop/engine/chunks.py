@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import numpy
 
-from whisperdrop.files import Cancelled
+from whisperdrop.shared.files import Cancelled
 
 SAMPLE_RATE = 16000
 BLOCK_SECONDS = 30.0        # audio is decoded and searched for speech this much at a time

@@ -29,11 +29,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
-from whisperdrop.batched import AudioJob, Transcript, transcribe_batched
-from whisperdrop.chunks import KEEP_GAP_SECONDS, SAMPLE_RATE, ChunkSource, resampler_16k_mono  # noqa: F401  re-exported
-from whisperdrop.errors import WhisperdropError
-from whisperdrop.files import Cancelled  # noqa: F401  re-exported: raised inside transcribe when its cancel event is set
-from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions
+from whisperdrop.engine.batched import AudioJob, Transcript, transcribe_batched
+from whisperdrop.engine.chunks import KEEP_GAP_SECONDS, SAMPLE_RATE, ChunkSource, resampler_16k_mono  # noqa: F401  re-exported
+from whisperdrop.shared.errors import WhisperdropError
+from whisperdrop.shared.files import Cancelled  # noqa: F401  re-exported: raised inside transcribe when its cancel event is set
+from whisperdrop.shared.spool import RESULT_SCHEMA, TranscribeOptions
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED = {"tiny.en"}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 
-from whisperdrop.spool import RESULT_SCHEMA
+from whisperdrop.shared.spool import RESULT_SCHEMA
 
 HOSTNAME = socket.gethostname()
 

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from whisperdrop.config import SCHEMA
+from whisperdrop.shared.config import SCHEMA
 
 _DEFAULTS = SCHEMA["subtitles"]
 

@@ -600,7 +600,7 @@ def check(config: Config, role_name: str | None = None) -> list[str]:
     if role_name == "runner":
         problems.append(_folder_problem("runner.spool", Path(config.runner.spool), "the runner"))
         if config.runner.name is not None:
-            from whisperdrop.spool import ProtocolError, check_runner_name
+            from whisperdrop.shared.spool import ProtocolError, check_runner_name
 
             try:
                 check_runner_name(config.runner.name)
@@ -630,7 +630,7 @@ def check(config: Config, role_name: str | None = None) -> list[str]:
                         "add a GPU host or use provider 'auto' or 'local'")
     for index, host in enumerate(config.remote.hosts):
         problems += _host_problems(index, host)
-    from whisperdrop.profiles import check as profile_problems  # globs that never match, translate with *.en
+    from whisperdrop.shared.profiles import check as profile_problems  # globs that never match, translate with *.en
 
     problems += profile_problems(config)
     problems.append(_api_problem(config))

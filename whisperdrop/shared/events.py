@@ -5,7 +5,7 @@
 and, where the daemon knows it, `path` (relative to the inbox). Every structlog level also adds
 `event`, `level`, `ts` and `logger`; a logger may bind `host`. tests/test_first_day_events.py checks
 every `log.<level>("<event>", ...)` call in the package against this table, and that the README's
-event table is `markdown()` of the daemon's events: `python -m whisperdrop.events` prints it.
+event table is `markdown()` of the daemon's events: `python -m whisperdrop.shared.events` prints it.
 """
 
 from __future__ import annotations

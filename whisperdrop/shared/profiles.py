@@ -25,9 +25,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from whisperdrop.errors import WhisperdropError
-from whisperdrop.result import MULTILINGUAL_MODELS, english_only
-from whisperdrop.spool import TASKS, TranscribeOptions
+from whisperdrop.outputs.result import MULTILINGUAL_MODELS, english_only
+from whisperdrop.shared.errors import WhisperdropError
+from whisperdrop.shared.spool import TASKS, TranscribeOptions
 
 # The keys a profile (or a request) may override: every TranscribeOptions field, and the outputs.
 OPTION_KEYS = tuple(field.name for field in dataclasses.fields(TranscribeOptions))

@@ -22,9 +22,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from whisperdrop import log
 from whisperdrop.daemon.api import errors, routes_asr, routes_native, routes_openai, uploads
 from whisperdrop.daemon.api.service import ApiService
+from whisperdrop.shared import log
 
 FORM_SLACK = 1 << 20  # multipart framing and the text fields, on top of the file's own limit
 STOP_S = 3.0
