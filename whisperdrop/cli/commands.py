@@ -1,9 +1,9 @@
 """The command line: `whisperdrop run | transcribe | check-config | runner | status | stats | doctor`.
 
-Direction of imports: cli -> daemon | gpu_runner -> engine, spool, result, config, files, log. Heavy
-modules are imported inside the command that needs them, so `whisperdrop status` starts fast. Each
-command is a short function over the layers below (the reports print from `cli_report`; `transcribe`
-is `cli_transcribe`); the module is one argument parser and its dispatch.
+Heavy modules are imported inside the command that needs them, so `whisperdrop status` starts fast.
+Each command is a short function over the layers below (the reports print from `cli.report`;
+`transcribe` is `cli.transcribe`; the flags and config loading all share are `cli.common`); the
+module is one argument parser and its dispatch.
 """
 
 from __future__ import annotations
@@ -14,25 +14,8 @@ import os
 import sys
 
 from whisperdrop import __version__
-from whisperdrop.shared import config as config_module, log
-
-
-def _load_config(args: argparse.Namespace) -> config_module.Config:
-    try:
-        return config_module.load(args.config)
-    except config_module.ConfigError as error:
-        print(f"whisperdrop: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _setup_logging(config: config_module.Config, args: argparse.Namespace, stream=None) -> None:
-    settings = config.logging
-    log.configure(
-        level="debug" if getattr(args, "verbose", False) else settings.level,
-        fmt=getattr(args, "log_format", None) or settings.format,
-        file=settings.file,
-        stream=stream,
-    )
+from whisperdrop.cli.common import add_common, load_config, setup_logging
+from whisperdrop.shared import config as config_module
 
 
 def _print_problems(headline: str, problems: list[str]) -> None:
@@ -42,7 +25,7 @@ def _print_problems(headline: str, problems: list[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_config(args)
     # The same check as `check-config`, which writes nothing; the folders are made only once it passes.
     problems = config_module.check(config, "daemon") or config_module.make_folders(config)
     if problems:
@@ -56,7 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"whisperdrop: cannot start: {error}", file=sys.stderr)
         return 2
     _warn_insecure(config)
-    _setup_logging(config, args)
+    setup_logging(config, args)
     from whisperdrop.daemon.service import serve
 
     status = asyncio.run(serve(config))
@@ -76,7 +59,7 @@ def _warn_insecure(config: config_module.Config) -> None:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Check the config as `run` (or, for a runner-only file, `runner`) would, creating nothing: the
     verdict on stdout, the problems on stderr; 0 when it would start, 1 when not, 2 when invalid."""
-    config = _load_config(args)
+    config = load_config(args)
     role = config_module.role(config)
     _warn_insecure(config)
     problems = config_module.check(config, role)
@@ -103,12 +86,12 @@ def cmd_default_config(args: argparse.Namespace) -> int:
 
 
 def cmd_runner(args: argparse.Namespace) -> int:
-    config = _load_config(args)
+    config = load_config(args)
     problems = config_module.check(config, "runner")  # what `check-config` says of a runner config
     if problems:
         _print_problems(f"whisperdrop runner: cannot start with {config.source or 'the embedded default'}:", problems)
         return 2
-    _setup_logging(config, args)
+    setup_logging(config, args)
     if config.runner.backend == "slurm":
         from whisperdrop.gpu_runner.slurm import main as slurm_main
 
@@ -121,8 +104,8 @@ def cmd_runner(args: argparse.Namespace) -> int:
 def cmd_slurm_task(args: argparse.Namespace) -> int:
     """A compute node's side of the Slurm backend: do one claimed job from the spool (the batch
     script the runner writes calls this; it is no command for people)."""
-    config = _load_config(args)
-    _setup_logging(config, args)
+    config = load_config(args)
+    setup_logging(config, args)
     from whisperdrop.gpu_runner.slurm import run_task
 
     settings = dict(config["runner"])
@@ -131,39 +114,32 @@ def cmd_slurm_task(args: argparse.Namespace) -> int:
     return run_task(settings, args.job)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", help="config file (default: $WHISPERDROP_CONFIG, ./config.yaml, "
-                        "~/.config/whisperdrop/config.yaml, /etc/whisperdrop/config.yaml)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--log-format", choices=("json", "console"), help="override logging.format")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whisperdrop", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"whisperdrop {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="watch the inbox and transcribe everything that lands there")
-    _add_common(run)
+    add_common(run)
     run.set_defaults(handler=cmd_run)
 
     from whisperdrop.cli import transcribe as cli_transcribe
 
-    cli_transcribe.add_parser(commands, _add_common)
+    cli_transcribe.add_parser(commands, add_common)
 
     check = commands.add_parser("check-config", help="validate the configuration and its folders")
-    _add_common(check)
+    add_common(check)
     check.set_defaults(handler=cmd_check_config)
 
     default = commands.add_parser("default-config", help="print the documented default config.yaml")
     default.set_defaults(handler=cmd_default_config)
 
     runner = commands.add_parser("runner", help="GPU host: transcribe jobs from the spool")
-    _add_common(runner)
+    add_common(runner)
     runner.set_defaults(handler=cmd_runner)
 
     task = commands.add_parser("slurm-task", help="Slurm compute node: do one job the Slurm runner submitted")
-    _add_common(task)
+    add_common(task)
     task.add_argument("--spool", help="the spool on the shared file system (default: runner.spool)")
     task.add_argument("--job", required=True, metavar="ID", help="the job id (64 hex digits)")
     task.set_defaults(handler=cmd_slurm_task)
@@ -175,16 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, command_help in cli_report.COMMANDS:
         sub = commands.add_parser(name, help=command_help)
-        _add_common(sub)
+        add_common(sub)
         cli_report.add_arguments(name, sub)
-        sub.set_defaults(handler=lambda args, name=name: cli_report.run(name, args, _load_config(args)))
+        sub.set_defaults(handler=lambda args, name=name: cli_report.run(name, args, load_config(args)))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["whisper-cli"]:  # whisper.cpp's flags, not ours: all of them go to the drop-in
-        from whisperdrop.cli.whisper_cli_flags import main as whisper_cli_main
+        from whisperdrop.cli.whisper_cli import main as whisper_cli_main
 
         return whisper_cli_main(arguments[1:])
     parser = build_parser()

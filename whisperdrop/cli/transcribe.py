@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from whisperdrop.cli.common import load_config
 from whisperdrop.cli.oneshot import OneShot, writer
 from whisperdrop.shared import config as config_module, log
 from whisperdrop.shared.profiles import OUTPUT_FORMATS, Plan, ProfileError
@@ -91,9 +92,7 @@ def plan_for(config: config_module.Config, args: argparse.Namespace) -> tuple[co
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from whisperdrop.cli.commands import _load_config
-
-    config = _load_config(args)
+    config = load_config(args)
     try:
         config, plan = plan_for(config, args)
     except ProfileError as error:

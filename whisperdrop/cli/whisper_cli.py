@@ -1,9 +1,21 @@
-"""What `whisperdrop-whisper-cli` does once its flags are parsed: find the config, turn the flags into
-TranscribeOptions, transcribe each file with the one-shot transcription (a GPU host first, the local
-CPU as the fallback) and write whisper-cli's files and printed transcript (`whisper_cli_output`).
+"""`whisperdrop whisper-cli` and `whisperdrop-whisper-cli`: a drop-in for whisper.cpp's `whisper-cli`.
 
-A flag given overrides the config; a flag not given takes the config's value (`transcription.model`,
-`language`, `initial_prompt`, `beam_size`), not whisper-cli's built-in default.
+An application that runs `whisper-cli -m models/ggml-large-v3.bin -l pt -oj -of out -f talk.wav`
+swaps the binary's path and gets the same files (`out.json`, `<input>.srt`...) and the same printed
+transcript, made by whisperdrop's one-shot transcription: a GPU host first, the local CPU as the
+fallback. whisper-cli's common flags are honoured; the rest of its flags are accepted and each one
+named in a warning on stderr; an unknown flag is a usage error (the flags: `whisper_cli_flags`). The
+config is found as always ($WHISPERDROP_CONFIG, ./config.yaml, ~/.config/whisperdrop/config.yaml,
+/etc/whisperdrop/config.yaml).
+
+Once the flags are parsed, `run` finds the config, turns the flags into TranscribeOptions,
+transcribes each file with the one-shot transcription and writes whisper-cli's files and printed
+transcript (`outputs.whisper_cpp`). A flag given overrides the config; a flag not given takes the
+config's value (`transcription.model`, `language`, `initial_prompt`, `beam_size`), not whisper-cli's
+built-in default.
+
+Exit status: 0 when every file was transcribed, 1 when one failed (the others are still done), 2 on
+a usage or config error, 3 when the model cannot be used.
 """
 
 from __future__ import annotations
@@ -12,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from whisperdrop.cli.whisper_cli_flags import PROG, Params, UsageError, map_model, usage
+from whisperdrop.cli.whisper_cli_flags import PROG, Params, UsageError, map_model, parse, usage
 from whisperdrop.outputs import whisper_cpp as output
 from whisperdrop.shared import config as config_module, log
 
@@ -33,8 +45,8 @@ def options_for(params: Params, config: config_module.Config):
     """The TranscribeOptions for `params` over the config's, and the warnings they bring; `-m` is
     written into `config` as local.model too. Raises UsageError for an unknown model (status 3) or
     language (status 2)."""
-    from whisperdrop.outputs.result import english_only
     from whisperdrop.shared import profiles
+    from whisperdrop.shared.model_names import english_only
 
     warnings: list[str] = []
     base = profiles.base_options(config)
@@ -61,7 +73,7 @@ def options_for(params: Params, config: config_module.Config):
 
 
 def run(params: Params) -> int:
-    """Transcribe `params.files` as whisper-cli would; returns the exit status (see `whisper_cli`)."""
+    """Transcribe `params.files` as whisper-cli would; returns the exit status (see the module's doc)."""
     try:
         config = config_module.load(None)
     except config_module.ConfigError as error:
@@ -179,3 +191,22 @@ def transcribe(config, path: Path, options, params: Params) -> tuple[dict | None
     if problem:  # the one-shot's hint names `whisperdrop transcribe`; here the command is whisper-cli's
         problem = problem.replace("run `whisperdrop transcribe` on it again", "run this command again")
     return result, problem
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run whisper-cli's command line `argv` (default: sys.argv[1:]); returns the exit status."""
+    try:
+        params = parse(list(sys.argv[1:] if argv is None else argv))
+    except UsageError as error:
+        print(error, file=sys.stderr)
+        if error.usage:
+            sys.stderr.write(usage())
+        return error.status
+    if params.help:
+        sys.stderr.write(usage())
+        return 0
+    try:
+        return run(params)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130

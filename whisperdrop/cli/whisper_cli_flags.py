@@ -1,21 +1,15 @@
-"""`whisperdrop whisper-cli` and `whisperdrop-whisper-cli`: a drop-in for whisper.cpp's `whisper-cli`.
+"""whisper.cpp's `whisper-cli` command line, as the drop-in (`cli.whisper_cli`) reads it.
 
-An application that runs `whisper-cli -m models/ggml-large-v3.bin -l pt -oj -of out -f talk.wav`
-swaps the binary's path and gets the same files (`out.json`, `<input>.srt`...) and the same printed
-transcript, made by whisperdrop's one-shot transcription: a GPU host first, the local CPU as the
-fallback. whisper-cli's common flags are honoured; the rest of its flags are accepted and each one
-named in a warning on stderr; an unknown flag is a usage error. The config is found as always
-($WHISPERDROP_CONFIG, ./config.yaml, ~/.config/whisperdrop/config.yaml, /etc/whisperdrop/config.yaml).
-
-Exit status: 0 when every file was transcribed, 1 when one failed (the others are still done), 2 on
-a usage or config error, 3 when the model cannot be used.
+`parse(argv)` returns `Params`: the honoured flags (HONOURED) in whisper-cli's terms, and a warning
+for each flag that is accepted and not honoured (IGNORED). `map_model` turns a ggml file name into a
+faster-whisper model name; `usage()` is the help text. Raises UsageError for what whisper-cli would
+not accept either (an unknown flag, a missing value, no input file).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,24 +268,3 @@ def usage() -> str:
     names = [f"{short}/{long}" if short else long for short, long, _value, _why in IGNORED]
     lines.append("  " + " ".join(names))
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run whisper-cli's command line `argv` (default: sys.argv[1:]); returns the exit status."""
-    from whisperdrop.cli import whisper_cli as whisper_cli_run
-
-    try:
-        params = parse(list(sys.argv[1:] if argv is None else argv))
-    except UsageError as error:
-        print(error, file=sys.stderr)
-        if error.usage:
-            sys.stderr.write(usage())
-        return error.status
-    if params.help:
-        sys.stderr.write(usage())
-        return 0
-    try:
-        return whisper_cli_run.run(params)
-    except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
-        return 130

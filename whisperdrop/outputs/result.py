@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 
+from whisperdrop.shared.model_names import MULTILINGUAL_MODELS, english_only
 from whisperdrop.shared.spool import RESULT_SCHEMA
 
 HOSTNAME = socket.gethostname()
@@ -62,13 +63,6 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
 # (measured with tiny.en: German -2.4, English -0.3); faster-whisper itself treats a window below
 # -1.0 as failed decoding. Weighted by segment length, so one hard sentence does not trip it.
 NOT_ENGLISH_LOGPROB = -1.0
-MULTILINGUAL_MODELS = "tiny, base, small, medium, large-v3"
-
-
-def english_only(model: str | None) -> bool:
-    """Whether `model` (a name, `bundled:tiny.en` or a folder) is one of Whisper's English-only models."""
-    name = (model or "").rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].lower()
-    return name.endswith(".en") or name.startswith("distil-")  # distil-whisper's models are English-only
 
 
 def language_warning(made: dict) -> str | None:

@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from whisperdrop.outputs.result import MULTILINGUAL_MODELS, english_only
 from whisperdrop.shared.errors import WhisperdropError
+from whisperdrop.shared.model_names import MULTILINGUAL_MODELS, english_only
 from whisperdrop.shared.spool import TASKS, TranscribeOptions
 
 # The keys a profile (or a request) may override: every TranscribeOptions field, and the outputs.
