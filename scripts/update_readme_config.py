@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from whisperdrop.shared.config import render_markdown_reference
+from whisperdrop.shared.config_schema import render_markdown_reference
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 text = README.read_text()

@@ -15,7 +15,7 @@ import sys
 
 from whisperdrop import __version__
 from whisperdrop.cli.common import add_common, load_config, setup_logging
-from whisperdrop.shared import config as config_module
+from whisperdrop.shared import config as config_module, config_checks, config_schema
 
 
 def _print_problems(headline: str, problems: list[str]) -> None:
@@ -27,7 +27,7 @@ def _print_problems(headline: str, problems: list[str]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args)
     # The same check as `check-config`, which writes nothing; the folders are made only once it passes.
-    problems = config_module.check(config, "daemon") or config_module.make_folders(config)
+    problems = config_checks.check(config, "daemon") or config_checks.make_folders(config)
     if problems:
         _print_problems(f"whisperdrop: cannot start with {config.source or 'the embedded default'}:", problems)
         return 2
@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _warn_insecure(config: config_module.Config) -> None:
     """Print a warning on stderr for each config or key file that others can change (or read)."""
-    for warning in config_module.insecure_files(config):
+    for warning in config_checks.insecure_files(config):
         print(f"whisperdrop: warning: {warning}", file=sys.stderr)
 
 
@@ -60,9 +60,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Check the config as `run` (or, for a runner-only file, `runner`) would, creating nothing: the
     verdict on stdout, the problems on stderr; 0 when it would start, 1 when not, 2 when invalid."""
     config = load_config(args)
-    role = config_module.role(config)
+    role = config_checks.role(config)
     _warn_insecure(config)
-    problems = config_module.check(config, role)
+    problems = config_checks.check(config, role)
     source = config.source or "the embedded default (no config file found)"
     command = "whisperdrop runner" if role == "runner" else "whisperdrop run"
     if problems:
@@ -81,13 +81,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_default_config(args: argparse.Namespace) -> int:
-    sys.stdout.write(config_module.render_default_yaml())
+    sys.stdout.write(config_schema.render_default_yaml())
     return 0
 
 
 def cmd_runner(args: argparse.Namespace) -> int:
     config = load_config(args)
-    problems = config_module.check(config, "runner")  # what `check-config` says of a runner config
+    problems = config_checks.check(config, "runner")  # what `check-config` says of a runner config
     if problems:
         _print_problems(f"whisperdrop runner: cannot start with {config.source or 'the embedded default'}:", problems)
         return 2

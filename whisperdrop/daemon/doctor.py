@@ -20,7 +20,7 @@ from typing import Any
 
 from whisperdrop.daemon.health import RunnerWatch, live_runners
 from whisperdrop.daemon.status import format_age
-from whisperdrop.shared import config as config_module
+from whisperdrop.shared import config_checks
 
 DOCTOR_TIMEOUT_S = 10.0
 
@@ -41,13 +41,13 @@ def check_local(config: Any) -> list[Check]:
     local model, as Checks in that order. Never raises for a failed check."""
     checks = [Check("config", "valid", True, str(config.source or "embedded default"))]
     # The same read-only check as `check-config` and `run`: folders, key and known_hosts files.
-    problems = config_module.check(config)
+    problems = config_checks.check(config)
     for problem in problems:
         detail, _, fix = problem.partition("; ")
         checks.append(Check("config", "check", False, detail, fix))
     if not problems:
         checks.append(Check("config", "check", True, "the folders can be used and the files it names exist"
-                            if config_module.role(config) == "daemon" else "a GPU runner config; its spool can be used"))
+                            if config_checks.role(config) == "daemon" else "a GPU runner config; its spool can be used"))
     for key in ("metrics_textfile",):  # logging.file's folder is made at start; this one must exist
         target = config.logging[key]
         if target:

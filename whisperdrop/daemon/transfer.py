@@ -42,7 +42,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import asyncssh
 
 from whisperdrop.shared import log, spool
-from whisperdrop.shared.config import is_public_key, private_key_hint
+from whisperdrop.shared.config_checks import is_public_key, private_key_hint
 from whisperdrop.shared.errors import WhisperdropError
 from whisperdrop.shared.files import write_atomic
 

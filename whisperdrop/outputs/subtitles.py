@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from whisperdrop.shared.config import SCHEMA
+from whisperdrop.shared.config_schema import SCHEMA
 
 _DEFAULTS = SCHEMA["subtitles"]
 
