@@ -222,13 +222,13 @@ def test_remote_documents_are_read_with_a_size_cap(sshd, tmp_path):
 
     import pytest
 
-    from whisperdrop.daemon import transfer
+    from whisperdrop.daemon import connection, transfer
     from whisperdrop.shared.spool import ProtocolError
 
     job = "c" * 64
     for folder in ("work", "progress", "runners", "results"):
         (sshd.spool / folder).mkdir(parents=True, exist_ok=True)
-    padding = " " * (transfer.MAX_DOCUMENT_BYTES + 10)
+    padding = " " * (connection.MAX_DOCUMENT_BYTES + 10)
     (sshd.spool / "work" / f"{job}.json").write_text("{}")
     (sshd.spool / "progress" / f"{job}.json").write_text('{"done_s": 1.0, "duration_s": 2.0}' + padding)
     (sshd.spool / "runners" / "huge.json").write_text('{"name": "huge", "updated_at": 1.0}' + padding)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+from whisperdrop.daemon.connection import AuthError, HostError, HostKeyError
 from whisperdrop.daemon.extract import MediaError
 from whisperdrop.daemon.stages import Permanent
-from whisperdrop.daemon.transfer import AuthError, HostError, HostKeyError
 from whisperdrop.engine.engine import EngineError
 from whisperdrop.gpu_runner.claim import Failure as _Failure
 from whisperdrop.shared.errors import WhisperdropError

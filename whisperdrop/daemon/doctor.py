@@ -146,7 +146,8 @@ async def check_host(settings: dict, remote: Any, timeout: float, now: float) ->
     Returns the Checks; a failed step is a failed Check, never an exception."""
     import asyncssh
 
-    from whisperdrop.daemon.transfer import AuthError, Host, HostError, HostKeyError
+    from whisperdrop.daemon.connection import AuthError, HostError, HostKeyError
+    from whisperdrop.daemon.transfer import Host
 
     address, port = settings["host"], int(settings.get("port") or 22)
     subject = f"host {settings['name']}"

@@ -23,10 +23,10 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Protocol
 
+from whisperdrop.daemon.connection import HostError
 from whisperdrop.daemon.health import HostState
 from whisperdrop.daemon.route import Routed, Work
 from whisperdrop.daemon.shutdown import Shutdown
-from whisperdrop.daemon.transfer import HostError
 from whisperdrop.engine.engine import Cancelled
 from whisperdrop.shared.spool import make_job_document
 

@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from whisperdrop import __version__
-from whisperdrop.shared import log
-from whisperdrop.shared.files import write_atomic
 from whisperdrop.gpu_runner.slurm_commands import (ACTIVE_STATES, Slurm, SlurmError, batch_script, claim_of,
                                                    sbatch_arguments, settings_of, strict_job_id)
 from whisperdrop.gpu_runner.slurm_task import run_task
 from whisperdrop.gpu_runner.store import HOSTNAME, SpoolStore, read_document, unlink_quietly
+from whisperdrop.shared import log
+from whisperdrop.shared.files import write_atomic
 from whisperdrop.shared.spool import ProtocolError, check_runner_name, dumps
 
 __all__ = ["SlurmRunner", "main", "run_task"]

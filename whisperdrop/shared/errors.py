@@ -5,7 +5,7 @@ job's record and the log use: `media`, `audio`, `model`, `oom`, `host`, `checksu
 (True when trying again, later or elsewhere, may help) and `hint` (what a person can do about it).
 Each layer's errors are subclasses with their own evidence: `daemon.extract.MediaError` (a file that
 is not usable media), `daemon.stages.Permanent` (a job no retry fixes), `engine.EngineError`,
-`daemon.transfer.HostError` (one failed operation on a GPU host) and the runner's job failures.
+`daemon.connection.HostError` (one failed operation on a GPU host) and the runner's job failures.
 """
 
 from __future__ import annotations
