@@ -93,7 +93,7 @@ def cmd_runner(args: argparse.Namespace) -> int:
         return 2
     setup_logging(config, args)
     if config.runner.backend == "slurm":
-        from whisperdrop.gpu_runner.slurm import main as slurm_main
+        from whisperdrop.gpu_runner.slurm_service import main as slurm_main
 
         return slurm_main(config)
     from whisperdrop.gpu_runner.service import main as runner_main
@@ -106,7 +106,7 @@ def cmd_slurm_task(args: argparse.Namespace) -> int:
     script the runner writes calls this; it is no command for people)."""
     config = load_config(args)
     setup_logging(config, args)
-    from whisperdrop.gpu_runner.slurm import run_task
+    from whisperdrop.gpu_runner.slurm_task import run_task
 
     settings = dict(config["runner"])
     if args.spool:
