@@ -152,7 +152,7 @@ def test_other_speech_through_an_english_only_model_is_warned_on_the_terminal(tm
     import shutil
 
     from sshd import skip_or_fail
-    from test_first_day_daemon import GERMAN
+    from test_daemon_first_day import GERMAN
 
     if shutil.which("espeak-ng") is None:
         skip_or_fail("espeak-ng is not installed (it speaks the German clip)")

@@ -3,7 +3,7 @@
 `EVENTS` maps an event name to `Event(fields, says)`. Names are namespaced (`stage.*`, `job.*`,
 `host.*`, `runner.*`...); a job's events carry `job_id` (the full 64-digit hex; a terminal shows 12)
 and, where the daemon knows it, `path` (relative to the inbox). Every structlog level also adds
-`event`, `level`, `ts` and `logger`; a logger may bind `host`. tests/test_first_day_events.py checks
+`event`, `level`, `ts` and `logger`; a logger may bind `host`. tests/test_events.py checks
 every `log.<level>("<event>", ...)` call in the package against this table, and that the README's
 event table is `markdown()` of the daemon's events: `python -m whisperdrop.shared.events` prints it.
 """
