@@ -148,6 +148,20 @@ def test_a_route_plan_puts_the_local_model_in(tmp_path):
 # check-config
 
 
+def test_match_takes_one_glob_or_a_list_and_each_mistake_gets_one_message(tmp_path):
+    """`match: "bjj/**"` is read as the list ["bjj/**"]; a match of the wrong type or empty, or none at all,
+    gets exactly one message that names profiles[0].match."""
+    one = load(tmp_path, {"profiles": [{**BJJ, "match": "bjj/**"}]})
+    assert one.profiles[0].match == ["bjj/**"]
+    assert profiles.plan(one, relpath="bjj/a.mp3").profile == "bjj"
+    assert profiles.plan(one, relpath="a.mp3").profile is None
+    for wrong in (5, True, {"glob": "bjj/**"}, [], "", ["bjj/**", 7], None):
+        with pytest.raises(config_module.ConfigError) as caught:
+            load(tmp_path, {"profiles": [{"name": "bjj", "match": wrong}]})
+        assert len(caught.value.problems) == 1, (wrong, caught.value.problems)
+        assert caught.value.problems[0].startswith("At 'profiles[0].match': "), caught.value.problems
+
+
 def test_check_names_a_glob_that_can_never_match_and_translate_with_an_english_model(tmp_path):
     """check() flags an absolute glob, and translate where the model doing it is English-only."""
     config = load(tmp_path, {"profiles": [{"name": "abs", "match": ["/srv/inbox/bjj/**"]},

@@ -81,7 +81,7 @@ def defaults(schema: dict = SCHEMA) -> dict:
 def _type_name(kind: Any) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}
     if isinstance(kind, tuple):
-        return "a number"
+        return "a number" if set(kind) == {int, float} else " or ".join(_type_name(one) for one in kind)
     return names.get(kind, kind.__name__)
 
 
@@ -106,7 +106,7 @@ def _check_leaf(path: str, spec: Option, value: Any, problems: list[str]) -> Any
         if expected:
             problems.append(f"At '{path}': {value!r}; expected {expected}")
             return spec.default
-    return value
+    return spec.convert(value) if spec.convert else value
 
 
 def _unknown(path: str, key: Any, known: list[str]) -> str:
@@ -143,8 +143,10 @@ def _check_list(path: str, spec: ListOf, data: Any, problems: list[str]) -> list
     items = [_check_section(f"{path}[{index}]", spec.item, item, problems) for index, item in enumerate(data)]
     for index, item in enumerate(items):
         for required in spec.required:
-            if item.get(required) in (None, "", []):
-                problems.append(f"At '{path}[{index}].{required}': missing; every {spec.noun} needs a {required}")
+            where = f"At '{path}[{index}].{required}'"
+            reported = any(problem.startswith(where) for problem in problems)  # a wrong value: one message
+            if item.get(required) in (None, "", []) and not reported:
+                problems.append(f"{where}: missing; every {spec.noun} needs a {required}")
     names = [item.get("name") for item in items]
     for name in {name for name in names if name and names.count(name) > 1}:
         problems.append(f"At '{path}': the {spec.noun} name {name!r} is used more than once; names must be unique")

@@ -26,6 +26,7 @@ class Option:
     choices: tuple = ()
     check: Callable[[Any], str | None] | None = None  # returns what was expected, or None
     nullable: bool = False
+    convert: Callable[[Any], Any] | None = None  # turns an accepted value into the form the code reads
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,15 @@ HOST = {
 }
 
 def _globs(value: Any) -> str | None:
-    if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
-        return "a non-empty list of glob patterns (e.g. ['bjj/**'])"
+    patterns = _one_or_list(value)
+    if not patterns or not all(isinstance(item, str) and item for item in patterns):
+        return "a glob pattern or a non-empty list of them (e.g. 'bjj/**' or ['bjj/**', 'judo/**'])"
     return None
+
+
+def _one_or_list(value: Any) -> list:
+    """A lone string as a one-item list (YAML users write `match: "bjj/**"`); a list as it is."""
+    return [value] if isinstance(value, str) else value
 
 
 def _events(value: Any) -> str | None:
@@ -110,8 +117,8 @@ def _listen(value: Any) -> str | None:
 PROFILE = {
     "name": Option(str, None, "The profile's name, shown in the Result and usable by the API and `transcribe --profile`."),
     "match": Option(
-        list, None, "Glob patterns of inbox paths (relative, '/'-separated; `**` spans folders), e.g. ['bjj/**'].",
-        check=_globs, nullable=True,
+        (str, list), None, "A glob pattern of inbox paths, or a list of them (relative, '/'-separated; `**` spans "
+        "folders), e.g. 'bjj/**' or ['bjj/**', 'judo/**'].", check=_globs, convert=_one_or_list, nullable=True,
     ),
     # Every override is null by default: null keeps the `transcription` value.
     "model": Option(str, None, "Overrides transcription.model.", nullable=True),
