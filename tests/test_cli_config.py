@@ -24,10 +24,10 @@ def tree(folder: Path) -> list[str]:
 
 
 def readme_runner_yaml() -> dict:
-    """The runner.yaml of the README's GPU host guide, parsed."""
-    readme = (REPO / "README.md").read_text()
-    block = re.search(r"`/etc/whisperdrop/runner.yaml`:\n\n```yaml\n(.*?)```", readme, re.S)
-    assert block, "the README no longer shows runner.yaml"
+    """The runner.yaml of the GPU host guide (docs/gpu-host.md), parsed."""
+    guide = (REPO / "docs" / "gpu-host.md").read_text()
+    block = re.search(r"`/etc/whisperdrop/runner.yaml`:\n\n```yaml\n(.*?)```", guide, re.S)
+    assert block, "docs/gpu-host.md no longer shows runner.yaml"
     return yaml.safe_load(block.group(1))
 
 
@@ -75,7 +75,7 @@ def test_remote_provider_without_hosts_fails_check_config_like_run(tmp_path):
 
 
 def test_readme_runner_yaml_is_checked_as_a_runner_config(tmp_path):
-    """The README's runner.yaml (spool pointed here) checks OK as a runner config, says so, and says
+    """The GPU host guide's runner.yaml (spool pointed here) checks OK as a runner config, says so, and says
     nothing about an inbox; `run` with it refuses and points at `whisperdrop runner`."""
     settings = readme_runner_yaml()
     settings["runner"]["spool"] = str(tmp_path / "spool")

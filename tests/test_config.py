@@ -19,7 +19,7 @@ def test_shipped_config_matches_schema_defaults():
 
 
 def test_every_option_has_a_description():
-    """Every option in the schema documents itself (the README and config.yaml are built from it)."""
+    """Every option in the schema documents itself (docs/configuration.md and config.yaml are built from it)."""
     def walk(schema, path=""):
         for key, spec in schema.items():
             if isinstance(spec, dict):
@@ -110,8 +110,8 @@ def test_check_config_exits_nonzero_on_a_wrong_type(tmp_path, capsys):
 
 
 def test_readme_configuration_reference_is_current():
-    """The README's configuration table is the schema's (regenerate: python scripts/update_readme_config.py)."""
-    readme = (REPO / "README.md").read_text()
-    start = readme.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
-    end = readme.index("<!-- config-reference:end -->")
-    assert readme[start:end] == config_schema.render_markdown_reference()
+    """The configuration table of docs/configuration.md is the schema's (regenerate: python scripts/update_readme_config.py)."""
+    page = (REPO / "docs" / "configuration.md").read_text()
+    start = page.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+    end = page.index("<!-- config-reference:end -->")
+    assert page[start:end] == config_schema.render_markdown_reference()

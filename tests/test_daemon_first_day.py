@@ -92,19 +92,19 @@ def test_duplicate_says_it_was_served_from_an_earlier_job(daemon, tmp_path):
 
 
 def test_readme_result_section_documents_cached_from():
-    """The README's Result section says what `cached_from` means."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### The Result", 1)[1].split("\n### ", 1)[0]
+    """The Result section of docs/results.md says what `cached_from` means."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    section = page.split("## The Result", 1)[1].split("\n## ", 1)[0]
     assert "cached_from" in section
 
 
 def test_local_result_timings_and_transfer_are_as_the_readme_says(daemon, tmp_path):
-    """A local Result's transfer is {} and each of its timings is named in the README's Result section."""
+    """A local Result's transfer is {} and each of its timings is named in the Result section of docs/results.md."""
     drop(daemon, write_variant_wav(tmp_path / "timed.wav", 13), "timed/timed.wav")
     daemon.wait_for(lambda: (daemon.archive / "timed" / "timed.wav").exists(), what="timed.wav archived")
     result = json.loads((daemon.outbox / "timed" / "timed.json").read_text())
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### The Result", 1)[1].split("\n### ", 1)[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text()
+    section = page.split("## The Result", 1)[1].split("\n## ", 1)[0]
     assert result["transfer"] == {}
     assert [key for key in result["timings"] if f"`{key}`" not in section] == []
 

@@ -42,7 +42,7 @@ def test_sigterm_when_idle_stops_clean_with_nothing_waited_out(tmp_path):
 
 
 def test_second_sigterm_exits_at_once_without_the_stop_path(tmp_path):
-    """A second SIGTERM during a stop ends the process at once (exit 1, as the README says), whatever
+    """A second SIGTERM during a stop ends the process at once (exit 1, as docs/troubleshooting.md says), whatever
     the first stop was waiting on; the ledger keeps the job for the next start."""
     daemon = Daemon(tmp_path)
     daemon.start()

@@ -1,5 +1,5 @@
 """Issue 13, item 8: one log schema. Every event the package logs is in whisperdrop/shared/events.py with
-its fields, the README's event table is made from that list, and the README's recipe for the whole
+its fields, the event table of docs/logs.md is made from that list, and that page's recipe for the whole
 story of one job finds every line of that job in a real daemon's log."""
 
 from __future__ import annotations
@@ -72,19 +72,19 @@ def test_job_events_carry_job_id_and_path():
 
 
 def test_readme_event_table_is_the_schema():
-    """The README's event table is events.markdown(), word for word."""
-    readme = (REPO / "README.md").read_text()
-    assert events.markdown() in readme
+    """The event table of docs/logs.md is events.markdown(), word for word."""
+    page = (REPO / "docs" / "logs.md").read_text()
+    assert events.markdown() in page
 
 
 def whole_story_recipe() -> str:
-    readme = (REPO / "README.md").read_text().splitlines()
-    index = next(i for i, line in enumerate(readme) if "whole story of one job" in line.lower() and line.startswith("#"))
-    return readme[index + 1]
+    page = (REPO / "docs" / "logs.md").read_text().splitlines()
+    index = next(i for i, line in enumerate(page) if "whole story of one job" in line.lower() and line.startswith("#"))
+    return page[index + 1]
 
 
 def test_readme_whole_story_recipe_finds_every_line_of_a_job(tmp_path):
-    """The README's jq recipe for one job, given the 12-digit id `status` shows, prints every log line
+    """The jq recipe of docs/logs.md for one job, given the 12-digit id `status` shows, prints every log line
     of a real daemon that carries that job's id, and no other."""
     if shutil.which("jq") is None:
         skip_or_fail("jq is not installed (apt-get install jq; bash scripts/test installs it as root)")

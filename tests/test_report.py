@@ -26,7 +26,7 @@ from whisperdrop.daemon import metrics, status
 from whisperdrop.daemon.ledger import Ledger
 from whisperdrop.shared import config as config_module
 
-GUIDE = REPO / "README.md"
+GUIDE = REPO / "docs" / "gpu-host.md"
 
 # One sample line of the text exposition format: name{labels} value (labels optional).
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([a-zA-Z_][a-zA-Z0-9_]*="(\\.|[^"\\])*"'
@@ -366,7 +366,7 @@ def test_doctor_times_out_on_a_port_that_never_answers(tmp_path):
 
 
 def guide_match_block() -> str:
-    """The sshd Match block exactly as the README's GPU host set-up prints it."""
+    """The sshd Match block exactly as the GPU host set-up (docs/gpu-host.md) prints it."""
     text = GUIDE.read_text()
     marker = text.index("<!-- sshd-match-block")
     start = text.index("```\n", marker) + 4
