@@ -219,6 +219,7 @@ def test_container_serves_a_daemon_and_keeps_its_host_key(image, container, tmp_
         shutil.copy(JFK, daemon.inbox / "jfk.flac")
         result_path = daemon.outbox / "jfk.json"
         daemon.wait_for(result_path.exists, timeout=180, what="outbox/jfk.json")
+        daemon.wait_for(lambda: daemon.count("job.done") == 1, timeout=60, what="job.done")
     finally:
         daemon.stop()
     result = json.loads(result_path.read_text())
@@ -266,7 +267,7 @@ def test_podman_stop_mid_job_parks_it_and_the_restarted_container_finishes_it_on
         container.start()
         result_path = daemon.outbox / "long.json"
         daemon.wait_for(result_path.exists, timeout=600, what="outbox/long.json")
-        daemon.wait_for(lambda: (daemon.archive / "long.wav").exists(), timeout=60, what="archive/long.wav")
+        daemon.wait_for(lambda: daemon.count("job.done") == 1, timeout=60, what="job.done")
     finally:
         daemon.stop()
     result = json.loads(result_path.read_text())
@@ -279,7 +280,7 @@ def test_podman_stop_mid_job_parks_it_and_the_restarted_container_finishes_it_on
                 if event.get("job_id") == job_id and event["event"].startswith("runner.job_")]
     assert finished == ["runner.job_parked", "runner.job_done"], finished
     assert [path.name for path in daemon.outbox.glob("long*.json")] == ["long.json"]
-    assert daemon.count("job.done") == 1
+    assert daemon.count("job.done") == 1 and (daemon.archive / "long.wav").exists()
     assert not list(daemon.inbox.iterdir()) and not list(daemon.failed.iterdir())
 
 
