@@ -19,10 +19,10 @@ import jiwer
 from common import JFK, JFK_TEXT, Context, Row, ratio, skipped
 from corpus import HARVARD, VOICES
 from daemon_helpers import normalise
-from whisperdrop import config
 from whisperdrop.daemon.extract import extract
-from whisperdrop.engine import Engine
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine.engine import Engine
+from whisperdrop.shared import config
+from whisperdrop.shared.spool import TranscribeOptions
 
 SECTION = "bandwidth"
 BITRATES = (8, 12, 16, 24, 32)

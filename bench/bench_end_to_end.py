@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 
 from common import JFK, Context, Row, ratio, root_problem, skipped
-from whisperdrop import config
 from whisperdrop.daemon.extract import extract
 from whisperdrop.daemon.remote import RUNNING_POLL_S
-from whisperdrop.engine import resolve_model_path
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine.engine import resolve_model_path
+from whisperdrop.shared import config
+from whisperdrop.shared.spool import TranscribeOptions
 
 SECTION = "end_to_end"
 

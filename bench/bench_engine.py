@@ -41,10 +41,10 @@ from typing import Any, Callable
 
 from common import JFK, Context, Row, skipped
 from corpus import Speech, speech_clips, speech_file, wer
-from whisperdrop import config, log
 from whisperdrop.daemon.extract import extract
-from whisperdrop.engine import Engine, ModelKey, cuda_device_count, resolve_compute_type
-from whisperdrop.spool import TranscribeOptions, make_job_document
+from whisperdrop.engine.engine import Engine, ModelKey, cuda_device_count, resolve_compute_type
+from whisperdrop.shared import config, log
+from whisperdrop.shared.spool import TranscribeOptions, make_job_document
 
 SECTION = "engine"
 GPU_MODELS = ("large-v3", "large-v3-turbo", "distil-large-v3", "medium", "medium.en", "small", "small.en", "base",
@@ -307,7 +307,7 @@ def gpu_model() -> str | None:
 
 def cuda_problem(model: str) -> str | None:
     """Why `model` cannot transcribe jfk on CUDA in a child process (its stderr's end), or None when it can."""
-    from whisperdrop.engine import resolve_model_path
+    from whisperdrop.engine.engine import resolve_model_path
 
     child = ("import sys; from faster_whisper import WhisperModel; "
              "model = WhisperModel(sys.argv[1], device='cuda', compute_type='float16'); "

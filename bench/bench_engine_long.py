@@ -28,9 +28,9 @@ PLACEMENT_WER_GOAL = 10.0
 
 CHILD = """
 import json, sys, time
-from whisperdrop import config
-from whisperdrop.engine import Engine, ModelKey, resolve_compute_type
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine.engine import Engine, ModelKey, resolve_compute_type
+from whisperdrop.shared import config
+from whisperdrop.shared.spool import TranscribeOptions
 
 def status(field):  # MB (10**6 bytes); /proc counts kB of 1024 bytes
     for line in open("/proc/self/status"):

@@ -112,7 +112,7 @@ def run(context: Context) -> list[Row]:
 
 
 def _bitrate() -> int:
-    from whisperdrop import config
+    from whisperdrop.shared import config
 
     return int(config.defaults()["audio"]["bitrate_kbps"])
 
@@ -143,8 +143,8 @@ def _word_error_rates(context: Context, scratch: Path, chosen: tuple[str, int, i
     from bench_bandwidth import _espeak_corpus, _wer
     from daemon_helpers import normalise
     from whisperdrop.daemon.extract import OpusSettings, extract
-    from whisperdrop.engine import Engine
-    from whisperdrop.spool import TranscribeOptions
+    from whisperdrop.engine.engine import Engine
+    from whisperdrop.shared.spool import TranscribeOptions
 
     corpora = {"jfk.flac": [(JFK, JFK_TEXT.read_text().strip())]}
     rows = []

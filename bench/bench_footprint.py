@@ -15,7 +15,7 @@ import subprocess
 import time
 
 from common import JFK, Context, Row, cpu_seconds, ratio, rss_mib
-from whisperdrop import config
+from whisperdrop.shared import config
 
 SECTION = "footprint"
 PARTS = 3

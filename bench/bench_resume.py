@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 
 from common import Context, Row, ratio
-from whisperdrop import log
-from whisperdrop.daemon import transfer
+from whisperdrop.daemon import connection, transfer
+from whisperdrop.shared import log
 
 SECTION = "resume"
 CUTS = (0.25, 0.50, 0.75)
@@ -42,7 +42,7 @@ async def _one(scratch: Path, path: Path, size: int, sha256: str, cut: int, run:
             try:
                 await host.upload(job, path, size=size, sha256=sha256)
                 raise AssertionError(f"the fault server did not drop the upload at {cut} bytes")
-            except transfer.HostError as error:
+            except connection.HostError as error:
                 if not error.transient:
                     raise
             stored_before = server.bytes_written

@@ -2,7 +2,7 @@
 
 Runs real daemons (tests/daemon_helpers.Daemon, bundled tiny.en) and prints, for each case, the wall
 time from the signal to the process's exit and the daemon's own `daemon.stopped` figures. A
-benchmark, not a test: the tests (tests/test_first_day_stop.py) check that the stop waits on nothing
+benchmark, not a test: the tests (tests/test_daemon_stop.py) check that the stop waits on nothing
 that can run out; this prints how long it takes on this machine.
 
     .venv/bin/python bench/bench_stop.py [--rounds 3]

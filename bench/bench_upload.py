@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from common import Context, Row, ratio, root_problem, skipped
-from whisperdrop import log
 from whisperdrop.daemon import transfer
+from whisperdrop.shared import log
 
 SECTION = "upload"
 CIPHER = "aes128-gcm@openssh.com"

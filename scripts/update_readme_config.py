@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from whisperdrop.config import render_markdown_reference
+from whisperdrop.shared.config_schema import render_markdown_reference
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 MARKERS = re.compile(r"<!-- config-reference:start -->.*?<!-- config-reference:end -->", flags=re.S)

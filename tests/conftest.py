@@ -85,7 +85,7 @@ def netns_sshd():
 def batches(monkeypatch):
     """The number of chunks in every batch the engine decodes."""
     sizes: list[int] = []
-    from whisperdrop import batched
+    from whisperdrop.engine import batched
 
     original = batched.BatchDecoder.decode
 

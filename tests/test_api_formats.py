@@ -8,7 +8,7 @@ import pytest
 
 from whisperdrop.daemon.api import formats
 from whisperdrop.daemon.api.uploads import safe_name, wav_header
-from whisperdrop.subtitles import Limits
+from whisperdrop.outputs.subtitles import Limits
 
 RESULT = {
     "text": " Hello there. General\tKenobi.", "language": "en", "duration": 4.0, "model": "bundled:tiny.en",

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from whisperdrop import config as config_module
-from whisperdrop import log
+from whisperdrop.shared import config as config_module
+from whisperdrop.shared import log
 from whisperdrop.daemon.api.connections import RESERVED_FILES, connection_limit
 from whisperdrop.daemon.api.guard import Callers, Hosts, InFlight, Origins, address_of, host_name, origin_of
 from whisperdrop.daemon.api.rejections import Rejections

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from daemon_helpers import Daemon, jfk_pcm, write_variant_wav, write_wav
+from daemon_helpers import Daemon, jfk_pcm, write_speech_wav, write_variant_wav, write_wav
 from hostile import (HalfOpenFlood, chunked_upload_that_keeps_sending, raise_open_file_limit, raw_request,
                      status_of)
 from media import JFK
@@ -177,35 +177,48 @@ def test_no_answer_names_the_state_folder(guarded, tmp_path):
 
 
 def test_uploads_past_the_bound_get_503_and_nothing_is_lost(tmp_path):
-    """With room for two uploads in flight (jobs waiting for a GPU host that is down), a third gets 503
-    with Retry-After and leaves nothing behind; /health shows the bound; the two accepted are
-    transcribed once the daemon can (restarted with the local CPU), and the third is taken then."""
+    """With room for three uploads in flight and 2 MB of them (jobs waiting for a GPU host that is
+    down), an upload past the bytes and then one past the count get 503 with Retry-After and leave
+    nothing behind; /health shows the bound; the accepted ones are transcribed once the daemon can
+    (restarted with the local CPU), and a refused one is taken then."""
     closed_port = free_port()
-    daemon = api_daemon(tmp_path, max_uploads_in_flight=2, max_uploads_in_flight_mb=2.0, max_upload_mb=2.0)
+    daemon = api_daemon(tmp_path, max_uploads_in_flight=3, max_uploads_in_flight_mb=2.0, max_upload_mb=2.0)
     settings = yaml.safe_load(daemon.config_path.read_text())
     settings["transcription"] = {"provider": "remote"}
     settings["remote"] = {"hosts": [{"name": "down", "host": "127.0.0.1", "port": closed_port}],
                           "connect_timeout": 1.0, "retry_initial_seconds": 60.0}
     daemon.config_path.write_text(yaml.safe_dump(settings))
-    files = [short_wav(tmp_path, f"upload{index}.wav", index) for index in range(4)]
+    files = [short_wav(tmp_path, f"upload{index}.wav", index) for index in range(4)]  # about 130 kB each
+    big = write_speech_wav(tmp_path / "big.wav", 0, 55.0)  # 1.76 MB: with two others, past 2 MB
+
+    def kept() -> tuple:  # the jobs and sources recorded, and the uploads stored (the jobs' stages move on)
+        jobs, sources = ledger_rows(daemon)
+        return ([job_id for job_id, _ in jobs], [(relpath, job_id) for relpath, job_id, _ in sources],
+                sorted(entry.name for entry in stored_uploads(daemon)))
+
     daemon.start()
     try:
         accepted = []
-        for path in files[:2]:
+
+        def accept(path: Path) -> None:
             status, body = curl("-F", f"file=@{path}", f"{daemon.url}/v1/jobs")
             assert status == 202, body
             accepted.append(json.loads(body)["job_id"])
-        before = ledger_rows(daemon), sorted(entry.name for entry in stored_uploads(daemon))
-        done = subprocess_curl_with_headers(f"{daemon.url}/v1/jobs", files[2])
-        assert done["status"] == 503 and done["headers"].get("retry-after")
-        assert "max_uploads_in_flight" in done["body"]
-        assert (ledger_rows(daemon), sorted(entry.name for entry in stored_uploads(daemon))) == before
+
+        accept(files[0])
+        accept(files[1])
+        for path, bound in ((big, "max_uploads_in_flight_mb"), (None, "max_uploads_in_flight")):
+            if path is None:
+                accept(files[2])
+                path = files[3]
+            before = kept()
+            refused = subprocess_curl_with_headers(f"{daemon.url}/v1/jobs", path)
+            assert refused["status"] == 503 and refused["headers"].get("retry-after"), refused
+            assert f"{bound}:" in refused["body"] or f"({bound}" in refused["body"], refused["body"]
+            assert kept() == before
         health = httpx.get(f"{daemon.url}/health", timeout=REQUEST_TIMEOUT_S).json()["api"]["uploads"]
-        assert health["in_flight"] == 2 and health["max"] == 2 and health["max_bytes"] == 2_000_000
-        assert rejected(daemon, "uploads_full")
-        # bytes: three files of 128 kB fit in 2 MB only as two; a declared 1.9 MB more does not
-        big = write_wav(tmp_path / "big.wav", jfk_pcm()[: 16000 * 55])  # 1.76 MB
-        assert subprocess_curl_with_headers(f"{daemon.url}/v1/jobs", big)["status"] == 503
+        assert health["in_flight"] == 3 and health["max"] == 3 and health["max_bytes"] == 2_000_000
+        assert len(rejected(daemon, "uploads_full")) == 1  # two refusals, one line
         assert daemon.stop() == 0
         settings["transcription"] = {"provider": "local"}
         settings["remote"] = {"hosts": []}
@@ -215,9 +228,9 @@ def test_uploads_past_the_bound_get_503_and_nothing_is_lost(tmp_path):
             daemon.wait_for(lambda job_id=job_id: httpx.get(f"{daemon.url}/v1/jobs/{job_id}",
                                                             timeout=REQUEST_TIMEOUT_S).json()["status"] == "done",
                             timeout=300, what=f"job {job_id[:12]} done")
-        status, body = curl("-F", f"file=@{files[2]}", f"{daemon.url}/v1/jobs")
+        assert sorted(path.name for path in daemon.outputs()) == ["upload0.json", "upload1.json", "upload2.json"]
+        status, body = curl("-F", f"file=@{files[3]}", f"{daemon.url}/v1/jobs")
         assert status == 202, body
-        assert sorted(path.name for path in daemon.outputs())[:2] == ["upload0.json", "upload1.json"]
     finally:
         daemon.stop()
         daemon.kill()
@@ -278,7 +291,7 @@ def test_half_open_flood_leaves_the_daemon_serving(tmp_path):
 def test_a_file_that_failed_for_lack_of_file_descriptors_is_taken_at_the_next_rescan(tmp_path):
     """An inbox file whose intake fails with EMFILE (this process out of file descriptors, for real) is
     not forgotten: the watcher offers it again at its next rescan and it becomes a job."""
-    from whisperdrop import log
+    from whisperdrop.shared import log
     from whisperdrop.daemon.service import take_or_offer_again
     from whisperdrop.daemon.watch import InboxWatcher
     from test_pipeline_units import pipeline_for, until

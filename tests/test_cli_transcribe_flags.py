@@ -123,8 +123,8 @@ def test_an_unknown_profile_lists_the_known_ones(tmp_path):
 def test_transcribe_files_and_transcribe_one_for_other_front_ends(tmp_path):
     """The plain functions: transcribe_files writes the plan's files and returns them; transcribe_one
     returns the Result and writes nothing; a missing file is a reason, not an exception."""
-    from whisperdrop import config as config_module, profiles
-    from whisperdrop.oneshot import transcribe_files, transcribe_one
+    from whisperdrop.cli.oneshot import transcribe_files, transcribe_one
+    from whisperdrop.shared import config as config_module, profiles
 
     config = config_module.validate({}, tmp_path)
     plan = profiles.plan(config, overrides={"initial_prompt": PROMPT, "outputs": ["vtt"]})
@@ -138,8 +138,8 @@ def test_transcribe_files_and_transcribe_one_for_other_front_ends(tmp_path):
 
 def test_the_engine_refuses_to_translate_with_an_english_only_model():
     """At job time too (an API request, a fallback): the engine raises an error naming the model, kind `model`."""
-    from whisperdrop.engine import Engine, EngineError
-    from whisperdrop.spool import TranscribeOptions
+    from whisperdrop.engine.engine import Engine, EngineError
+    from whisperdrop.shared.spool import TranscribeOptions
 
     with pytest.raises(EngineError, match="bundled:tiny.en is English-only and cannot translate") as caught:
         Engine().transcribe(JFK, TranscribeOptions(task="translate"))
@@ -152,7 +152,7 @@ def test_other_speech_through_an_english_only_model_is_warned_on_the_terminal(tm
     import shutil
 
     from sshd import skip_or_fail
-    from test_first_day_daemon import GERMAN
+    from test_daemon_first_day import GERMAN
 
     if shutil.which("espeak-ng") is None:
         skip_or_fail("espeak-ng is not installed (it speaks the German clip)")

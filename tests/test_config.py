@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from whisperdrop import config
-from whisperdrop.cli import main
+from whisperdrop.cli.commands import main
+from whisperdrop.shared import config, config_schema
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,7 +15,7 @@ def test_shipped_config_matches_schema_defaults():
     """The repo's config.yaml is exactly the schema's defaults, so the documentation cannot drift."""
     shipped = yaml.safe_load((REPO / "config.yaml").read_text())
     assert shipped == config.defaults()
-    assert (REPO / "config.yaml").read_text() == config.render_default_yaml()
+    assert (REPO / "config.yaml").read_text() == config_schema.render_default_yaml()
 
 
 def test_every_option_has_a_description():
@@ -24,12 +24,12 @@ def test_every_option_has_a_description():
         for key, spec in schema.items():
             if isinstance(spec, dict):
                 yield from walk(spec, f"{path}{key}.")
-            elif isinstance(spec, config.ListOf):
+            elif isinstance(spec, config_schema.ListOf):
                 yield f"{path}{key}", spec.description
                 yield from walk(spec.item, f"{path}{key}[].")
             else:
                 yield f"{path}{key}", spec.description
-    missing = [path for path, description in walk(config.SCHEMA) if not description.strip()]
+    missing = [path for path, description in walk(config_schema.SCHEMA) if not description.strip()]
     assert missing == []
 
 
@@ -114,4 +114,4 @@ def test_readme_configuration_reference_is_current():
     page = (REPO / "docs" / "configuration.md").read_text()
     start = page.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
     end = page.index("<!-- config-reference:end -->")
-    assert page[start:end] == config.render_markdown_reference()
+    assert page[start:end] == config_schema.render_markdown_reference()

@@ -8,8 +8,8 @@ import pytest
 
 from daemon_helpers import jfk_reference, word_error_rate
 from media import JFK
-from whisperdrop.engine import Cancelled, Engine, EngineError, ModelKey, resolve_model_path
-from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions
+from whisperdrop.engine.engine import Cancelled, Engine, EngineError, ModelKey, resolve_model_path
+from whisperdrop.shared.spool import RESULT_SCHEMA, TranscribeOptions
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ from faster_whisper import BatchedInferencePipeline
 from faster_whisper.audio import decode_audio
 from faster_whisper.vad import get_speech_timestamps
 
-from whisperdrop.batched import AudioJob, _missed
-from whisperdrop.chunks import Chunk, vad_options
-from whisperdrop.engine import Engine, EngineError, ModelKey
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine.batched import AudioJob, _missed
+from whisperdrop.engine.chunks import Chunk, vad_options
+from whisperdrop.engine.engine import Engine, EngineError, ModelKey
+from whisperdrop.shared.spool import TranscribeOptions
 
 RATE = 16000
 OPTIONS = TranscribeOptions()  # the shipped defaults: word timestamps, VAD, beam 5
@@ -106,7 +106,7 @@ def test_jobs_handed_over_while_running_join_the_batches(engine, tmp_path, batch
 
 def test_cancel_raises_between_batches(engine, sparse):
     """A set cancel event stops batched transcription with Cancelled, not a partial Result."""
-    from whisperdrop.files import Cancelled
+    from whisperdrop.shared.files import Cancelled
 
     cancel = threading.Event()
     cancel.set()

@@ -1,4 +1,4 @@
-"""The engine's audio stage (whisperdrop.chunks): streaming VAD, speech chunks, bounded memory.
+"""The engine's audio stage (whisperdrop.engine.chunks): streaming VAD, speech chunks, bounded memory.
 
 Real PyAV on real speech (jfk.flac) placed in generated silence; faster-whisper's own VAD on the whole
 array is the reference. No Whisper model is loaded here.
@@ -12,9 +12,9 @@ from daemon_helpers import speech_at
 from faster_whisper.audio import decode_audio
 from faster_whisper.vad import collect_chunks, get_speech_timestamps
 
-from whisperdrop import chunks as chunks_module
-from whisperdrop.chunks import BLOCK_SECONDS, SAMPLE_RATE, ChunkSource, SpeechFinder, vad_options
-from whisperdrop.files import Cancelled
+from whisperdrop.engine import chunks as chunks_module
+from whisperdrop.engine.chunks import BLOCK_SECONDS, SAMPLE_RATE, ChunkSource, SpeechFinder, vad_options
+from whisperdrop.shared.files import Cancelled
 
 RATE = SAMPLE_RATE
 

@@ -24,8 +24,8 @@ RATE = 16000
 
 CHILD = """
 import json, sys
-from whisperdrop.engine import Engine
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine.engine import Engine
+from whisperdrop.shared.spool import TranscribeOptions
 result = Engine().transcribe(sys.argv[1], TranscribeOptions(), batch_size=8)
 status = open("/proc/self/status").read()
 peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+from whisperdrop.daemon.connection import AuthError, HostError, HostKeyError
 from whisperdrop.daemon.extract import MediaError
 from whisperdrop.daemon.stages import Permanent
-from whisperdrop.daemon.transfer import AuthError, HostError, HostKeyError
-from whisperdrop.engine import EngineError
-from whisperdrop.errors import WhisperdropError
+from whisperdrop.engine.engine import EngineError
 from whisperdrop.gpu_runner.claim import Failure as _Failure
+from whisperdrop.shared.errors import WhisperdropError
 
 
 def test_media_errors_are_permanent_with_their_hint_and_survive_pickling():

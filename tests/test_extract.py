@@ -29,7 +29,7 @@ from media import (
 )
 from sshd import skip_or_fail
 from whisperdrop.daemon.extract import OPUS, SAMPLE_RATE, Extracted, MediaError, OpusSettings, extract
-from whisperdrop.engine import Cancelled
+from whisperdrop.engine.engine import Cancelled
 
 REPO = Path(__file__).resolve().parents[1]
 

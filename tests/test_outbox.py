@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from whisperdrop.daemon import outbox
-from whisperdrop.subtitles import Limits
+from whisperdrop.outputs.subtitles import Limits
 
 RESULT = {
     "job_id": "a" * 64,

@@ -15,9 +15,9 @@ from test_pipeline_units import FakeClock
 
 def remote_pipeline(root, host: dict, clock):
     """A Pipeline (provider remote) over folders in `root`, its RemotePool on the same fake clock."""
-    from whisperdrop import config as config_module
     from whisperdrop.daemon.pipeline import Pipeline
     from whisperdrop.daemon.remote import RemotePool
+    from whisperdrop.shared import config as config_module
 
     for name in ("inbox", "outbox", "archive", "failed", "state"):
         (root / name).mkdir(exist_ok=True)

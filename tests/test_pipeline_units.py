@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from whisperdrop import result as results
+from whisperdrop.outputs import result as results
 
 ENGINE = {"schema": "whisperdrop.result/1", "text": "hi", "segments": [], "model": "bundled:tiny.en",
           "engine": {"device": "cpu", "compute_type": "int8", "batch_size": 1},
@@ -54,8 +54,8 @@ def pipeline_for(tmp_path, clock=None, **settings):
 
     import yaml
 
-    from whisperdrop import config as config_module
     from whisperdrop.daemon.pipeline import Pipeline
+    from whisperdrop.shared import config as config_module
 
     for name in ("inbox", "outbox", "archive", "failed", "state"):
         (tmp_path / name).mkdir(exist_ok=True)

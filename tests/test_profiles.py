@@ -16,8 +16,8 @@ import yaml
 from daemon_helpers import Daemon
 from test_remote import gpu_host  # noqa: F401  (a fixture: a real sshd and a runner behind it)
 from media import JFK
-from whisperdrop import config as config_module, profiles
-from whisperdrop.spool import job_id
+from whisperdrop.shared import config as config_module, profiles
+from whisperdrop.shared.spool import job_id
 
 BJJ = {"name": "bjj", "match": ["bjj/**"], "initial_prompt": "Jiu-jitsu class: kimura, berimbolo.",
        "hotwords": "kimura berimbolo", "outputs": ["srt"]}
@@ -146,6 +146,20 @@ def test_a_route_plan_puts_the_local_model_in(tmp_path):
 
 
 # check-config
+
+
+def test_match_takes_one_glob_or_a_list_and_each_mistake_gets_one_message(tmp_path):
+    """`match: "bjj/**"` is read as the list ["bjj/**"]; a match of the wrong type or empty, or none at all,
+    gets exactly one message that names profiles[0].match."""
+    one = load(tmp_path, {"profiles": [{**BJJ, "match": "bjj/**"}]})
+    assert one.profiles[0].match == ["bjj/**"]
+    assert profiles.plan(one, relpath="bjj/a.mp3").profile == "bjj"
+    assert profiles.plan(one, relpath="a.mp3").profile is None
+    for wrong in (5, True, {"glob": "bjj/**"}, [], "", ["bjj/**", 7], None):
+        with pytest.raises(config_module.ConfigError) as caught:
+            load(tmp_path, {"profiles": [{"name": "bjj", "match": wrong}]})
+        assert len(caught.value.problems) == 1, (wrong, caught.value.problems)
+        assert caught.value.problems[0].startswith("At 'profiles[0].match': "), caught.value.problems
 
 
 def test_check_names_a_glob_that_can_never_match_and_translate_with_an_english_model(tmp_path):

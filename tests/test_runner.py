@@ -27,9 +27,9 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from whisperdrop.daemon.extract import extract
-from whisperdrop.engine import Engine, EngineError
+from whisperdrop.engine.engine import Engine, EngineError
 from whisperdrop.gpu_runner import Runner
-from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions, dumps, make_job_document
+from whisperdrop.shared.spool import RESULT_SCHEMA, TranscribeOptions, dumps, make_job_document
 
 TINY = TranscribeOptions(model="bundled:tiny.en")
 FAST = TranscribeOptions(model="bundled:tiny.en", word_timestamps=False, beam_size=1)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from whisperdrop import config as config_module
 from whisperdrop.daemon import doctor
 from whisperdrop.daemon.remote import RemotePool
 from whisperdrop.daemon.shutdown import Shutdown
+from whisperdrop.shared import config as config_module
 
 TIMEOUT_S = 10.0
 

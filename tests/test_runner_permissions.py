@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from whisperdrop.engine import Engine, EngineError
+from whisperdrop.engine.engine import Engine, EngineError
 from whisperdrop.gpu_runner import Runner
-from whisperdrop.spool import RESULT_SCHEMA, TranscribeOptions, dumps, make_job_document
+from whisperdrop.shared.spool import RESULT_SCHEMA, TranscribeOptions, dumps, make_job_document
 
 
 @pytest.fixture

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from whisperdrop.gpu_runner.service import Liveness
-from whisperdrop.spool import TranscribeOptions, dumps, make_job_document
+from whisperdrop.shared.spool import TranscribeOptions, dumps, make_job_document
 
 # Runs in the runner process: the real CLI, with an engine whose transcribe never returns by itself.
 HANGING_RUNNER = """
 import os, pathlib, sys
-from whisperdrop import engine
+from whisperdrop.engine import engine
 
 def hang(self, audio_path, options, *, cancel=None, **ignored):
     pathlib.Path(os.environ["HANG_MARKER"]).touch()
@@ -40,7 +40,7 @@ def hang_many(self, jobs, options, *, cancel=None, **ignored):
 
 engine.Engine.transcribe = hang
 engine.Engine.transcribe_many = hang_many
-from whisperdrop.cli import main
+from whisperdrop.cli.commands import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from daemon_helpers import Daemon, jfk_reference, word_error_rate, write_variant_wav
-from whisperdrop import config as config_module, spool
 from whisperdrop.daemon.transfer import Host
+from whisperdrop.shared import config as config_module, config_checks, spool
 
 JOB = hashlib.sha256(b"security job").hexdigest()
 
@@ -234,7 +234,7 @@ def secured_config(tmp_path: Path) -> Path:
 
 def test_secure_files_give_no_warning(tmp_path):
     """insecure_files() is empty when the config and known_hosts are 644 and the key 600."""
-    assert config_module.insecure_files(config_module.load(secured_config(tmp_path))) == []
+    assert config_checks.insecure_files(config_module.load(secured_config(tmp_path))) == []
 
 
 @pytest.mark.parametrize("name, mode, fix", [
@@ -248,7 +248,7 @@ def test_insecure_files_are_named_with_the_fix(tmp_path, name, mode, fix):
     """A group/world-writable config or known_hosts, or a key others can read, gives one warning naming it and the chmod."""
     path = secured_config(tmp_path)
     (tmp_path / name).chmod(mode)
-    warnings = config_module.insecure_files(config_module.load(path))
+    warnings = config_checks.insecure_files(config_module.load(path))
     assert len(warnings) == 1, warnings
     assert str(tmp_path / name) in warnings[0] and f"{fix} {tmp_path / name}" in warnings[0]
 

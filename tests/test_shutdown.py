@@ -6,8 +6,8 @@ import asyncio
 import threading
 
 from whisperdrop.daemon.remote_steps import sleep_unless
-from whisperdrop.engine import Cancelled
 from whisperdrop.daemon.shutdown import Shutdown
+from whisperdrop.engine.engine import Cancelled
 
 WAIT_S = 30.0  # a bound for a hang, never reached when the behaviour holds
 

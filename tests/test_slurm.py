@@ -31,7 +31,7 @@ from whisperdrop.daemon.extract import extract
 from whisperdrop.gpu_runner.slurm import MAX_ATTEMPTS, SlurmRunner
 from whisperdrop.gpu_runner.slurm_commands import batch_script, sbatch_arguments
 from whisperdrop.gpu_runner.slurm_task import placement_from
-from whisperdrop.spool import ProtocolError, TranscribeOptions, dumps, make_job_document
+from whisperdrop.shared.spool import ProtocolError, TranscribeOptions, dumps, make_job_document
 
 TINY = TranscribeOptions(model="bundled:tiny.en")
 NASTY = "a'b\"c;$(touch PWNED)`touch PWNED`|&>x\n.flac"

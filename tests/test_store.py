@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from whisperdrop.files import Cancelled, sha256_file, write_atomic
 from whisperdrop.gpu_runner.store import MAX_DOCUMENT_BYTES, SpoolStore, read_document
-from whisperdrop.spool import ProtocolError, dumps
+from whisperdrop.shared.files import Cancelled, sha256_file, write_atomic
+from whisperdrop.shared.spool import ProtocolError, dumps
 
 JOB = "a" * 64
 

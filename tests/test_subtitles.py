@@ -10,8 +10,9 @@ import re
 import pytest
 
 from media import JFK
-from whisperdrop import config, subtitles
-from whisperdrop.subtitles import Limits
+from whisperdrop.outputs import subtitles
+from whisperdrop.outputs.subtitles import Limits
+from whisperdrop.shared import config
 
 # Harvard sentences (IEEE 1969, public domain) and a few longer ones that must be split.
 SENTENCES = (
@@ -236,8 +237,8 @@ def test_default_limits_are_the_config_defaults():
 def test_real_transcript_of_jfk_makes_valid_subtitles():
     """tiny.en's transcript of jfk.flac, with word timestamps, gives SRT and VTT cues within the limits
     that show every word of the transcript."""
-    from whisperdrop.engine import Engine
-    from whisperdrop.spool import TranscribeOptions
+    from whisperdrop.engine.engine import Engine
+    from whisperdrop.shared.spool import TranscribeOptions
 
     result = Engine(max_models=1).transcribe(JFK, TranscribeOptions(word_timestamps=True), device="cpu")
     assert all(segment["words"] for segment in result["segments"])

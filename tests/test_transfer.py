@@ -1,4 +1,4 @@
-"""whisperdrop.daemon.transfer against a real OpenSSH sshd, an in-process fault server and a shaped,
+"""whisperdrop.daemon.transfer (and its connection) against a real OpenSSH sshd, an in-process fault server and a shaped,
 cut network namespace."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 
 from faultserver import FaultServer, HungServer
 from sshd import keygen, known_hosts_line
-from whisperdrop import spool
-from whisperdrop.daemon import transfer
-from whisperdrop.daemon.transfer import AuthError, Host, HostError, HostKeyError
+from whisperdrop.daemon import connection, transfer
+from whisperdrop.daemon.connection import AuthError, HostError, HostKeyError
+from whisperdrop.daemon.transfer import Host
+from whisperdrop.shared import spool
 
 JOB = hashlib.sha256(b"job one").hexdigest()
 OTHER_JOB = hashlib.sha256(b"job two").hexdigest()
@@ -84,7 +85,7 @@ def test_remote_paths_carry_only_job_ids():
 
 def test_aes_gcm_is_preferred():
     """AES-GCM leads the cipher list, with asyncssh's other ciphers kept as fallbacks."""
-    algorithms = transfer.encryption_algs()
+    algorithms = connection.encryption_algs()
     assert algorithms[0] == "aes128-gcm@openssh.com"
     assert "chacha20-poly1305@openssh.com" in algorithms and "aes256-ctr" in algorithms
 

@@ -1,4 +1,4 @@
-"""The inbox watcher: the pure Settler with a fake clock and stat, and InboxWatcher on real folders."""
+"""The inbox watcher: the pure Settler (daemon.settle) with a fake clock and stat, and InboxWatcher on real folders."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import structlog
 
-from whisperdrop.daemon.watch import MISSING_RETRY_SECONDS, InboxWatcher, Settler, default_open_cap, is_ignored
+from whisperdrop.daemon.settle import Settler, default_open_cap
+from whisperdrop.daemon.watch import MISSING_RETRY_SECONDS, InboxWatcher, is_ignored
 
 DEFAULT_IGNORE = ["*.part", "*.tmp", "*~", ".*", "*.crdownload", "*.partial", "*.swp"]
 

@@ -14,7 +14,8 @@ import pytest
 
 from daemon_helpers import jfk_reference, normalise, word_error_rate
 from media import JFK
-from whisperdrop import whisper_cli, whisper_cli_output as output
+from whisperdrop.cli import whisper_cli_flags
+from whisperdrop.outputs import whisper_cpp as output
 
 SCRIPT = Path(sys.executable).with_name("whisperdrop-whisper-cli")
 
@@ -34,20 +35,20 @@ SCRIPT = Path(sys.executable).with_name("whisperdrop-whisper-cli")
 def test_whisper_cpp_model_names_map_to_faster_whisper(argument, expected):
     """whisper.cpp's model file names (bare or as paths, quantized too) map to faster-whisper names, and a
     name the config already has as `bundled:NAME` maps to that."""
-    model, warnings = whisper_cli.map_model(argument, ("bundled:tiny.en",))
+    model, warnings = whisper_cli_flags.map_model(argument, ("bundled:tiny.en",))
     assert model == expected
     assert bool(warnings) == ("q5_0" in argument)  # a quantized file is named in a warning
 
 
 def test_a_model_folder_is_used_as_it_is(tmp_path):
     """`-m` naming a folder (a CTranslate2 model) passes its absolute path on."""
-    assert whisper_cli.map_model(str(tmp_path)) == (str(tmp_path.resolve()), [])
+    assert whisper_cli_flags.map_model(str(tmp_path)) == (str(tmp_path.resolve()), [])
 
 
 def test_an_unknown_model_is_an_error_that_names_the_choices():
     """`-m ggml-nonsense.bin` is refused with status 3 (whisper-cli's for a model it cannot load), naming what works."""
-    with pytest.raises(whisper_cli.UsageError) as caught:
-        whisper_cli.map_model("models/ggml-nonsense.bin")
+    with pytest.raises(whisper_cli_flags.UsageError) as caught:
+        whisper_cli_flags.map_model("models/ggml-nonsense.bin")
     assert caught.value.status == 3
     assert "ggml-nonsense.bin" in str(caught.value) and "ggml-large-v3.bin" in str(caught.value)
 
@@ -55,7 +56,7 @@ def test_an_unknown_model_is_an_error_that_names_the_choices():
 def test_flags_parse_like_whisper_cli():
     """Several -f and bare files, -of per file, output flags (-ojf implies -oj), values, and the
     language lower-cased; an accepted flag it cannot honour becomes a warning naming it."""
-    params = whisper_cli.parse(["-m", "ggml-base.bin", "-f", "a.wav", "b.mp3", "--file", "c.ogg", "-of", "one",
+    params = whisper_cli_flags.parse(["-m", "ggml-base.bin", "-f", "a.wav", "b.mp3", "--file", "c.ogg", "-of", "one",
                                 "-osrt", "-ojf", "-otxt", "-l", "PT", "--prompt", "armbar, kimura", "-bs", "3",
                                 "-t", "8", "-ml", "40", "-sow", "-np", "-fa", "-tp", "0.4"])
     assert params.files == ["a.wav", "b.mp3", "c.ogg"] and params.output_files == ["one"]
@@ -75,16 +76,17 @@ def test_flags_parse_like_whisper_cli():
 ])
 def test_bad_arguments_are_usage_errors(argv, message):
     """An unknown flag, a missing value or a bad number is a usage error (status 2) with whisper-cli's wording."""
-    with pytest.raises(whisper_cli.UsageError) as caught:
-        whisper_cli.parse(argv)
+    with pytest.raises(whisper_cli_flags.UsageError) as caught:
+        whisper_cli_flags.parse(argv)
     assert str(caught.value) == message and caught.value.status == 2
 
 
 def _options(tmp_path, argv: list[str], **data):
-    from whisperdrop import config as config_module, whisper_cli_run
+    from whisperdrop.cli import whisper_cli
+    from whisperdrop.shared import config as config_module
 
     config = config_module.validate(data, tmp_path)
-    options, warnings = whisper_cli_run.options_for(whisper_cli.parse(argv), config)
+    options, warnings = whisper_cli.options_for(whisper_cli_flags.parse(argv), config)
     return options, warnings, config
 
 
@@ -110,7 +112,7 @@ def test_an_english_only_model_ignores_language_and_translate_with_a_warning(tmp
                                           remote={"hosts": [{"name": "gpu1", "host": "127.0.0.1"}]})
     assert (options.model, options.language, options.task) == ("base.en", "en", "transcribe")
     assert any("model base.en is not multilingual" in warning for warning in warnings)
-    with pytest.raises(whisper_cli.UsageError, match="unknown language 'xx'"):
+    with pytest.raises(whisper_cli_flags.UsageError, match="unknown language 'xx'"):
         _options(tmp_path, ["-l", "xx", "a.wav"])
 
 

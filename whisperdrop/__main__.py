@@ -1,3 +1,3 @@
-from whisperdrop.cli import main
+from whisperdrop.cli.commands import main
 
 raise SystemExit(main())

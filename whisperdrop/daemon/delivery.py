@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from whisperdrop import result as results
 from whisperdrop.daemon import library, outbox
 from whisperdrop.daemon.ledger import Job, Source
-from whisperdrop.files import fsync_directory
+from whisperdrop.outputs import result as results
+from whisperdrop.shared.files import fsync_directory
 
 
 def same_version(path: Path, size: int, mtime_ns: int) -> bool:

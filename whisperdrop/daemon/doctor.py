@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from whisperdrop import config as config_module
 from whisperdrop.daemon.health import RunnerWatch, live_runners
 from whisperdrop.daemon.status import format_age
+from whisperdrop.shared import config_checks
 
 DOCTOR_TIMEOUT_S = 10.0
 
@@ -41,13 +41,13 @@ def check_local(config: Any) -> list[Check]:
     local model, as Checks in that order. Never raises for a failed check."""
     checks = [Check("config", "valid", True, str(config.source or "embedded default"))]
     # The same read-only check as `check-config` and `run`: folders, key and known_hosts files.
-    problems = config_module.check(config)
+    problems = config_checks.check(config)
     for problem in problems:
         detail, _, fix = problem.partition("; ")
         checks.append(Check("config", "check", False, detail, fix))
     if not problems:
         checks.append(Check("config", "check", True, "the folders can be used and the files it names exist"
-                            if config_module.role(config) == "daemon" else "a GPU runner config; its spool can be used"))
+                            if config_checks.role(config) == "daemon" else "a GPU runner config; its spool can be used"))
     for key in ("metrics_textfile",):  # logging.file's folder is made at start; this one must exist
         target = config.logging[key]
         if target:
@@ -65,7 +65,7 @@ def check_local(config: Any) -> list[Check]:
 
 def _check_local_model(local: Any) -> Check:
     """Load the `local` model section's model once, as the fallback would."""
-    from whisperdrop import engine
+    from whisperdrop.engine import engine
 
     started = time.monotonic()
     try:
@@ -146,7 +146,8 @@ async def check_host(settings: dict, remote: Any, timeout: float, now: float) ->
     Returns the Checks; a failed step is a failed Check, never an exception."""
     import asyncssh
 
-    from whisperdrop.daemon.transfer import AuthError, Host, HostError, HostKeyError
+    from whisperdrop.daemon.connection import AuthError, HostError, HostKeyError
+    from whisperdrop.daemon.transfer import Host
 
     address, port = settings["host"], int(settings.get("port") or 22)
     subject = f"host {settings['name']}"

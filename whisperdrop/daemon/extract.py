@@ -29,9 +29,9 @@ from typing import Callable, Iterator
 
 import av
 
-from whisperdrop.engine import SAMPLE_RATE, Cancelled, resampler_16k_mono
-from whisperdrop.errors import WhisperdropError
-from whisperdrop.files import fsync_directory, sha256_file
+from whisperdrop.engine.engine import SAMPLE_RATE, Cancelled, resampler_16k_mono
+from whisperdrop.shared.errors import WhisperdropError
+from whisperdrop.shared.files import fsync_directory, sha256_file
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,9 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from whisperdrop import __version__, log as logging
+from whisperdrop import __version__
 from whisperdrop.daemon.health import backoff
+from whisperdrop.shared import log as logging
 
 SCHEMA = "whisperdrop.notify/1"
 QUEUE_SIZE = 1000  # notifications waiting per target; beyond that they are dropped, logged

@@ -6,7 +6,7 @@ hashes anything else in a worker thread (or takes the hash `Context.prefetch` ma
 settled, for exactly this version), finds or creates the job (same bytes and options: same
 job) and records the source; the caller's `schedule(job_id)` starts the job's work. A file's options
 are its Plan (`plan(relpath)`): `transcription`, with the first profile whose globs match its
-inbox-relative path over it (see `whisperdrop.profiles`).
+inbox-relative path over it (see `whisperdrop.shared.profiles`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Callable
 from whisperdrop.daemon.ledger import Job, Source
 from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.stages import Context
-from whisperdrop.engine import Cancelled
-from whisperdrop.files import sha256_file
-from whisperdrop.profiles import Plan
-from whisperdrop.spool import TranscribeOptions
-from whisperdrop.spool import job_id as make_job_id
+from whisperdrop.engine.engine import Cancelled
+from whisperdrop.shared.files import sha256_file
+from whisperdrop.shared.profiles import Plan
+from whisperdrop.shared.spool import TranscribeOptions
+from whisperdrop.shared.spool import job_id as make_job_id
 
 
 TRANSIENT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})  # passing: try again

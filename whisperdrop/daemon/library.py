@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from whisperdrop.daemon import outbox
-from whisperdrop.files import fsync_directory, write_all
-from whisperdrop.subtitles import Limits
+from whisperdrop.outputs.subtitles import Limits
+from whisperdrop.shared.files import fsync_directory, write_all
 
 # Names the daemon never takes in library mode: subtitles and text (ours and others'), artwork, metadata.
 SIDECAR_SUFFIXES = frozenset({

@@ -4,7 +4,7 @@ One transcription at a time: the engine already uses every core it is given, and
 only make both slower.
 
 Given a `checkpoints` folder (the daemon's state_dir/partial), each job's finished batches (or
-windows) are kept in `<job_id>.jsonl` as they finish (see whisperdrop.checkpoint), so a job stopped
+windows) are kept in `<job_id>.jsonl` as they finish (see whisperdrop.engine.checkpoint), so a job stopped
 part way (SIGTERM, kill -9, a power cut) goes on from there at the next start instead of from zero.
 The stage that commits the Result removes the file.
 """
@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from whisperdrop import checkpoint as checkpoints, log as logging
-from whisperdrop.chunks import CHUNK_SECONDS, KEEP_GAP_SECONDS
-from whisperdrop.engine import WINDOW_SECONDS, Engine
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.engine import checkpoint as checkpoints
+from whisperdrop.engine.chunks import CHUNK_SECONDS, KEEP_GAP_SECONDS
+from whisperdrop.engine.engine import WINDOW_SECONDS, Engine
+from whisperdrop.shared import log as logging
+from whisperdrop.shared.spool import TranscribeOptions
 
 
 class LocalTranscriber:

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import log
 from whisperdrop.daemon.ledger import Ledger
-from whisperdrop.files import write_atomic
+from whisperdrop.shared import log
+from whisperdrop.shared.files import write_atomic
 
 STAGE_TIMINGS = ("extract_s", "upload_s", "queue_s", "load_s", "transcribe_s", "fetch_s")
 METRICS_EVERY_S = 15.0

@@ -1,6 +1,6 @@
 """The outbox stage: render a Result to JSON, SRT, VTT and TXT, write each atomically, then move the
 source away (archive) or into `failed/` beside an error record. The subtitle cues (SRT, VTT) are
-built in `whisperdrop.subtitles`; the one-shot CLI writes through `write_outputs` too.
+built in `whisperdrop.outputs.subtitles`; the one-shot CLI writes through `write_outputs` too.
 
 Every file is written to a temporary name, fsynced and renamed, and the folder fsynced, so a crash
 leaves either the finished file or none. The JSON is written last: its presence, with this job's
@@ -18,8 +18,8 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from whisperdrop.files import fsync_directory, write_atomic  # write_atomic: callers use outbox.write_atomic too
-from whisperdrop.subtitles import Limits, render_srt, render_vtt
+from whisperdrop.outputs.subtitles import Limits, render_srt, render_vtt
+from whisperdrop.shared.files import fsync_directory, write_atomic  # write_atomic: callers use outbox.write_atomic too
 
 FORMATS = ("srt", "vtt", "txt")
 

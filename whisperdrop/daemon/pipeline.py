@@ -22,20 +22,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import checkpoint as checkpoints, log
-from whisperdrop.daemon.delivery import failure_hint
 from whisperdrop.daemon import library
-from whisperdrop.daemon.prefetch import Prefetch
+from whisperdrop.daemon.delivery import failure_hint
 from whisperdrop.daemon.health import backoff
 from whisperdrop.daemon.hooks import Hooks
 from whisperdrop.daemon.intake import Intake
 from whisperdrop.daemon.ledger import Job, Ledger
 from whisperdrop.daemon.local import LocalTranscriber
+from whisperdrop.daemon.prefetch import Prefetch
 from whisperdrop.daemon.route import Router
 from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.stages import Context, Permanent, Stages
-from whisperdrop.engine import Cancelled, Engine, EngineError
-from whisperdrop.profiles import Plan, plan as plan_job
+from whisperdrop.engine import checkpoint as checkpoints
+from whisperdrop.engine.engine import Cancelled, Engine, EngineError
+from whisperdrop.shared import log
+from whisperdrop.shared.profiles import Plan, plan as plan_job
 
 RETRY_INITIAL_S = 5.0
 RETRY_MAX_S = 300.0

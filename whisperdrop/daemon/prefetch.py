@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from whisperdrop.daemon.extract import Extracted, MediaError, extract
-from whisperdrop.engine import Cancelled
-from whisperdrop.files import sha256_file
+from whisperdrop.engine.engine import Cancelled
+from whisperdrop.shared.files import sha256_file
 
 MAX_ENTRIES = 8
 

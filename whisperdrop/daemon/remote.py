@@ -20,16 +20,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import log
+from whisperdrop.daemon.connection import HostError
 from whisperdrop.daemon.health import (HostState, RunnerWatch, backoff, candidates, live_runners, load,
                                        when_none_served)
 from whisperdrop.daemon.remote_steps import HostUnusable, JobOnHost, sleep_unless
 from whisperdrop.daemon.route import REMOTE_STAGES, Mark, Progress, Routed, Work
 from whisperdrop.daemon.shutdown import Shutdown
-from whisperdrop.daemon.transfer import Host, HostError
-from whisperdrop.engine import Cancelled
-from whisperdrop.files import write_atomic
-from whisperdrop.spool import ProtocolError
+from whisperdrop.daemon.transfer import Host
+from whisperdrop.engine.engine import Cancelled
+from whisperdrop.shared import log
+from whisperdrop.shared.files import write_atomic
+from whisperdrop.shared.spool import ProtocolError
 
 HEALTH_CACHE_S = 3.0
 

@@ -11,6 +11,9 @@ through the upload (at most MAX_CHECKSUM_RETRIES times).
 
 `mark(**fields)` reports progress within a step (upload fraction, a Slurm runner's queue state) to
 the ledger; it never changes a stage.
+
+The steps run for a `Pool`: what they need of the pool of hosts (`remote.RemotePool`), which builds
+a `JobOnHost` for each step; this module never imports that pool.
 """
 
 from __future__ import annotations
@@ -18,17 +21,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
+from whisperdrop.daemon.connection import HostError
 from whisperdrop.daemon.health import HostState
 from whisperdrop.daemon.route import Routed, Work
 from whisperdrop.daemon.shutdown import Shutdown
-from whisperdrop.daemon.transfer import HostError
-from whisperdrop.engine import Cancelled
-from whisperdrop.spool import make_job_document
-
-if TYPE_CHECKING:
-    from whisperdrop.daemon.remote import RemotePool
+from whisperdrop.engine.engine import Cancelled
+from whisperdrop.shared.spool import make_job_document
 
 POLL_MAX_S = 5.0
 RUNNING_POLL_S = 0.25
@@ -40,11 +40,27 @@ class HostUnusable(Exception):
     """A host cannot take this job now; the message is the fallback reason."""
 
 
+class Pool(Protocol):
+    """What the steps need of the pool of hosts they run for (`remote.RemotePool`): the `remote`
+    settings, a wall clock, a logger, the semaphore that bounds parallel uploads, and the hosts' health."""
+
+    settings: Any
+    clock: Callable[[], float]
+    log: Any
+    uploads: asyncio.Semaphore
+
+    def mark_up(self, state: HostState) -> None: ...
+
+    def mark_down(self, state: HostState, error: BaseException | str) -> None: ...
+
+    async def runners_gone(self, state: HostState, cancel: Shutdown) -> str | None: ...
+
+
 class JobOnHost:
     """The steps of `work` on the host `state`, for `pool` (its settings, clock, log and health).
     While a job is between its upload and its fetch, the host counts it in `state.jobs` (its load)."""
 
-    def __init__(self, pool: "RemotePool", state: HostState, work: Work, *, cancel: Shutdown,
+    def __init__(self, pool: Pool, state: HostState, work: Work, *, cancel: Shutdown,
                  progress: Callable[[float, float], None] | None, mark: Callable[..., None]):
         self.pool, self.state, self.work = pool, state, work
         self.cancel, self.progress, self.mark = cancel, progress, mark

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from whisperdrop.daemon.local import LocalTranscriber
 from whisperdrop.daemon.shutdown import Shutdown
-from whisperdrop.spool import TranscribeOptions
+from whisperdrop.shared.spool import TranscribeOptions
 
 Progress = Callable[[float, float], None]  # (seconds done, seconds in all) of a job's audio
 Mark = Callable[..., None]  # mark(**fields): progress within a remote step (upload, Slurm queue), for the ledger

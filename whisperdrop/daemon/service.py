@@ -18,13 +18,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from whisperdrop import engine, log
-from whisperdrop.notify import Notifier
 from whisperdrop.daemon.metrics import MetricsWriter
 from whisperdrop.daemon.pipeline import Pipeline
 from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.watch import InboxWatcher
-from whisperdrop.engine import Engine, EngineError
+from whisperdrop.engine import engine
+from whisperdrop.engine.engine import Engine, EngineError
+from whisperdrop.shared import log
+from whisperdrop.shared.notify import Notifier
 
 STOP_TIMEOUT_S = 8.0
 STOP_DEADLINE_S = 9.5

@@ -25,16 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import checkpoint as checkpoints, log as logging, profiles, result as results
 from whisperdrop.daemon import delivery
 from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.extract import MediaError, extract
 from whisperdrop.daemon.ledger import Job, Ledger, Source
 from whisperdrop.daemon.route import Router, Work
 from whisperdrop.daemon.shutdown import Shutdown
-from whisperdrop.engine import EngineError
-from whisperdrop.errors import WhisperdropError
-from whisperdrop.files import write_atomic
+from whisperdrop.engine import checkpoint as checkpoints
+from whisperdrop.engine.engine import EngineError
+from whisperdrop.outputs import result as results
+from whisperdrop.shared import log as logging, profiles
+from whisperdrop.shared.errors import WhisperdropError
+from whisperdrop.shared.files import write_atomic
 
 PROGRESS_EVERY_S = 1.0  # progress reaches the ledger at most this often (and at the end)
 

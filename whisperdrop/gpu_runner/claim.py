@@ -16,9 +16,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from whisperdrop.errors import WhisperdropError
-from whisperdrop.files import sha256_file
-from whisperdrop.spool import JobDocument, Layout, check_result
+from whisperdrop.shared.errors import WhisperdropError
+from whisperdrop.shared.files import sha256_file
+from whisperdrop.shared.spool import JobDocument, Layout, check_result
 
 HINTS = {  # what a person can do about each kind of failure; the runner's log carries it
     "protocol": "the daemon and the runner disagree on the job document: run the same whisperdrop version on both",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 
 from whisperdrop.gpu_runner.store import HOSTNAME
-from whisperdrop.spool import check_runner_name
+from whisperdrop.shared.spool import check_runner_name
 
 
 def default_name(device_index: int) -> str:

@@ -18,11 +18,12 @@ import threading
 import time
 from typing import Any, Callable
 
-from whisperdrop import __version__, log
-from whisperdrop.engine import Engine, EngineError
+from whisperdrop import __version__
+from whisperdrop.engine.engine import Engine, EngineError
 from whisperdrop.gpu_runner.worker import Worker
-from whisperdrop.notify import Notifier
-from whisperdrop.spool import ProtocolError
+from whisperdrop.shared import log
+from whisperdrop.shared.notify import Notifier
+from whisperdrop.shared.spool import ProtocolError
 
 RESCAN_SECONDS = 2.0        # jobs/ is rescanned at least this often, whatever watchdog reports
 IDLE_FIRST_SECONDS = 0.05   # first idle wait; doubles up to RESCAN_SECONDS

@@ -17,15 +17,16 @@ worker's own verify/transcribe/publish path (`Worker.do_claimed`), its `executed
 No shell ever sees a job document or a file name: commands are argument lists; the batch script is
 fixed text, checked job ids and quoted values (see `slurm_commands`).
 
-Direction of imports: slurm -> slurm_task -> worker; slurm, slurm_task -> slurm_commands, store -> spool, files.
-One thing over 400 lines: the login node's loop over its Slurm jobs (submit, follow, end, adopt);
-the commands and the compute-node side are already their own modules.
+Direction of imports: slurm_service -> slurm; slurm_task -> worker; slurm, slurm_task -> slurm_commands,
+store -> shared (spool, files). `slurm_service` serves a SlurmRunner as a process (its loop, heartbeat
+thread, signals and `main`). One thing over 400 lines: the login node's step over its Slurm jobs
+(submit, follow, end, adopt); the process around it, the commands and the compute-node side are
+their own modules.
 """
 
 from __future__ import annotations
 
 import fcntl
-import math
 import os
 import pwd
 import sys
@@ -33,20 +34,17 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-from whisperdrop import __version__, log
-from whisperdrop.files import write_atomic
+from whisperdrop import __version__
 from whisperdrop.gpu_runner.slurm_commands import (ACTIVE_STATES, Slurm, SlurmError, batch_script, claim_of,
                                                    sbatch_arguments, settings_of, strict_job_id)
-from whisperdrop.gpu_runner.slurm_task import run_task
 from whisperdrop.gpu_runner.store import HOSTNAME, SpoolStore, read_document, unlink_quietly
-from whisperdrop.spool import ProtocolError, check_runner_name, dumps
-
-__all__ = ["SlurmRunner", "main", "run_task"]
+from whisperdrop.shared import log
+from whisperdrop.shared.files import write_atomic
+from whisperdrop.shared.spool import ProtocolError, check_runner_name, dumps
 
 MAX_ATTEMPTS = 3                 # Slurm runs of one job before it fails
-EXPIRE_EVERY_SECONDS = 3600.0
 GONE_GRACE_SECONDS = 30.0        # a running task whose claim is gone may be exiting after its publish
 # How a job that Slurm ended without a Result or failure record is failed: kind, retried here, hint.
 ENDINGS = {
@@ -431,48 +429,7 @@ class SlurmRunner:
                 pass
         return removed + self.store.expire(now, self.expire_seconds)
 
-    # ------------------------------------------------------------------------------- serving
-
-    def serve(self, stop: threading.Event) -> None:
-        """Adopt, then step every runner.slurm.poll_seconds until `stop` is set; a heartbeat thread
-        beats meanwhile. Jobs in Slurm go on running after a stop (the next start adopts them).
-        Raises OSError when the spool or Slurm cannot be reached at the start."""
-        self.state = "starting"
-        self.log.info("runner.start", spool=self.spool, backend="slurm", partition=self.options["partition"],
-                      version=__version__)
-        held = self.hold_lock()
-        self.heartbeat()
-        self.adopt()
-        beat = threading.Thread(target=self._beat, args=(stop,), name=f"runner-heartbeat-{self.name}", daemon=True)
-        beat.start()
-        self.state = "idle"
-        poll = float(self.options["poll_seconds"])
-        last_expire = -math.inf
-        try:
-            while not stop.is_set():
-                moment = time.monotonic()
-                try:
-                    if moment - last_expire >= EXPIRE_EVERY_SECONDS:
-                        last_expire = moment
-                        self.expire()
-                    worked = self.step()
-                except OSError as error:
-                    self.log.error("runner.spool_error", error=str(error))
-                    worked = False
-                if not worked:
-                    stop.wait(poll)
-        finally:
-            stop.set()
-            beat.join()
-            if held is not None:
-                os.close(held)
-            self.state = "stopped"
-            try:
-                self.heartbeat()
-            except OSError as error:
-                self.log.warning("runner.heartbeat_failed", error=str(error))
-            self.log.info("runner.stopped", jobs_done=self.jobs_done, jobs_failed=self.jobs_failed,
-                          in_slurm=len(self.tracked))
+    # ------------------------------------------------------------------------------ one per name
 
     def hold_lock(self) -> int | None:
         """Lock slurm/<name>.lock for as long as the returned descriptor stays open, so that two runners
@@ -490,38 +447,3 @@ class SlurmRunner:
             self.log.warning("slurm.lock_unavailable", path=path, error=str(error))
             return None
         return descriptor
-
-    def _beat(self, stop: threading.Event) -> None:
-        while not stop.wait(self.heartbeat_seconds):
-            try:
-                self.heartbeat()
-            except Exception:  # this thread must outlive any one bad beat
-                self.log.exception("runner.heartbeat_failed")
-
-
-# ------------------------------------------------------------------------------ compute node side
-
-
-def main(config: Any) -> int:
-    """`whisperdrop runner` with runner.backend slurm: serve until SIGTERM or SIGINT; 0 on a clean
-    stop, 2 when it cannot start."""
-    import signal
-
-    stop = threading.Event()
-    logger = log.get("runner", backend="slurm")
-
-    def on_stop(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {number: signal.signal(number, on_stop) for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        try:
-            runner = SlurmRunner(config["runner"], config_path=str(config.source) if config.source else None)
-            runner.serve(stop)
-        except (ProtocolError, OSError) as error:
-            logger.error("runner.cannot_start", error=str(error))
-            return 2
-        return 0
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)

@@ -14,8 +14,8 @@ import shutil
 import subprocess
 from typing import Any, Callable
 
-from whisperdrop.config import defaults as config_defaults
-from whisperdrop.spool import ProtocolError, check_job_id
+from whisperdrop.shared.config import defaults as config_defaults
+from whisperdrop.shared.spool import ProtocolError, check_job_id
 
 COMMAND_TIMEOUT = 60.0           # seconds for one sbatch, squeue, scontrol or scancel
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",

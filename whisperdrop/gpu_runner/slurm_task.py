@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 
-from whisperdrop import log
 from whisperdrop.gpu_runner.slurm_commands import claim_of, settings_of, strict_job_id
 from whisperdrop.gpu_runner.store import SpoolStore, read_document
-from whisperdrop.spool import ProtocolError
+from whisperdrop.shared import log
+from whisperdrop.shared.spool import ProtocolError
 
 
 def placement_from(environ: dict) -> dict:

@@ -20,9 +20,9 @@ import socket
 import stat
 from typing import Any
 
-from whisperdrop import log
-from whisperdrop.files import write_atomic
-from whisperdrop.spool import DIRECTORIES, Layout, ProtocolError, check_job_id, check_runner_name, dumps
+from whisperdrop.shared import log
+from whisperdrop.shared.files import write_atomic
+from whisperdrop.shared.spool import DIRECTORIES, Layout, ProtocolError, check_job_id, check_runner_name, dumps
 
 MAX_DOCUMENT_BYTES = 1 << 20
 STALE_HEARTBEATS = 3        # a claim is dead when its owner missed this many heartbeats

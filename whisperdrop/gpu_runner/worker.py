@@ -24,14 +24,15 @@ import time
 import uuid
 from typing import Any, Callable
 
-from whisperdrop import __version__, log
-from whisperdrop.config import defaults as config_defaults
-from whisperdrop.engine import AudioJob, Cancelled, Engine, EngineError, ModelKey, resolve_compute_type, resolve_device
+from whisperdrop import __version__
+from whisperdrop.engine.engine import AudioJob, Cancelled, Engine, EngineError, ModelKey, resolve_compute_type, resolve_device
 from whisperdrop.gpu_runner.claim import (HINTS, Claim, Failure, open_checked_audio, published_result,
                                           rounded as _round)
 from whisperdrop.gpu_runner.device import default_name, gpu_name
 from whisperdrop.gpu_runner.store import HOSTNAME, SpoolStore
-from whisperdrop.spool import ProtocolError, TranscribeOptions, check_job_id, check_runner_name, parse_job
+from whisperdrop.shared import log
+from whisperdrop.shared.config import defaults as config_defaults
+from whisperdrop.shared.spool import ProtocolError, TranscribeOptions, check_job_id, check_runner_name, parse_job
 
 PROGRESS_SECONDS = 1.0      # progress/<id>.json is rewritten at most this often
 INT8_TYPES = ("int8", "int8_float16", "int8_float32", "int8_bfloat16")

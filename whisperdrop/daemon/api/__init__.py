@@ -3,9 +3,11 @@ transcription API, whisper-asr-webservice's `/asr`, and asynchronous jobs.
 
 Every request becomes a job in the daemon's ledger, routed like a dropped file (see `uploads`).
 
-    server (uvicorn on the daemon's loop) -> app (auth, size limit, error handlers)
-        -> routes_native | routes_openai | routes_asr -> service (store, submit, wait) -> Pipeline
-        responses are rendered by `formats`
+    server (uvicorn on the daemon's loop, `app`) -> connections (a bound on open connections,
+        deadlines for a request's head and body) -> guard (Host, who may call, Origin, uploads in
+        flight, size limit, the request log) -> routes_native | routes_openai | routes_asr
+        -> service (store, submit, wait) -> Pipeline; responses are rendered by `formats`, errors
+        by `errors`; what a client does wrong is counted into log lines by `rejections`
 
 This package's `__init__` imports nothing, so the pipeline's stages can use `uploads` without
 loading FastAPI.

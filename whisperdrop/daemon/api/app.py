@@ -24,13 +24,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from whisperdrop import log
 from whisperdrop.daemon.api import errors, routes_asr, routes_native, routes_openai, uploads
 from whisperdrop.daemon.api.connections import (ACCEPT_BATCH, MAX_HEAD_BYTES, Connections, GuardedProtocol,
                                                 connection_limit)
 from whisperdrop.daemon.api.guard import Guard, InFlight
 from whisperdrop.daemon.api.rejections import Rejections
 from whisperdrop.daemon.api.service import ApiService
+from whisperdrop.shared import log
 
 STOP_S = 3.0
 KEEP_ALIVE_S = 5  # uvicorn closes a keep-alive connection idle this long after an answer

@@ -1,7 +1,7 @@
 """The API's response bodies, rendered from a Result: the original plan's shape, the OpenAI
 transcription API's formats, and whisper-asr-webservice's `/asr` outputs. Pure functions.
 
-SRT and VTT come from `whisperdrop.subtitles` (cues cut from word timestamps within `subtitles`'
+SRT and VTT come from `whisperdrop.outputs.subtitles` (cues cut from word timestamps within `subtitles`'
 limits), the same files the outbox gets.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import zlib
 
-from whisperdrop.subtitles import Limits, render_srt, render_vtt
+from whisperdrop.outputs.subtitles import Limits, render_srt, render_vtt
 
 OPENAI_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 ASR_OUTPUTS = ("txt", "vtt", "srt", "tsv", "json")

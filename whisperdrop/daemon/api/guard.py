@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from whisperdrop import log
+from whisperdrop.shared import log
 from whisperdrop.daemon.api import errors
 from whisperdrop.daemon.api.rejections import Rejections
 

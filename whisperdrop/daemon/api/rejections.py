@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from whisperdrop import log
+from whisperdrop.shared import log
 
 INTERVAL_S = 60.0
 

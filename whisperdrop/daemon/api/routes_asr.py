@@ -12,7 +12,7 @@ from whisperdrop.daemon.api.errors import ApiError
 from whisperdrop.daemon.api.routes_native import accepted_response, service_of
 from whisperdrop.daemon.api.routes_openai import headers_of
 from whisperdrop.daemon.api.service import Asked
-from whisperdrop.subtitles import Limits
+from whisperdrop.outputs.subtitles import Limits
 
 router = APIRouter()
 

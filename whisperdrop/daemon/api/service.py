@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop import log
 from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.api.errors import ApiError
 from whisperdrop.daemon.api.formats import language_code
-from whisperdrop.profiles import ProfileError, translate_problem
+from whisperdrop.shared import log
+from whisperdrop.shared.profiles import ProfileError, translate_problem
 
 OPENAI_MODEL_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "default")
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from whisperdrop import result as results
 from whisperdrop.daemon import outbox
-from whisperdrop.files import fsync_directory, write_atomic
+from whisperdrop.outputs import result as results
+from whisperdrop.shared.files import fsync_directory, write_atomic
 
 PREFIX = ".api/"
 OUTBOX_FOLDER = "api"  # API jobs' outputs go to outbox/api/
