@@ -302,14 +302,14 @@ class Guard:
             message = await receive()
             if message["type"] == "http.request":
                 seen[0] += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body_done[0] = True
-                    self.in_flight.done(request)
                 if seen[0] > self.limit:
                     raise errors.BodyTooLarge(self.limit - FORM_SLACK)
                 if not self.in_flight.read(request, seen[0]):
                     raise errors.UploadsFull(f"past api.max_uploads_in_flight_mb ({self.in_flight.max_bytes / 1e6:g} MB)",
                                              UPLOADS_RETRY_AFTER_S)
+                if not message.get("more_body", False):
+                    body_done[0] = True
+                    self.in_flight.done(request)
             elif message["type"] == "http.disconnect":
                 body_done[0] = True
             return message
