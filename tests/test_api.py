@@ -199,6 +199,7 @@ def test_rejected_requests_leave_nothing(daemon, tmp_path):
     error = json.loads(body)["error"]
     assert status == 415 and "notes.mp3" in error["message"] and error["code"] == "not_media"
     assert "state" not in error["message"]  # the daemon's own paths stay its own
+    assert "not an audio or video file PyAV can read" in error["message"] and "Errno" not in error["message"]
     status, body = curl("-F", f"file=@{JFK}", f"{daemon.url}/transcribe")
     error = json.loads(body)["error"]
     assert status == 422 and "audio" in error["message"] and error["param"] == "audio"

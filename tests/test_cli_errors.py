@@ -59,8 +59,21 @@ def test_results_on_stdout_messages_on_stderr_and_no_inbox_hint(tmp_path):
     # stdout is the paths written, one per line (issue 12: a script reads them); the summary is on stderr
     assert done.stdout.splitlines() == ["out/jfk.srt", "out/jfk.vtt", "out/jfk.txt", "out/jfk.json"]
     assert "jfk.flac: done" in done.stderr
-    assert "notes.mp3: FAILED: not a media file" in done.stderr and "jfk.json" not in done.stderr
+    assert "notes.mp3: FAILED: not an audio or video file PyAV can read" in done.stderr
+    assert "jfk.json" not in done.stderr
     assert "inbox" not in done.stderr and "whisperdrop transcribe" in done.stderr
+
+
+def test_not_media_shows_pyavs_sentence_without_its_error_number(tmp_path):
+    """`transcribe` on a text file named .mp4 says it is not an audio or video file PyAV can read, with
+    PyAV's sentence as the evidence and without `[Errno 1094995529]` (issue 22, item 2)."""
+    (tmp_path / "x.mp4").write_text("not a video\n")
+    done = whisperdrop("transcribe", "x.mp4", "-o", "out", cwd=tmp_path)
+    no_traceback(done)
+    assert done.returncode == 1
+    assert ("x.mp4: FAILED: not an audio or video file PyAV can read "
+            "(PyAV: Invalid data found when processing input)") in done.stderr, done.stderr
+    assert "Errno" not in done.stderr and "1094995529" not in done.stderr
 
 
 def test_closed_stdout_is_not_a_traceback(tmp_path):
