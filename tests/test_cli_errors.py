@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from media import JFK
 
 
@@ -94,7 +96,22 @@ def test_yaml_error_names_the_file(tmp_path):
     done = whisperdrop("check-config", "-c", "broken.yaml", cwd=tmp_path)
     no_traceback(done)
     assert done.returncode == 2
-    assert "<unicode string>" not in done.stderr and 'in "broken.yaml", line 1' in done.stderr, done.stderr
+    assert "<unicode string>" not in done.stderr and "broken.yaml, line 2, column 1" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_broken_yaml_is_one_item_of_the_problem_list(tmp_path, command):
+    """Broken YAML is reported by `check-config` and by the daemon's start as one problem item, with
+    the file, line and column, like every other problem: no PyYAML line outside the list (issue 22, item 3)."""
+    (tmp_path / "broken.yaml").write_text("inbox: inbox\nwatch: {settle_seconds: 2\noutbox: out\n")
+    done = whisperdrop(command, "-c", "broken.yaml", cwd=tmp_path)
+    no_traceback(done)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "whisperdrop: broken.yaml: 1 problem(s) in the configuration:",
+        "  - broken.yaml, line 3, column 7: not valid YAML: expected ',' or '}', but got ':' "
+        "(while parsing a flow mapping that began at line 2, column 8)",
+    ]
 
 
 def test_config_path_that_is_a_folder(tmp_path):
