@@ -79,6 +79,16 @@ def test_whisper_cli_max_len_never_cuts_inside_a_word():
     assert " whisper-drop" in texts and " Kennedy's" in texts
 
 
+def test_api_srt_and_vtt_keep_the_txts_words():
+    """The API's SRT and VTT (OpenAI's response_format, /asr's output) show the TXT's words too."""
+    from whisperdrop.daemon.api import formats
+
+    txt_words = render_txt(HAND_MADE).split()
+    srt, _ = formats.openai(HAND_MADE, "srt", [], "transcribe", Limits(), {})
+    vtt, _ = formats.asr(HAND_MADE, "vtt", Limits())
+    assert words_of(parse_srt(srt)) == txt_words and words_of(validate_webvtt(vtt)) == txt_words
+
+
 @pytest.fixture(scope="module")
 def spoken_result(tmp_path_factory) -> dict:
     """tiny.en's Result, with word timestamps, of espeak-ng saying SPOKEN."""
