@@ -60,18 +60,11 @@ REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE), str(REPO / "bench"), str(REPO)]
 
 import environment  # noqa: E402
+from methods import Runner, Stop, bare_batched, bare_sequential, load_audio, model_path  # noqa: E402
+from report import model_label, summary, table  # noqa: E402
 
-SECTION = "gpu"
 PROBE_SECONDS = 180
 DEFAULTS = {"cuda": {"repeats": 5, "budget_s": 360.0}, "cpu": {"repeats": 1, "budget_s": 600.0}}
-
-
-class Stop(Exception):
-    """The check cannot go on: `code` is the exit status, the message the one line that says why."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -94,87 +87,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="on CUDA, the compute types to try in this order: the first that transcribes jfk is measured")
     parser.add_argument("--probe", nargs=2, metavar=("DEVICE", "COMPUTE_TYPE"), help=argparse.SUPPRESS)  # the child
     return parser.parse_args(argv)
-
-
-# ------------------------------------------------------------------------------------------ audio
-
-def load_audio(folder: Path, files: bool) -> dict:
-    """The speech prepare.py made, from `folder`/texts.json: {"jfk", "long": (audio, text, seconds),
-    "clips": [(audio, text, seconds)]}. With `files` the audio is the Opus files' paths (no clips
-    without them), else float32 numpy from the .npy files (16 kHz int16). Raises Stop (2) naming what
-    is missing."""
-    import numpy
-
-    texts_path = folder / "texts.json"
-    if not texts_path.is_file():
-        raise Stop(f"no texts.json in {folder}: the speech comes from bench/gpu/prepare.py (through device.sh)", 2)
-    texts = json.loads(texts_path.read_text())
-
-    def audio(name: str) -> Any:
-        path = folder / f"{name}.{'opus' if files else 'npy'}"
-        if not path.is_file():
-            raise Stop(f"{path} is missing: run bench/gpu/prepare.py and carry its part", 2)
-        return str(path) if files else numpy.load(path).astype(numpy.float32) / 32768.0
-
-    speech = {name: (audio(name), texts[name]["text"], texts[name]["seconds"]) for name in ("jfk", "long")}
-    speech["long_what"] = texts["long"].get("what", "")
-    speech["clips"] = [(audio(clip["name"]), clip["text"], clip["seconds"]) for clip in texts["clips"]] if files else []
-    return speech
-
-
-# ------------------------------------------------------------------------------------ the methods
-
-def decoding_options(options: Any) -> dict:
-    """The runner's options as faster-whisper's keywords (what both bare methods get)."""
-    return dict(language=options.language, initial_prompt=options.initial_prompt, hotwords=options.hotwords,
-                word_timestamps=options.word_timestamps, vad_filter=options.vad_filter, beam_size=options.beam_size)
-
-
-def bare_sequential(model: Any, audio: Any, options: Any) -> tuple[float, str]:
-    """Seconds and text of `WhisperModel.transcribe` (segments consumed)."""
-    started = time.perf_counter()
-    segments, _ = model.transcribe(audio, **decoding_options(options))
-    text = "".join(segment.text for segment in segments)
-    return time.perf_counter() - started, text
-
-
-def bare_batched(model: Any, audio: Any, options: Any, batch_size: int) -> tuple[float, str]:
-    """Seconds and text of `BatchedInferencePipeline(model).transcribe(batch_size=...)`."""
-    from faster_whisper import BatchedInferencePipeline
-
-    started = time.perf_counter()
-    segments, _ = BatchedInferencePipeline(model=model).transcribe(audio, batch_size=batch_size, **decoding_options(options))
-    text = "".join(segment.text for segment in segments)
-    return time.perf_counter() - started, text
-
-
-class Runner:
-    """Fresh spools for the runner's `Worker`, sharing one Engine (and so one loaded model) with the bare methods."""
-
-    def __init__(self, engine: Any, options: Any, device: str, compute_type: str, spools: Path):
-        self.engine, self.options, self.device, self.compute_type, self.spools = engine, options, device, compute_type, spools
-        self.count = 0
-        self.executed_on: list[dict] = []
-
-    def worker(self) -> Any:
-        from whisperdrop.gpu_runner.worker import Worker
-
-        self.count += 1
-        return Worker({"spool": str(self.spools / f"spool-{self.count}"), "model": self.options.model,
-                       "device": self.device, "compute_type": self.compute_type, "name": "gpu-check"}, engine=self.engine)
-
-    def queue(self, files: list[tuple[Path, float]]) -> tuple[float, list[str]]:
-        """Queue `files` (audio, seconds) at once in a fresh spool and step a Worker until none is left;
-        the seconds the steps took and the texts in queue order."""
-        from spool_jobs import drain, submit
-
-        worker = self.worker()
-        base = time.time() - len(files)
-        ids = [submit(worker, self.options, audio, f"{worker.spool}-{index}", seconds, base + index)
-               for index, (audio, seconds) in enumerate(files)]
-        elapsed, results = drain(worker, ids)
-        self.executed_on += [result["executed_on"] for result in results]
-        return elapsed, [result["text"] for result in results]
 
 
 # ----------------------------------------------------------------------------------------- CUDA
@@ -242,17 +154,11 @@ def probe(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_path(model: str) -> str:
-    from whisperdrop.engine import resolve_model_path
-
-    return resolve_model_path(model)
-
-
 # ------------------------------------------------------------------------------------------ the run
 
 def measure(args: argparse.Namespace, report: dict) -> list:
     """Warm up, run the rounds, fill `report["figures"]`; the table's rows."""
-    from common import Row, paired, rounds, same_text, wer
+    from common import paired, rounds, same_text, wer
     from whisperdrop import log
     from whisperdrop.engine import Engine, ModelKey
     from whisperdrop.spool import TranscribeOptions
@@ -350,7 +256,7 @@ def measure(args: argparse.Namespace, report: dict) -> list:
     figures["memory"] = memory.figures() if memory is not None else {"source": None, "error": "no GPU: CPU run"}
     figures["memory"]["rss_peak_mib"] = environment.peak_rss_mib()
     report["figures"] = figures
-    return table(report, Row)
+    return table(report)
 
 
 class _Nothing:
@@ -369,40 +275,6 @@ def _phase(memory: Any, name: str) -> None:
 def _in(memory: Any, name: str, call: Any) -> Any:
     _phase(memory, name)
     return call()
-
-
-def table(report: dict, Row: Any) -> list:
-    """The Markdown table's rows from `report["figures"]`."""
-    figures = report["figures"]
-    label = f"{report['model_label']} {figures['compute_type']} {report['device_label']}"
-    how = (f"median of {figures['rounds']} round(s), order rotating; one loaded model; word timestamps, VAD, beam 5; "
-           f"batch_size {figures['batch_size']}")
-    if "runner" in figures:
-        how += f"; the runner's jobs sharing a step: up to {figures['runner']['jobs_batched_max']}"
-    long, short, ratios = figures["long"], figures["short"], figures["ratios"]
-    rows = []
-    names = {"sequential": "bare WhisperModel.transcribe", "batched": f"bare BatchedInferencePipeline(batch_size={figures['batch_size']})",
-             "runner": "runner Worker, one job", "across_jobs": "runner Worker, batches across jobs"}
-    groups = [("long", f"{long['audio_s'] / 60:.1f} min speech file ({long['words']} words)")]
-    if short["files"]:
-        groups.append(("short", f"{short['files']} clips ({short['audio_s']:.0f} s, {short['words']} words) queued at once"))
-    for group, what in groups:
-        for name in ("sequential", "batched", "runner", "across_jobs"):
-            if name not in figures[group]:
-                continue
-            item = figures[group][name]
-            method = names[name] if group == "long" or name == "across_jobs" else f"sum of {names[name]}, one call per file"
-            rows.append(Row(SECTION, f"{label}, {what}: {method}", item["seconds"], "s", figures[group]["audio_s"], "audio s",
-                            item["rtf"], note=f"(RTF {item['rtf']:.4f}, {item['x_real_time']:.0f}x real time; WER "
-                                              f"{item['wer']:.1f} %, {item['text']}; {how})", runs=item["runs"]))
-    for key, value in ratios.items():
-        rows.append(Row(SECTION, f"{label}: {key.replace('_', ' ')}", value, "x", note="(median of the rounds' ratios)"))
-    memory = figures["memory"]
-    if memory.get("peak_mib") is not None:
-        rows.append(Row(SECTION, f"{label}: peak GPU memory used ({memory['source']})", round(memory["peak_mib"]), "MiB",
-                        round(memory["baseline_mib"]), "before the model", note=f"(by phase: {memory['peak_by_phase_mib']})"))
-    rows.append(Row(SECTION, f"{label}: peak RSS of the check's process", round(memory["rss_peak_mib"] or 0), "MiB"))
-    return rows
 
 
 def what_loaded(args: argparse.Namespace) -> dict:
@@ -484,32 +356,6 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(report), flush=True)
     print(f"JSON: {path}", flush=True)
     return code
-
-
-def model_label(model: str) -> str:
-    """What the model is, from the note prepare.py leaves beside it, else its name."""
-    note = Path(model) / "gpu-check-model.json"
-    if note.is_file():
-        return json.loads(note.read_text()).get("label", model)
-    return model.removeprefix("bundled:")
-
-
-def summary(report: dict) -> str:
-    """The lines to read first: device, libraries, RTFs and ratios."""
-    figures = report["figures"]
-    lines = [f"GPU CHECK on {report['device_label']} ({figures['device']} {figures['compute_type']}, "
-             f"ctranslate2 {report['packages']['ctranslate2']['version']}), {figures['rounds']} round(s) in {report['elapsed_s']} s"]
-    cublas = [path for path in report.get("libraries_mapped", []) if "cublas" in path]
-    lines.append(f"cuBLAS mapped: {', '.join(cublas) if cublas else 'none'}")
-    for group in ("long", "short") if figures["short"]["files"] else ("long",):
-        parts = [f"{name} {item['seconds']:.2f} s (RTF {item['rtf']:.4f}, WER {item['wer']:.1f} %)"
-                 for name, item in figures[group].items() if isinstance(item, dict)]
-        lines.append(f"{group} ({figures[group]['audio_s']:.0f} s of audio): " + "; ".join(parts))
-    lines.append("ratios: " + ", ".join(f"{key} {value:.2f}x" for key, value in figures["ratios"].items()))
-    memory = figures["memory"]
-    if memory.get("peak_mib") is not None:
-        lines.append(f"peak GPU memory {memory['peak_mib']:.0f} MiB (before the model {memory['baseline_mib']:.0f} MiB)")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

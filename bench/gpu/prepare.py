@@ -55,7 +55,7 @@ WHEELS = {"a": ("ctranslate2", "faster-whisper", "jiwer", "rapidfuzz", "structlo
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64")
 MODEL_FILES = ("config.json", "tokenizer.json", "vocabulary.txt", "vocabulary.json", "preprocessor_config.json")
-MODEL_NOTE = "gpu-check-model.json"
+MODEL_NOTE = "gpu-check-model.json"   # report.py reads the model's label from it
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
