@@ -142,7 +142,7 @@ def probe(args: argparse.Namespace) -> int:
     """The child's side: load on the device asked for, one sequential and one batched jfk; print a JSON line."""
     from faster_whisper import WhisperModel
 
-    from whisperdrop.spool import TranscribeOptions
+    from whisperdrop.shared.spool import TranscribeOptions
 
     device, compute_type = args.probe
     audio = load_audio(args.audio, files=not environment.pyav_is_stand_in())["jfk"][0]
@@ -159,9 +159,9 @@ def probe(args: argparse.Namespace) -> int:
 def measure(args: argparse.Namespace, report: dict) -> list:
     """Warm up, run the rounds, fill `report["figures"]`; the table's rows."""
     from common import paired, rounds, same_text, wer
-    from whisperdrop import log
-    from whisperdrop.engine import Engine, ModelKey
-    from whisperdrop.spool import TranscribeOptions
+    from whisperdrop.shared import log
+    from whisperdrop.engine.engine import Engine, ModelKey
+    from whisperdrop.shared.spool import TranscribeOptions
 
     log.configure(level="error")
     device = report["device"]

@@ -6,7 +6,7 @@
 - `Runner`: the runner's `Worker` on fresh spools, sharing the check's Engine (so its loaded model).
 - `Stop`: the check cannot go on; its code is the exit status.
 
-Imports from whisperdrop: `Worker` (gpu_runner/worker.py) and `resolve_model_path` (engine.py), on use.
+Imports from whisperdrop: `Worker` (gpu_runner/worker.py) and `resolve_model_path` (engine/engine.py), on use.
 """
 
 from __future__ import annotations
@@ -107,6 +107,6 @@ class Runner:
 
 
 def model_path(model: str) -> str:
-    from whisperdrop.engine import resolve_model_path
+    from whisperdrop.engine.engine import resolve_model_path
 
     return resolve_model_path(model)

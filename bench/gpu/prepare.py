@@ -137,7 +137,7 @@ def unpack_wheel(wheel: Path, site: Path) -> None:
 def carried_model(model: str, folder: Path) -> dict:
     """`model` (a CTranslate2 Whisper folder or bundled:tiny.en) written to `folder` with int8 weights;
     what it is, for the manifest. Raises ValueError for a model that is not a CTranslate2 model.bin."""
-    from whisperdrop.engine import resolve_model_path
+    from whisperdrop.engine.engine import resolve_model_path
 
     source = Path(resolve_model_path(model))
     folder.mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,7 @@ def wer_cost(args: argparse.Namespace) -> int:
     from common import wer
     from faster_whisper import WhisperModel
 
-    from whisperdrop.engine import resolve_model_path
+    from whisperdrop.engine.engine import resolve_model_path
 
     folder = args.build / "wer-cost"
     shutil.rmtree(folder, ignore_errors=True)

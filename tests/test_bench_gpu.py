@@ -180,7 +180,7 @@ def test_int8_model_round_trips_and_transcribes_jfk_with_float_compute(tmp_path)
     CTranslate2 with float32 compute (weights turned back into floats, as float16 on CUDA) and transcribes jfk."""
     from faster_whisper import WhisperModel
 
-    from whisperdrop.engine import resolve_model_path
+    from whisperdrop.engine.engine import resolve_model_path
 
     source = Path(resolve_model_path("bundled:tiny.en"))
     original = modelbin.read(source / "model.bin")
