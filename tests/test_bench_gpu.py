@@ -130,10 +130,12 @@ def test_call_b_on_a_fresh_machine_says_to_run_call_a_again(pack):
 
 def test_check_stops_with_one_line_when_cuda_is_required_and_absent(call_a):
     """With --device cuda (device.sh's default) on a machine where CTranslate2 sees no GPU, the check
-    stops with one line saying CUDA cannot be used, exits 3 and still writes its JSON with the reason."""
+    stops with one line saying CUDA cannot be used, exits 3 and still writes its JSON with the reason
+    (part a, unpacked by the call before, is not unpacked again)."""
     _, root = call_a
     completed = device(root, "a")
     assert completed.returncode == 3, completed.output
+    assert "# part a: unpacked already" in completed.stdout
     assert "GPU CHECK STOPPED: CUDA cannot be used: CTranslate2 sees no CUDA device" in completed.stdout
     report = json.loads((root / "out" / "gpu-check-a.json").read_text())
     assert report["stopped"].startswith("CUDA cannot be used") and report["cuda_device_count"] == 0

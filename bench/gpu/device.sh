@@ -33,7 +33,7 @@ unpack() {  # part $1 into $work/$1, unless the same manifest is unpacked there 
         echo "GPU CHECK STOPPED: $folder/manifest.json is missing: run bench/gpu/prepare.py here, then carry bench/gpu/pack/$name"
         exit 2
     fi
-    if cmp -s "$folder/manifest.json" "$work/$name/manifest.json"; then
+    if [ -f "$work/$name/manifest.json" ] && [ "$(cat "$folder/manifest.json")" = "$(cat "$work/$name/manifest.json")" ]; then
         echo "# part $name: unpacked already in $work/$name"
         return
     fi
