@@ -22,8 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import JFK, JFK_TEXT, Context, Row
-from corpus import speech_file, wer
+from common import JFK, JFK_TEXT, Context, Row, wer
+from corpus import speech_file
 
 SECTION = "models"
 ENVIRONMENT = "WHISPERDROP_BENCH_MODELS"
