@@ -38,6 +38,7 @@ class Asked:
     words: bool | None = None  # word timestamps wanted
     vad_filter: bool | None = None
     outbox: bool | None = None
+    temperature: float | None = None  # OpenAI's: 0 (its default) decodes with beam search, above 0 samples
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,20 @@ class ApiService:
             overrides["word_timestamps"] = True
         if asked.vad_filter is not None:
             overrides["vad_filter"] = asked.vad_filter
+        if asked.temperature is not None:
+            if not 0 <= asked.temperature <= 1:  # NaN too
+                raise ApiError(400, f"temperature {asked.temperature:g} is not between 0 and 1: send 0 (beam search, "
+                                    "the default) or a sampling temperature up to 1", param="temperature",
+                               code="invalid_temperature")
+            if asked.temperature > 0:  # 0 is OpenAI's default: the same decoding, and the same job, as none
+                overrides["temperature"] = float(asked.temperature)
         try:
             planned = self.pipeline.plan(profile=asked.profile or None, overrides=overrides)
         except ProfileError as error:  # an unknown profile, or translate with an English-only model
             message = str(error)
-            param = "task" if "translate" in message else "profile" if "profile" in message else None
-            raise ApiError(400, message, param=param) from None
+            if "translate" in message:
+                raise ApiError(400, message, param="task", code="translate_unsupported") from None
+            raise ApiError(400, message, param="profile" if "profile" in message else None) from None
         problem = translate_problem(planned.options)
         if problem:
             raise ApiError(400, problem, param="task", code="translate_unsupported")
