@@ -202,10 +202,12 @@ def test_page_follows_jobs_through_a_gpu_host_that_goes_down_and_up(tmp_path):
         assert "gpu-test" in up  # its runner, by name
         done = wait_for(driver, lambda page: row_of(page, "talks/jfk.flac", "finished"), "the job done")
         assert done["status"] == "done" and "gpu1" in done["text"]
-        trail = [stage for stage, _ in driver.execute_script("return window.seen")[done["job"]]]
-        assert trail[0] in ("new", "extracted") and trail[-1] == "done" and len(set(trail)) >= 3, trail
-        order = [JOB_STAGES.index(stage) for stage in trail]
-        assert order == sorted(order), trail  # forward only, stage by stage
+        trail = driver.execute_script("return window.seen")[done["job"]]  # [stage, what the page said], each change
+        stages = [stage for stage, _ in trail]
+        assert stages[0] in ("new", "extracted") and stages[-1] == "done", trail
+        assert ["extracted", "waiting for a GPU host"] in trail, trail
+        order = [JOB_STAGES.index(stage) for stage in stages]
+        assert order == sorted(order), trail  # forward only (how many remote stages a 2 s poll sees varies)
 
         open_transcript(driver, done["job"])
         wait_for(driver, lambda page: "country" in page.find_element(By.ID, "cues").text, "the transcript")
@@ -237,11 +239,10 @@ def test_page_follows_jobs_through_a_gpu_host_that_goes_down_and_up(tmp_path):
         assert "not a media file" in refused.text and "notes.mp3" in refused.text
         uploaded = wait_for(driver, lambda page: row_of(page, "interview.wav", "finished"), "the upload's job done")
         assert uploaded["job"] == accepted.get_attribute("data-job") and uploaded["status"] == "done"
-        plotted = wait_for(driver, lambda page: page.execute_script(
-            "return [...document.querySelectorAll('#plot rect.hours')].filter(bar => +bar.getAttribute('height') > 0)"
-            ".length + ' ' + document.querySelectorAll('#plot polyline[data-route=remote]').length") == "1 1" or None,
-            "this hour's bar and the remote route's real-time factor in the plot")
-        assert plotted
+        wait_for(driver, lambda page: page.execute_script(
+            "return [...document.querySelectorAll('#plot rect.hours')].some(bar => +bar.getAttribute('height') > 0)"
+            " && document.querySelectorAll('#plot polyline[data-route=remote]').length === 1"),
+            "the hour's audio as a bar and the remote route's real-time factor as a line in the plot")
         shots.take("4-uploaded")
         if os.environ.get(SCREENSHOT_COPY):  # scripts/screenshot-page: the docs' picture, a transcript shown
             driver.set_window_size(1200, 1080)
