@@ -3,7 +3,8 @@
 Layers, outermost first: `connections.GuardedProtocol` (uvicorn's h11 protocol with a bound on open
 connections and deadlines for a request's head and body), uvicorn's ProxyHeadersMiddleware (only
 where `api.forwarded_allow` names proxies), `guard.Guard` (host, caller, origin, uploads in flight,
-size limit, the request log) and the routes. `ApiServer.start()` binds the socket itself (so a port
+size limit, the request log; the page's own files at `/` pass without the token, so the page
+can ask for it) and the routes. `ApiServer.start()` binds the socket itself (so a port
 in use is a clear error, not uvicorn's exit) and serves it as a task; `stop()` closes it within a
 bound. A client's misbehaviour, wherever it is seen, is an `api.rejected` line (see `rejections`).
 """
@@ -24,7 +25,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from whisperdrop.daemon.api import errors, routes_asr, routes_native, routes_openai, uploads
+from whisperdrop.daemon.api import errors, routes_asr, routes_native, routes_openai, routes_page, uploads
 from whisperdrop.daemon.api.connections import (ACCEPT_BATCH, MAX_HEAD_BYTES, Connections, GuardedProtocol,
                                                 connection_limit)
 from whisperdrop.daemon.api.guard import Guard, InFlight
@@ -41,7 +42,7 @@ def create_app(service: ApiService) -> FastAPI:
     app = FastAPI(title="whisperdrop", docs_url="/docs", redoc_url=None)
     app.state.service = service
     errors.install(app)
-    for module in (routes_native, routes_openai, routes_asr):
+    for module in (routes_native, routes_openai, routes_asr, routes_page):
         app.include_router(module.router)
     return app
 
@@ -139,7 +140,8 @@ class ApiServer:
         self.in_flight = InFlight(uploads.root(self.service.state_dir), api.max_uploads_in_flight,
                                   int(float(api.max_uploads_in_flight_mb) * 1_000_000))
         self.service.figures = self.figures
-        self.app = Guard(create_app(self.service), api, self.service.limit, self.in_flight, self.rejections)
+        self.app = Guard(create_app(self.service), api, self.service.limit, self.in_flight, self.rejections,
+                         public=routes_page.PUBLIC_PATHS)
         self.server: _Server | None = None
         self.task: asyncio.Task | None = None
         self.sweeper: asyncio.Task | None = None

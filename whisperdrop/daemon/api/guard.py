@@ -5,7 +5,9 @@ In order, on the request head:
 1. `Host` must name this daemon (`Hosts`), else 421: a page on another site that rebinds its own
    name to this machine's address (DNS rebinding) still sends its own name.
 2. The caller (`Callers`): an address in `api.trusted_networks` needs no token; any other sends
-   `api.token` (401), or, where no token is configured, must be on loopback (403).
+   `api.token` (401), or, where no token is configured, must be on loopback (403). The page's own
+   files (`public`: GET of `/` and its script and style, which hold no data) pass without, so a
+   browser can open the page and be asked for the token.
 3. `Origin`, on any method but GET, HEAD and OPTIONS: the daemon's own (`scheme://Host`) or one of
    `api.allowed_origins`, else 403: a web page on another site posting to the daemon (CSRF). Clients
    that send no Origin (curl, the SDKs, Bazarr, Open WebUI's server) are not browsers and pass.
@@ -210,8 +212,10 @@ class InFlight:
 class Guard:
     """ASGI middleware: host, caller, origin, uploads in flight, size limit, request log (see the module's doc)."""
 
-    def __init__(self, app: Any, api: Any, limit: int, in_flight: InFlight, rejections: Rejections):
+    def __init__(self, app: Any, api: Any, limit: int, in_flight: InFlight, rejections: Rejections,
+                 public: frozenset = frozenset()):
         self.app = app
+        self.public = public  # paths whose GET holds no data (the page's own files): no caller check
         self.hosts = Hosts(api.listen.rpartition(":")[0] if api.listen else "", list(api.allowed_hosts))
         self.callers = Callers(api.token, list(api.trusted_networks))
         self.origins = Origins(list(api.allowed_origins))
@@ -272,7 +276,8 @@ class Guard:
             return 421, "wrong_host", (f"this daemon does not serve the host name {shown!r}: use its address, or add "
                                        "the name to api.allowed_hosts in config.yaml"), {}
         client = (scope.get("client") or (None,))[0]
-        refused = self.callers.refusal(client, headers.get(b"authorization"))
+        public = scope["method"] in ("GET", "HEAD") and scope["path"] in self.public
+        refused = None if public else self.callers.refusal(client, headers.get(b"authorization"))
         if refused is not None:
             status, reason, message = refused
             return status, reason, message, {"www-authenticate": "Bearer"} if status == 401 else {}

@@ -21,6 +21,7 @@ from typing import Any, Callable
 from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.api.errors import ApiError
 from whisperdrop.daemon.api.formats import language_code
+from whisperdrop.daemon.api.overview import host_state
 from whisperdrop.shared import log
 from whisperdrop.shared.profiles import ProfileError, translate_problem
 
@@ -39,6 +40,7 @@ class Asked:
     words: bool | None = None  # word timestamps wanted
     vad_filter: bool | None = None
     outbox: bool | None = None
+    temperature: float | None = None  # OpenAI's: 0 (its default) decodes with beam search, above 0 samples
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,20 @@ class ApiService:
             overrides["word_timestamps"] = True
         if asked.vad_filter is not None:
             overrides["vad_filter"] = asked.vad_filter
+        if asked.temperature is not None:
+            if not 0 <= asked.temperature <= 1:  # NaN too
+                raise ApiError(400, f"temperature {asked.temperature:g} is not between 0 and 1: send 0 (beam search, "
+                                    "the default) or a sampling temperature up to 1", param="temperature",
+                               code="invalid_temperature")
+            if asked.temperature > 0:  # 0 is OpenAI's default: the same decoding, and the same job, as none
+                overrides["temperature"] = float(asked.temperature)
         try:
             planned = self.pipeline.plan(profile=asked.profile or None, overrides=overrides)
         except ProfileError as error:  # an unknown profile, or translate with an English-only model
             message = str(error)
-            param = "task" if "translate" in message else "profile" if "profile" in message else None
-            raise ApiError(400, message, param=param) from None
+            if "translate" in message:
+                raise ApiError(400, message, param="task", code="translate_unsupported") from None
+            raise ApiError(400, message, param="profile" if "profile" in message else None) from None
         problem = translate_problem(planned.options)
         if problem:
             raise ApiError(400, problem, param="task", code="translate_unsupported")
@@ -248,18 +258,20 @@ class ApiService:
         now = time.time()
         hosts = []
         for state in getattr(self.remote, "states", []):
-            checked = bool(state.checked_at or state.failures)
-            up = state.down_until <= now and state.last_error is None
-            hosts.append({"name": state.name, "state": ("up" if up else "down") if checked else "unchecked",
+            hosts.append({"name": state.name, "state": host_state(state, now),
                           "runners": len(state.runners), "in_flight": state.in_flight, "failures": state.failures,
                           "last_error": state.last_error,
                           "retry_in_s": round(state.down_until - now, 1) if state.down_until > now else None})
+        local = self.local_route()
+        serving = local["role"] != "off" or any(host["state"] != "down" for host in hosts)
+        return {"status": "healthy" if serving else "degraded", "model": self.pipeline.options.model,
+                "provider": self.pipeline.router.provider, "hosts": hosts, "local": local,
+                "jobs_in_progress": self.pipeline.busy(), **({"api": self.figures()} if self.figures else {})}
+
+    def local_route(self) -> dict:
+        """The local route: its model and device, and its role: every job, the fallback, or off."""
         provider = self.pipeline.router.provider
         local_on = self.remote is None or provider in ("auto", "local")
-        serving = local_on or any(host["state"] != "down" for host in hosts)
-        return {"status": "healthy" if serving else "degraded", "model": self.pipeline.options.model,
-                "provider": provider, "hosts": hosts,
-                "local": {"model": self.config.local.model, "device": self.config.local.device,
-                          "role": ("every job" if self.remote is None or provider == "local" else "fallback")
-                          if local_on else "off"},
-                "jobs_in_progress": self.pipeline.busy(), **({"api": self.figures()} if self.figures else {})}
+        return {"model": self.config.local.model, "device": self.config.local.device,
+                "role": ("every job" if self.remote is None or provider == "local" else "fallback")
+                if local_on else "off"}
