@@ -1,6 +1,6 @@
 """Hostile HTTP clients, for the API's tests and its flood figures (bench/api_flood.py): a flood of
-half-open connections, a raw request with whatever headers, and a chunked upload that goes on
-sending after its answer. Plain sockets, so nothing a client library would correct gets corrected."""
+half-open connections, and a chunked upload that goes on sending after its answer. Plain sockets, so
+nothing a client library would correct gets corrected."""
 
 from __future__ import annotations
 
@@ -96,13 +96,6 @@ def raise_open_file_limit(wanted: int) -> bool:
         return False
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     return True
-
-
-def raw_request(address: tuple[str, int], data: bytes, timeout: float = 60.0) -> bytes:
-    """Send `data` on a new connection, read until the server closes it or `timeout`; what came back."""
-    with socket.create_connection(address, timeout=timeout) as sock:
-        sock.sendall(data)
-        return read_until_closed(sock, timeout)
 
 
 def read_until_closed(sock: socket.socket, timeout: float) -> bytes:

@@ -19,9 +19,7 @@ import pytest
 import yaml
 
 from daemon_helpers import Daemon, jfk_pcm, write_speech_wav, write_variant_wav, write_wav
-from hostile import (HalfOpenFlood, chunked_upload_that_keeps_sending, raise_open_file_limit, raw_request,
-                     status_of)
-from media import JFK
+from hostile import HalfOpenFlood, chunked_upload_that_keeps_sending, raise_open_file_limit, status_of
 from sshd import skip_or_fail
 from whisperdrop.daemon.api.connections import ACCEPT_BATCH
 from test_api import REQUEST_TIMEOUT_S, api_daemon, curl, free_port, ledger_rows, stored_uploads
