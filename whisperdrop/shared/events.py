@@ -107,6 +107,10 @@ EVENTS: dict[str, Event] = {
     "transcribe.checkpoint_failed": _daemon("job_id file error", "A local job's checkpoint (state_dir/partial) could not be written or removed; the job goes on (a stop now would start it from zero)."),
     "transcribe.checkpoints_swept": _daemon("removed", "At start: checkpoints of jobs gone or past transcription removed."),
     "results.expired": _daemon("removed older_than_days", "Cached Results older than `results_days` removed."),
+    "audio.expired": _daemon("removed older_than_hours",
+                             "Extracted audio kept for the page older than `api.keep_audio_hours` removed."),
+    "audio.not_kept": _daemon("job_id error", "A done job's extracted audio could not be kept for the page "
+                              "(it then has no player); the job is done all the same."),
     "results.expire_failed": _daemon("folder error", "Expiring cached Results failed; tried again later."),
     "metrics.write_failed": _daemon("path error hint", "The metrics file could not be written."),
     "metrics.last_write_late": _daemon("path seconds", "The last metrics write at stop took long."),
