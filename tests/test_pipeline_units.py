@@ -311,6 +311,16 @@ APOLLO = _made([
     (72.42, 72.84, -0.2904, " Hold on.", [0.0, 0.08]),
 ], speech=29.632)
 
+# A film's dialogue (English, 21 s, batched): its chunk looped ("Hello. Hello. ...") at temperature 0 and
+# was decoded again at 0.6, the clean English that scored highest.
+FILM = _made([
+    (1.264, 2.104, -0.6751, " I'm", [0.14]),
+    (2.424, 18.804, -0.6751, " so stupid to stay with us tomorrow, since she feels better. Oh, shit, cow! These won't be "
+     "for long. Well, you can stay as long as you want my whole family, Miss.",
+     [0.2, 0.27, 0.36, 0.98, 0.93, 0.86, 0.26, 0.11, 0.88, 0.99, 1.0, 0.49, 0.26, 0.48, 0.13, 0.92, 0.99, 0.94, 0.95,
+      0.66, 0.79, 0.98, 1.0, 0.75, 0.99, 1.0, 0.99, 0.78, 0.37, 0.63, 0.32, 0.3]),
+], speech=18.912)
+
 # jfk.flac (batched; the VAD found 10.288 s of speech), and the first three of jfk said 25 times over
 # with 1 s between (batched, the same chunk: compression ratio 3.29, speech that really repeats).
 JFK = _made([
@@ -354,9 +364,9 @@ def test_other_languages_recorded_through_tiny_en_get_the_warning():
 
 
 def test_english_recorded_through_tiny_en_gets_no_warning():
-    """jfk, jfk said three times over, and Apollo 11's noisy radio (the English closest to the line)
-    get no warning."""
-    for made in (JFK, JFK_THRICE, APOLLO):
+    """jfk, jfk said three times over, a film's dialogue decoded again after a loop, and Apollo 11's
+    noisy radio as sequential decoding heard it (the English closest to the line) get no warning."""
+    for made in (JFK, JFK_THRICE, FILM, APOLLO):
         assert results.language_warning(made) is None, made["text"]
     assert results.not_english_evidence(JFK_THRICE)["repeated"] == 0
     assert results.not_english_evidence(APOLLO)["total"] < results.WARN_POINTS
