@@ -95,7 +95,8 @@ class BatchDecoder:
         self.options = TranscriptionOptions(  # BatchedInferencePipeline.transcribe's
             beam_size=options.beam_size, best_of=5, patience=1, length_penalty=1, repetition_penalty=1,
             no_repeat_ngram_size=0, log_prob_threshold=LOG_PROB_THRESHOLD, no_speech_threshold=NO_SPEECH_THRESHOLD,
-            compression_ratio_threshold=2.4, temperatures=[0.0], initial_prompt=options.initial_prompt, prefix=None,
+            compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD, temperatures=[0.0],
+            initial_prompt=options.initial_prompt, prefix=None,
             suppress_blank=True, suppress_tokens=get_suppressed_tokens(self.tokenizer, [-1]),
             prepend_punctuations="\"'“¿([{-", append_punctuations="\"'.。,，!！?？:：”)]}、", max_new_tokens=None,
             hotwords=options.hotwords, word_timestamps=options.word_timestamps, hallucination_silence_threshold=None,
@@ -148,9 +149,9 @@ class BatchDecoder:
         among them: those under the compression ratio threshold first, then the highest average log
         probability, as faster-whisper chooses. Sampling is random (CTranslate2 seeds each thread once):
         such a chunk may read differently from one run to the next, as with sequential decoding."""
-        model, tokenizer = self.model, self.tokenizer
-        prompt = model.get_prompt(
-            tokenizer, previous_tokens=tokenizer.encode(self.options.initial_prompt) if self.options.initial_prompt else [],
+        model, tokenizer, initial_prompt = self.model, self.tokenizer, self.options.initial_prompt
+        prompt = model.get_prompt(  # the prompt generate_segment_batched gave the whole batch
+            tokenizer, previous_tokens=tokenizer.encode(initial_prompt) if initial_prompt else [],
             without_timestamps=True, hotwords=self.options.hotwords)
         result, avg_logprob, temperature, ratio = model.generate_with_fallback(
             model.encode(features), prompt, tokenizer, self.fallback_options)
