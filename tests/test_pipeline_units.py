@@ -248,7 +248,7 @@ def test_the_stages_advance_one_step_at_a_time_on_a_fake_clock(tmp_path):
 
 # The English-only warning over segment figures recorded with the bundled tiny.en (int8, CPU), each
 # Result's segments as (start, end, avg_logprob, text, word probabilities or None), and the speech the
-# VAD found. How every clip scored, and the rule: README, Models; issue 21's report.
+# VAD found. How every clip scored, and the rule: docs/models.md; issue 21's note.
 
 
 def _made(segments, speech, model="bundled:tiny.en", vad_filter=True):

@@ -41,7 +41,7 @@ NO_SPEECH_THRESHOLD = 0.6
 LOG_PROB_THRESHOLD = -1.0
 COMPRESSION_RATIO_THRESHOLD = 2.4  # text that zlib shrinks more than this repeats itself (faster-whisper's threshold)
 LOOP_LOG_PROB = -0.5            # ...and is a loop when the model is unsure of it, or when it comes faster than
-LOOP_TOKENS_PER_SECOND = 4.0    # this many tokens a second of the chunk's speech. Measured with tiny.en (README, Models):
+LOOP_TOKENS_PER_SECOND = 4.0    # this many tokens a second of the chunk's speech. Measured with tiny.en (docs/models.md):
                                 # jfk 25 times over, ratio 3.3-3.8 at -0.05 to -0.08 and 2.2-2.4 tokens/s, is speech that
                                 # repeats; loops on other languages ran at -0.99 or at 6.5-21 tokens/s
 FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's after 0.0, sampling best_of 5
