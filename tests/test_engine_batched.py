@@ -16,8 +16,9 @@ from faster_whisper import BatchedInferencePipeline
 from faster_whisper.audio import decode_audio
 from faster_whisper.vad import get_speech_timestamps
 
-from whisperdrop.engine import batched
-from whisperdrop.engine.batched import AudioJob, _missed, needs_fallback
+from whisperdrop.engine import guard
+from whisperdrop.engine.batched import AudioJob, _missed
+from whisperdrop.engine.guard import needs_fallback
 from whisperdrop.engine.chunks import Chunk, vad_options
 from whisperdrop.engine.engine import Engine, EngineError, ModelKey
 from whisperdrop.shared.spool import TranscribeOptions
@@ -160,25 +161,24 @@ def test_speech_that_repeats_is_decoded_once_at_temperature_zero(engine, tmp_pat
     no chunk is decoded again (issue 30: the repetition is in the speech, and a fallback would cost
     several decodes per chunk); each segment says its temperature and compression ratio."""
     again = []
-    original = batched.BatchDecoder._fallback
-    monkeypatch.setattr(batched.BatchDecoder, "_fallback",
-                        lambda self, *args: again.append(args) or original(self, *args))
+    original = guard.decode_again
+    monkeypatch.setattr(guard, "decode_again", lambda *args: again.append(args) or original(*args))
     path = speech_at(tmp_path / "five.wav", [12.0 * index for index in range(5)], 60.0)
     result = engine.transcribe(path, OPTIONS, batch_size=8)
     assert again == []
     assert word_error_rate(" ".join([jfk_reference()] * 5), result["text"]) <= 0.10
     assert {segment["temperature"] for segment in result["segments"]} == {0.0}
-    assert max(segment["compression_ratio"] for segment in result["segments"]) > batched.COMPRESSION_RATIO_THRESHOLD
+    assert max(segment["compression_ratio"] for segment in result["segments"]) > guard.COMPRESSION_RATIO_THRESHOLD
 
 
-def test_a_chunk_that_fails_the_guard_is_decoded_again_alone_at_a_higher_temperature(engine, tmp_path, monkeypatch):
+def test_a_chunk_that_fails_the_guard_is_decoded_again_at_a_higher_temperature(engine, tmp_path, monkeypatch):
     """A chunk whose first decoding fails the guard (here: every decoding at temperature 0 is made to
-    fail it) is decoded again, alone, with faster-whisper's fallback; the one at 0.2 passes, and its
-    segments carry that temperature and still read jfk."""
-    original = batched.needs_fallback
-    monkeypatch.setattr(batched, "needs_fallback",
+    fail it) is decoded again with faster-whisper's fallback temperatures; the one at 0.2 passes, and
+    its segments carry that temperature and still read jfk."""
+    original = guard.needs_fallback
+    monkeypatch.setattr(guard, "needs_fallback",
                         lambda output, speech: output["temperature"] == 0.0 or original(output, speech))
     result = engine.transcribe(speech_at(tmp_path / "once.wav", [1.0], 14.0), OPTIONS, batch_size=8)
-    assert {segment["temperature"] for segment in result["segments"]} == {batched.FALLBACK_TEMPERATURES[0]}
+    assert {segment["temperature"] for segment in result["segments"]} == {guard.FALLBACK_TEMPERATURES[0]}
     assert word_error_rate(jfk_reference(), result["text"]) <= 0.25
     assert all(segment["words"] for segment in result["segments"])  # aligned as a chunk decoded in its batch is
