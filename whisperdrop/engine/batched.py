@@ -6,9 +6,12 @@ hand so that a short job finishes within a batch or two, asks `more` for further
 jobs than `batch_size` are in hand, and yields each job's outcome as soon as its last chunk is decoded.
 
 Each chunk is decoded exactly as faster-whisper's `BatchedInferencePipeline` decodes it (same features,
-prompt, beam search and word alignment), with three additions. A chunk whose text is a repetition
+prompt, beam search and word alignment), with four additions. A chunk whose text is a repetition
 loop or a guess is decoded again at faster-whisper's fallback temperatures (`guard`), the chunks of a
-batch that need it together.
+batch that need it together. Words that word alignment puts in no time at all (a run of three or
+more, each under one 20 ms frame) are dropped: decoding without timestamps sometimes writes a
+sentence twice where the speech repeats itself (jfk said 25 times), and alignment squeezes the copy
+into an instant (`_squeezed`).
 Speech the model skipped (a run of VAD speech spans that no aligned word touches, 3 s or more: a
 batched pass sometimes stops early or jumps over a sentence) goes back in the queue as a chunk of its
 own for a later batch; and a chunk the model calls silence (no-speech probability over 0.6 with a
@@ -36,6 +39,8 @@ MAX_PASSES = 3                  # a stretch of speech is decoded at most this of
 MISSED_SPEECH = 3 * SAMPLE_RATE  # skipped speech this long (samples) is decoded again: a shorter stretch costs a whole
                                  # 30 s encoder pass and, alone, was decoded wrong (bench/README.md, issue 11 engine)
 COVERED = 0.2                   # a span counts as transcribed when aligned words cover this share of it
+SQUEEZED_WORDS = 3              # a run of this many words or more that word alignment gives less than
+SQUEEZED_SECONDS = 0.02         # this each (one feature frame) is text written twice: the words hold no audio
 Progress = Callable[[float, float], None]
 
 
@@ -143,12 +148,22 @@ class BatchDecoder:
                 "compression_ratio": round(float(output["compression_ratio"]), 4),
                 "no_speech_prob": round(float(output["no_speech_prob"]), 4)}
         segments, spoken = [], []
+        squeezed = _squeezed([word for piece in pieces for word in piece.get("words") or []])
+        counter = 0
         for piece in pieces:
             text = piece["text"]
+            words = piece.get("words") or []
+            kept = [word for index, word in enumerate(words, start=counter) if index not in squeezed]
+            counter += len(words)
+            if len(kept) < len(words):
+                if not kept:
+                    continue
+                text = "".join(word["word"] for word in kept)
+                piece = dict(piece, tokens=self.tokenizer.encode(text))
             if not text.strip():
                 continue
             runs: list[tuple[int, list[dict]]] = []   # words by the piece of the chunk they fall in
-            for word in piece.get("words") or []:
+            for word in kept:
                 word_start, word_end = word["start"] - offset, word["end"] - offset
                 spoken.append((word_start, word_end))
                 index = chunk.piece_index((word_start + word_end) / 2)
@@ -176,6 +191,28 @@ class BatchDecoder:
                                  "tokens": tokens, **base, "words": []})
         missed = _missed(chunk, spoken) if self.options.word_timestamps else []
         return _Decoded(segments, missed)
+
+
+def _squeezed(words: list[dict]) -> set[int]:
+    """Indexes of the `words` in runs of SQUEEZED_WORDS or more that alignment gives under SQUEEZED_SECONDS each."""
+    found: set[int] = set()
+    start = 0
+    while start < len(words):
+        end = start
+        while end < len(words) and words[end]["end"] - words[end]["start"] < SQUEEZED_SECONDS:
+            end += 1
+        if SQUEEZED_WORDS and end - start >= SQUEEZED_WORDS:
+            found.update(range(start, end))
+            if 0 < start and end < len(words) and _bare(words[start - 1]["word"]) == _bare(words[end]["word"]):
+                # the repeated stretch began or ended with a word that kept some time: one of the two goes too
+                before, after = words[start - 1], words[end]
+                found.add(start - 1 if before["end"] - before["start"] < after["end"] - after["start"] else end)
+        start = max(end, start + 1)
+    return found
+
+
+def _bare(word: str) -> str:
+    return "".join(character for character in word.lower() if character.isalnum())
 
 
 def _missed(chunk: Chunk, spoken: list[tuple[float, float]]) -> list[tuple[int, int]]:
