@@ -8,6 +8,7 @@ import sys
 
 from daemon_helpers import jfk_reference, word_error_rate
 from media import JFK
+from transcripts import assert_segments_in_order
 
 
 def whisperdrop(*arguments: str, cwd) -> subprocess.CompletedProcess:
@@ -21,6 +22,7 @@ def test_transcribe_writes_outputs_and_leaves_the_source(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "out" / "jfk.json").read_text())
     assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
+    assert_segments_in_order(result["segments"])
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["jfk.json", "jfk.srt", "jfk.txt", "jfk.vtt"]
     assert JFK.exists() and "jfk.json" in done.stdout  # the result on stdout; progress and messages on stderr
 

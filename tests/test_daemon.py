@@ -19,6 +19,7 @@ import pytest
 from daemon_helpers import Daemon, jfk_reference, wait_failed, word_error_rate, write_variant_wav
 from media import JFK, make_clip, make_text_as_mp3, make_truncated_mp4, make_video_without_audio
 from sshd import skip_or_fail
+from transcripts import assert_segments_in_order
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ def test_jfk_flac_gives_all_outputs_and_is_archived(daemon):
     assert result["schema"] == "whisperdrop.result/1"
     assert result["executed_on"]["route"] == "local" and result["language"] == "en"
     assert all(segment["words"] for segment in result["segments"])
+    assert_segments_in_order(result["segments"])
     first_word = result["segments"][0]["words"][0]
     assert 0 <= first_word["start"] < first_word["end"] <= result["duration"] + 0.5
     assert result["source"]["path"] == "jfk.flac" and result["source"]["size"] == JFK.stat().st_size

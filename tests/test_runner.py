@@ -23,8 +23,10 @@ import jiwer
 import pytest
 from daemon_helpers import json_lines
 from media import JFK, JFK_TEXT, concat_speech
+from transcripts import assert_segments_in_order
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
+from transcripts import assert_segments_in_order
 
 from whisperdrop.daemon.extract import extract
 from whisperdrop.engine.engine import Engine, EngineError
@@ -207,6 +209,7 @@ def test_step_transcribes_a_job_and_publishes_its_result(spool, engine, jfk_opus
     assert result["executed_on"]["compute_type"] == "int8" and result["executed_on"]["gpu"] is None
     assert result["timings"]["queue_s"] >= 2 and result["timings"]["transcribe_s"] > 0
     assert result["segments"] and result["segments"][0]["words"]
+    assert_segments_in_order(result["segments"])
     assert progress in recorder.paths
     assert not (spool / "progress" / f"{job}.json").exists()
     assert list((spool / "work").iterdir()) == []

@@ -17,7 +17,8 @@ batched pass sometimes stops early or jumps over a sentence) goes back in the qu
 own for a later batch; and a chunk the model calls silence (no-speech probability over 0.6 with a
 log probability under -1) gives no text.
 Times come back to the source through the chunk's pieces, as `restore_speech_timestamps` does, and
-a segment whose words fall in different pieces is split there.
+a segment whose words fall in different pieces is split there. A job's segments are put together by
+`segments.assemble`: in order, never overlapping, never repeated, however its chunks were decoded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy
 from whisperdrop.engine import checkpoint, guard
 from whisperdrop.engine.chunks import SAMPLE_RATE, Chunk, ChunkSource
 from whisperdrop.engine.guard import LOG_PROB_THRESHOLD, NO_SPEECH_THRESHOLD
+from whisperdrop.engine.segments import assemble
 from whisperdrop.shared.files import Cancelled
 from whisperdrop.shared.spool import TranscribeOptions
 
@@ -190,6 +192,8 @@ class BatchDecoder:
                                  "end": round(chunk.source_time(end, is_end=True), 3), "text": text,
                                  "tokens": tokens, **base, "words": []})
         missed = _missed(chunk, spoken) if self.options.word_timestamps else []
+        missed = [(start, end) for start, end in missed if chunk.part(start, end).pieces != chunk.pieces]  # the same audio
+        # at temperature 0 reads the same again: decoding the whole chunk again would only repeat its segments
         return _Decoded(segments, missed)
 
 
@@ -413,7 +417,7 @@ def _language(model: Any, chunk: Chunk, options: TranscribeOptions) -> tuple[str
 
 
 def _transcript(run: _Run, options: TranscribeOptions, model: Any) -> Transcript:
-    segments = sorted(run.segments, key=lambda segment: (segment["start"], segment["end"]))
+    segments = assemble(run.segments, lambda text: model.hf_tokenizer.encode(text, add_special_tokens=False).ids)
     for index, segment in enumerate(segments):
         segment["id"] = index + 1
     language, probability = run.language, run.language_probability
