@@ -40,7 +40,8 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
 
     `timings` (the daemon's stage figures) go over the ones in `made`; `transfer` replaces its own.
     `language_warning` is added when an English-only model seems to have heard another language (see
-    `language_warning`). Returns a new dict; `made` is not changed.
+    `language_warning`), or when a detected language is doubtful (`detection_warning`). Returns a new
+    dict; `made` is not changed.
     """
     document = {
         **made,
@@ -51,7 +52,7 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
         "timings": {**(made.get("timings") or {}), **timings},
         "transfer": dict(transfer),
     }
-    warning = language_warning(made)
+    warning = language_warning(made) or detection_warning(made)
     if warning:
         document["language_warning"] = warning
     return document
@@ -83,6 +84,27 @@ def language_warning(made: dict) -> str | None:
     return (f"the speech is likely not English (average log-probability {weighted / total:.2f}), but "
             f"{made.get('model')} understands English only, so this transcript is likely nonsense: use a "
             f"multilingual model ({MULTILINGUAL_MODELS}) for other languages; see README, Models")
+
+
+# A detected language whose probability is under this is doubtful (engine.language.DOUBTFUL_PROBABILITY,
+# faster-whisper's own threshold for a sure detection): measured with bundled:base on espeak-ng speech,
+# German, Spanish and English came out at 0.94 to 0.99, Portuguese as `en` at 0.28, French at 0.63.
+DOUBTFUL_PROBABILITY = 0.5
+
+
+def detection_warning(made: dict) -> str | None:
+    """A sentence for the Result and the log when the language was detected (the options asked for
+    none, and the model is multilingual) with a probability under DOUBTFUL_PROBABILITY: the language
+    and the probability, and the fix (set `language` on the folder's profile); None otherwise."""
+    if (made.get("options") or {}).get("language") or english_only(made.get("model")):
+        return None
+    probability = made.get("language_probability")
+    if probability is None or float(probability) >= DOUBTFUL_PROBABILITY or not made.get("segments"):
+        return None
+    return (f"the language was detected as {made.get('language')!r} with probability {float(probability):.2f} only "
+            f"(under {DOUBTFUL_PROBABILITY}), so this transcript may be in the wrong language or nonsense: if you know "
+            "the language, set `language` (e.g. pt) on the profile of this file's folder, or transcription.language, "
+            "or send it with the request; see docs/models.md, Languages")
 
 
 def for_source(result: dict, *, path: str, size: int, sha256: str, timings: dict,

@@ -21,7 +21,7 @@ from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.api.errors import ApiError
 from whisperdrop.daemon.api.formats import language_code
 from whisperdrop.shared import log
-from whisperdrop.shared.profiles import ProfileError, translate_problem
+from whisperdrop.shared.profiles import ProfileError, capability_problem
 
 OPENAI_MODEL_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "default")
 
@@ -111,14 +111,22 @@ class ApiService:
             overrides["vad_filter"] = asked.vad_filter
         try:
             planned = self.pipeline.plan(profile=asked.profile or None, overrides=overrides)
-        except ProfileError as error:  # an unknown profile, or translate with an English-only model
-            message = str(error)
-            param = "task" if "translate" in message else "profile" if "profile" in message else None
-            raise ApiError(400, message, param=param) from None
-        problem = translate_problem(planned.options)
+        except ProfileError as error:  # an unknown profile, or what an English-only model cannot do
+            raise self._refusal(str(error)) from None
+        problem = capability_problem(planned.options)
         if problem:
-            raise ApiError(400, problem, param="task", code="translate_unsupported")
+            raise self._refusal(problem)
         return planned
+
+    @staticmethod
+    def _refusal(message: str) -> ApiError:
+        """The 400 for options that cannot be planned, naming the parameter: `task` for translate and
+        `language` for a language an English-only model cannot do (each with its code), else `profile`."""
+        if "cannot translate" in message:
+            return ApiError(400, message, param="task", code="translate_unsupported")
+        if "cannot transcribe language" in message:
+            return ApiError(400, message, param="language", code="language_unsupported")
+        return ApiError(400, message, param="profile" if "profile" in message else None)
 
     # one upload
 
