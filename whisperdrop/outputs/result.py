@@ -94,14 +94,19 @@ DOUBTFUL_PROBABILITY = 0.5
 
 def detection_warning(made: dict) -> str | None:
     """A sentence for the Result and the log when the language was detected (the options asked for
-    none, and the model is multilingual) with a probability under DOUBTFUL_PROBABILITY: the language
-    and the probability, and the fix (set `language` on the folder's profile); None otherwise."""
-    if (made.get("options") or {}).get("language") or english_only(made.get("model")):
+    none, and the model is multilingual) on speech (segments), with a probability under
+    DOUBTFUL_PROBABILITY (see `doubtful_language`); None otherwise."""
+    if (made.get("options") or {}).get("language") or english_only(made.get("model")) or not made.get("segments"):
         return None
-    probability = made.get("language_probability")
-    if probability is None or float(probability) >= DOUBTFUL_PROBABILITY or not made.get("segments"):
+    return doubtful_language(made.get("language"), made.get("language_probability"))
+
+
+def doubtful_language(language: str | None, probability: float | None) -> str | None:
+    """The warning for a detected `language` whose `probability` is under DOUBTFUL_PROBABILITY: the
+    language, the probability and the fix (set `language` on the folder's profile); None when sure."""
+    if probability is None or float(probability) >= DOUBTFUL_PROBABILITY:
         return None
-    return (f"the language was detected as {made.get('language')!r} with probability {float(probability):.2f} only "
+    return (f"the language was detected as {language!r} with probability {float(probability):.2f} only "
             f"(under {DOUBTFUL_PROBABILITY}), so this transcript may be in the wrong language or nonsense: if you know "
             "the language, set `language` (e.g. pt) on the profile of this file's folder, or transcription.language, "
             "or send it with the request; see docs/models.md, Languages")

@@ -167,7 +167,7 @@ SCHEMA: dict[str, Any] = {
             str, "auto", "`auto`: a GPU host, falling back to the local CPU; `remote`: wait for a host; `local`: CPU only.",
             choices=("auto", "remote", "local"),
         ),
-        "model": Option(str, "bundled:tiny.en", "Model asked of the GPU host: a faster-whisper name (large-v3), a CTranslate2 folder, or bundled:tiny.en."),
+        "model": Option(str, "bundled:tiny.en", "Model asked of the GPU host: a faster-whisper name (large-v3), a CTranslate2 folder, or bundled:tiny.en (English only) or bundled:base (every language; the install extra base)."),
         "language": Option(str, None, "Language code (en, de, ...); null detects it.", nullable=True),
         "initial_prompt": Option(str, None, "Text that primes the model with your vocabulary and style.", nullable=True),
         "hotwords": Option(str, None, "Words to favour (names, jargon), space separated.", nullable=True),

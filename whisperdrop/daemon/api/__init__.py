@@ -5,6 +5,7 @@ Every request becomes a job in the daemon's ledger, routed like a dropped file (
 
     server (uvicorn on the daemon's loop) -> app (auth, size limit, error handlers)
         -> routes_native | routes_openai | routes_asr -> service (store, submit, wait) -> Pipeline
+        `/detect-language` -> service -> detect (the first speech only, no job)
         responses are rendered by `formats`
 
 This package's `__init__` imports nothing, so the pipeline's stages can use `uploads` without

@@ -63,6 +63,7 @@ class ApiService:
         self.state_dir = config.path("state_dir")
         self.limit = int(float(config.api.max_upload_mb) * 1_000_000)
         self.log = log.get("api")
+        self._detector: tuple[Any, asyncio.Lock] | None = None   # /detect-language's engine, made on first use
 
     # options
 
@@ -205,6 +206,42 @@ class ApiService:
         return {"job_id": result.get("job_id") or job.job_id, "route": executed.get("route") or job.route,
                 "host": executed.get("host"), "fallback_reason": result.get("fallback_reason"),
                 "model": result.get("model"), "duration": result.get("duration"), "profile": result.get("profile")}
+
+    # /detect-language
+
+    async def detect_language(self, upload: Any, *, raw_pcm: bool = False) -> Any:
+        """The language of `upload` from its first speech (`detect.detect`): stored under state_dir,
+        checked as media, detected in a worker thread (one at a time), removed. No job is made.
+        Raises ApiError: 413, 415, 422 (only an English-only model here and the speech not English),
+        503 (the model that detects cannot load)."""
+        from whisperdrop.daemon.api import detect
+        from whisperdrop.engine.engine import Engine, EngineError
+
+        if upload is None or not hasattr(upload, "file"):
+            raise ApiError(422, "no file in the request: send the audio as a multipart file field", code="no_file")
+        loop = asyncio.get_running_loop()
+        io = self.pipeline.context.io
+        try:
+            stored = await loop.run_in_executor(io, lambda: uploads.store(
+                upload.file, self.state_dir, upload.filename, self.limit, raw_pcm=raw_pcm, write_outbox=False))
+        except uploads.TooLarge as error:
+            raise ApiError(413, f"{error}; send a smaller file, or raise api.max_upload_mb in config.yaml",
+                           code="too_large") from None
+        try:
+            await loop.run_in_executor(io, uploads.probe, stored.path, upload.filename)
+            if self._detector is None:
+                self._detector = (Engine(max_models=1), asyncio.Lock())
+            engine, lock = self._detector
+            async with lock:
+                return await asyncio.to_thread(detect.detect, engine, stored.path, self.config.local)
+        except uploads.NotMedia as error:
+            raise ApiError(415, str(error), param="file", code="not_media") from None
+        except detect.Undetectable as error:
+            raise ApiError(422, str(error), code="language_undetectable") from None
+        except EngineError as error:
+            raise ApiError(503, f"cannot detect the language: {error}", code="model_unavailable") from None
+        finally:
+            await loop.run_in_executor(io, uploads.remove, self.state_dir, stored.relpath)
 
     # asynchronous jobs and health
 
