@@ -50,6 +50,14 @@ def bundled_missing(model: str | None) -> str | None:
     if name not in BUNDLED_MODELS:
         return f"model {model!r}: the bundled models are {', '.join('bundled:' + known for known in BUNDLED_MODELS)}"
     packages, _ = BUNDLED_MODELS[name]
-    if all(find_spec(package) is not None for package in packages):
+    if all(_installed(package) for package in packages):
         return None
     return f"model {model!r} {bundled_install_hint(name)}"
+
+
+def _installed(package: str) -> bool:
+    """Whether the top-level package `package` can be imported (found, not imported)."""
+    try:
+        return find_spec(package) is not None
+    except (ImportError, ValueError):  # ValueError: a module blocked with a None in sys.modules
+        return False
