@@ -7,7 +7,8 @@ tell languages apart: it labels everything `en`). With one, `engine.language.det
 upload's first speech (at most DETECTION_SEGMENTS windows of 30 s, one encoder pass when the first
 is sure): the answer a job on that model gets. With none, the English-only local model transcribes
 the first 30 s of speech and the answer is `en` only when `outputs.result.language_warning` stays
-silent on it; else `Undetectable` (the API answers 422 naming the fix).
+silent on it and the speech got some text (tiny.en writes nothing at all for some German); else
+`Undetectable` (the API answers 422 naming the fix).
 
 Runs in a worker thread (`detect` blocks); nothing here imports FastAPI.
 """
@@ -93,7 +94,7 @@ def _english_or_not(engine: Any, audio: Path, local: Any, device: str) -> Answer
             writer.writeframes((numpy.clip(numpy.concatenate(speech), -1, 1) * 32767).astype("<i2").tobytes())
         made = engine.transcribe(clip, TranscribeOptions(model=local.model), device=device,
                                  compute_type=local.compute_type, threads=local.threads, batch_size=1)
-    if language_warning(made):
+    if language_warning(made) or not made["text"].strip():   # speech it wrote nothing for is not English to it either
         raise Undetectable(
             f"the speech does not sound English, and the only model here, {local.model}, is English-only: it "
             f"cannot tell which language it is. Install a multilingual model for detection: "
