@@ -196,9 +196,12 @@ def mixed(context: Context, scratch: Path) -> list[Row]:
     for name in ("together", "apart"):
         made, steps = results[name]
         kept = sum(result["language"] == code for result, (code, *_) in zip(made, clips))
+        wrong = [f"{code} as {result['language']} p={result['language_probability']}"
+                 for result, (code, *_) in zip(made, clips) if result["language"] != code]
         error = wer([text for _, _, text, _ in clips], [result["text"] for result in made])
         rows.append(Row(SECTION, f"base int8 CPU, runner, 8 clips in 4 languages ({audio:.0f} s), {name}: word error "
-                                 f"rate and languages kept ({kept} of 8 Results in their own language; {steps} steps)",
+                                 f"rate and languages kept ({kept} of 8 Results in their own language"
+                                 f"{': ' + ', '.join(wrong) if wrong else ''}; {steps} steps)",
                         round(error, 1), "%"))
     rows.insert(0, Row(SECTION, f"base int8 CPU, runner, 8 clips of German, Spanish, English and French ({audio:.0f} s) "
                                 "queued at once vs one job at a time (runner defaults: one step takes all 8, one "
