@@ -27,24 +27,22 @@ defaults (word timestamps, VAD, beam 5). On the CPU: the bundled tiny.en, int8.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from common import JFK, Context, Row, skipped
-from corpus import Speech, speech_clips, speech_file, wer
+from common import JFK, Context, Row, paired, rounds, same_text, skipped, wer
+from corpus import Speech, speech_clips, speech_file
+from spool_jobs import drain, submit
 from whisperdrop.daemon.extract import extract
 from whisperdrop.engine.engine import Engine, ModelKey, cuda_device_count, resolve_compute_type
 from whisperdrop.shared import config, log
-from whisperdrop.shared.spool import TranscribeOptions, make_job_document
+from whisperdrop.shared.spool import TranscribeOptions
 
 SECTION = "engine"
 GPU_MODELS = ("large-v3", "large-v3-turbo", "distil-large-v3", "medium", "medium.en", "small", "small.en", "base",
@@ -104,25 +102,6 @@ def whisperdrop_call(setup: Setup, audio: Path, batch_size: int | None = None) -
     return time.perf_counter() - started, result["text"]
 
 
-def rounds(methods: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list]:
-    """Each method `repeats` times, a round at a time, the order rotating from round to round."""
-    names = list(methods)
-    runs: dict[str, list] = {name: [] for name in names}
-    for index in range(repeats):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            runs[name].append(methods[name]())
-    return runs
-
-
-def _paired(values: list[float], baselines: list[float]) -> list[float]:
-    return [value / baseline for value, baseline in zip(values, baselines)]
-
-
-def _same_text(runs: list[tuple[float, str]]) -> str:
-    return "identical in every run" if len({text for _, text in runs}) == 1 else "text varied between runs: first run's"
-
-
 def long_file(setup: Setup, speech: Speech, audio: Path, repeats: int) -> list[Row]:
     """Sequential, batched and whisperdrop on one long file: times, ratios and word error rates."""
     batch = setup.batch_size
@@ -137,16 +116,16 @@ def long_file(setup: Setup, speech: Speech, audio: Path, repeats: int) -> list[R
     rows = []
     for baseline, name, goal, limit in (("batched", f"bare BatchedInferencePipeline(batch_size={batch})", "<= 1.10x", 1.10),
                                         ("sequential", "bare WhisperModel.transcribe, sequential", "<= 0.60x", 0.60)):
-        paired = _paired(seconds["whisperdrop"], seconds[baseline])
-        value = statistics.median(paired)
+        ratios = paired(seconds["whisperdrop"], seconds[baseline])
+        value = statistics.median(ratios)
         rows.append(Row(SECTION, f"{what}: whisperdrop (batch_size {batch}) vs {baseline}", round(median["whisperdrop"], 2),
                         "s", round(median[baseline], 2), name, value, goal, value <= limit, note=f"({how})",
-                        runs=[round(item, 3) for item in paired]))
-    paired = _paired(seconds["batched"], seconds["sequential"])
+                        runs=[round(item, 3) for item in ratios]))
+    ratios = paired(seconds["batched"], seconds["sequential"])
     rows.append(Row(SECTION, f"{what}: bare batched (batch_size {batch}) vs bare sequential", round(median["batched"], 2),
-                    "s", round(median["sequential"], 2), "bare sequential", statistics.median(paired),
+                    "s", round(median["sequential"], 2), "bare sequential", statistics.median(ratios),
                     note=f"({speech.seconds / median['batched']:.0f}x and {speech.seconds / median['sequential']:.0f}x real time)",
-                    runs=[round(item, 3) for item in paired]))
+                    runs=[round(item, 3) for item in ratios]))
     errors = {name: wer(speech.text, values[0][1]) for name, values in runs.items()}
     words = len(speech.text.split())
     for name in ("whisperdrop", "batched"):
@@ -154,23 +133,9 @@ def long_file(setup: Setup, speech: Speech, audio: Path, repeats: int) -> list[R
         goal = "<= sequential + 1 point" if name == "whisperdrop" else ""
         rows.append(Row(SECTION, f"{what}: word error rate, {name}", round(errors[name], 2), "%", round(errors["sequential"], 2),
                         "bare sequential", None, goal, (difference <= 1.0) if goal else None,
-                        note=f"({difference:+.2f} points; {words} words; {_same_text(runs[name])}; sequential "
-                             f"{_same_text(runs['sequential'])}; {speech.what})"))
+                        note=f"({difference:+.2f} points; {words} words; {same_text(runs[name])}; sequential "
+                             f"{same_text(runs['sequential'])}; {speech.what})"))
     return rows
-
-
-def _submit(worker, options: TranscribeOptions, audio: Path, tag: str, duration: float, queued_at: float) -> str:
-    """Queue `audio` as the daemon does (audio, then the job document by rename); the job id."""
-    data = audio.read_bytes()
-    sha256 = hashlib.sha256(data).hexdigest()
-    job = hashlib.sha256(f"{tag}\n{sha256}".encode()).hexdigest()
-    shutil.copyfile(audio, worker.layout.audio(job))
-    document = make_job_document(job, options, len(data), sha256, duration, audio.name, queued_at)
-    temporary = Path(worker.layout.job(job) + ".tmp")
-    temporary.write_text(json.dumps(document))
-    os.replace(temporary, worker.layout.job(job))
-    os.utime(worker.layout.job(job), (queued_at, queued_at))  # queue order = submission order
-    return job
 
 
 def make_worker(setup: Setup, spool: Path):
@@ -187,20 +152,9 @@ def run_queue(setup: Setup, spool: Path, jobs: list[tuple[Path, float]]) -> tupl
     no Result."""
     worker = make_worker(setup, spool)
     base = time.time() - len(jobs)
-    ids = [_submit(worker, setup.options, audio, f"{spool.name}-{index}", duration, base + index)
+    ids = [submit(worker, setup.options, audio, f"{spool.name}-{index}", duration, base + index)
            for index, (audio, duration) in enumerate(jobs)]
-    started = time.perf_counter()
-    while worker.step():
-        pass
-    elapsed = time.perf_counter() - started
-    results = []
-    for job in ids:
-        path = Path(worker.layout.result(job))
-        if not path.exists():
-            failed = sorted(item.name for item in Path(worker.layout.directory("failed")).iterdir())
-            raise AssertionError(f"the runner wrote no Result for {job} (failed/: {failed})")
-        results.append(json.loads(path.read_text()))
-    return elapsed, results
+    return drain(worker, ids)
 
 
 def across_jobs(setup: Setup, clips: list[tuple[Speech, Path]], scratch: Path, repeats: int) -> list[Row]:
@@ -232,10 +186,10 @@ def across_jobs(setup: Setup, clips: list[tuple[Speech, Path]], scratch: Path, r
            f"median of {repeats} rounds' ratios")
     rows = []
     for baseline, name in (("sequential", "sum of bare sequential"), ("batched", f"sum of bare batched (batch_size {batch})")):
-        paired = _paired(seconds["runner"], seconds[baseline])
+        ratios = paired(seconds["runner"], seconds[baseline])
         rows.append(Row(SECTION, f"{what}: runner across jobs vs {baseline}", round(statistics.median(seconds["runner"]), 2), "s",
-                        round(statistics.median(seconds[baseline]), 2), name, statistics.median(paired), note=f"({how})",
-                        runs=[round(item, 3) for item in paired]))
+                        round(statistics.median(seconds[baseline]), 2), name, statistics.median(ratios), note=f"({how})",
+                        runs=[round(item, 3) for item in ratios]))
     references = [speech.text for speech, _ in clips]
     errors = {name: wer(references, values[0][1]) for name, values in runs.items()}
     rows.append(Row(SECTION, f"{what}: word error rate, runner", round(errors["runner"], 2), "%", round(errors["sequential"], 2),
@@ -259,16 +213,16 @@ def runner_overhead(setup: Setup, speech: Speech, audio: Path, scratch: Path, re
     whisperdrop_call(setup, audio, batch)
     bookkeeping.clear()
     runs = rounds({"step": step, "engine": lambda: whisperdrop_call(setup, audio, batch)}, max(5, repeats))
-    paired = _paired([elapsed for elapsed, _ in runs["step"]], [elapsed for elapsed, _ in runs["engine"]])
-    overhead = 100 * (statistics.median(paired) - 1)
+    ratios = paired([elapsed for elapsed, _ in runs["step"]], [elapsed for elapsed, _ in runs["engine"]])
+    overhead = 100 * (statistics.median(ratios) - 1)
     return [Row(SECTION, f"{setup.label}: runner Worker.step() on a {speech.seconds:.0f} s job vs Engine.transcribe",
                 round(statistics.median(elapsed for elapsed, _ in runs["step"]), 3), "s",
                 round(statistics.median(elapsed for elapsed, _ in runs["engine"]), 3), f"Engine.transcribe, batch_size {batch}",
-                statistics.median(paired), "<= 5% overhead", overhead <= 5,
-                note=f"({overhead:+.1f}%, median of {len(paired)} rotating pairs' ratios; step = claim, sha256 check, "
+                statistics.median(ratios), "<= 5% overhead", overhead <= 5,
+                note=f"({overhead:+.1f}%, median of {len(ratios)} rotating pairs' ratios; step = claim, sha256 check, "
                      f"engine, progress and Result files; outside the engine's own timer: "
                      f"{statistics.median(bookkeeping) * 1000:.0f} ms)",
-                runs=[round(item, 3) for item in paired])]
+                runs=[round(item, 3) for item in ratios])]
 
 
 def _opus(wav: Path) -> Path:

@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 
-from common import Context, Row
-from corpus import jfk, wer, write_long_opus
+from common import Context, Row, wer
+from corpus import jfk, write_long_opus
 
 SECTION = "engine_long"
 PEAK_RSS_GOAL_MB = 600

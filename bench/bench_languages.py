@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from common import JFK, JFK_TEXT, Context, Row, skipped
-from corpus import espeak, speech_file, wer, write_wav
+from common import JFK, JFK_TEXT, Context, Row, skipped, wer
+from corpus import espeak, speech_file, write_wav
 
 SECTION = "languages"
 MODELS = ("bundled:tiny.en", "bundled:base")
@@ -46,11 +46,11 @@ MIXED = {
 }
 
 CHILD = r"""
-import json, os, shutil, sys, time, hashlib
+import json, sys, time
 from pathlib import Path
 from whisperdrop.engine.engine import Engine
 from whisperdrop.shared import config
-from whisperdrop.shared.spool import TranscribeOptions, make_job_document
+from whisperdrop.shared.spool import TranscribeOptions
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -67,21 +67,14 @@ if route == "local":
                                  threads=local["threads"], batch_size=local["batch_size"])
 else:
     from whisperdrop.gpu_runner.worker import Worker
+    from spool_jobs import drain, submit
     spool = Path(out).with_suffix(".spool")
     worker = Worker({"spool": str(spool), "model": model, "device": "cpu", "compute_type": "int8", "name": "bench"},
                     engine=engine)
     count = iter(range(1000))
     def transcribe(path):
-        data = Path(path).read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        job = hashlib.sha256(f"{next(count)}\n{sha}".encode()).hexdigest()
-        shutil.copyfile(path, worker.layout.audio(job))
-        document = make_job_document(job, options, len(data), sha, 0.0, Path(path).name, time.time())
-        Path(worker.layout.job(job) + ".tmp").write_text(json.dumps(document))
-        os.replace(worker.layout.job(job) + ".tmp", worker.layout.job(job))
-        while worker.step():
-            pass
-        return json.loads(Path(worker.layout.result(job)).read_text())
+        job = submit(worker, options, Path(path), str(next(count)), 0.0, time.time())
+        return drain(worker, [job])[1][0]
 started = time.perf_counter()
 transcribe(files[0])  # untimed: loads the model, warms every path
 load_s = time.perf_counter() - started
@@ -102,8 +95,10 @@ json.dump(report, open(out, "w"))
 def _child(model: str, route: str, files: list[Path], scratch: Path, repeats: int) -> dict:
     """Run CHILD for one model and route; its report. Raises RuntimeError with its stderr when it fails."""
     out = scratch / f"{model.split(':')[-1]}-{route}.json"
+    bench = str(Path(__file__).resolve().parent)   # spool_jobs, for the runner route
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [bench, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", CHILD, model, route, str(out), str(repeats), *map(str, files)],
-                          capture_output=True, text=True, timeout=3600)
+                          capture_output=True, text=True, timeout=3600, env=environment)
     if done.returncode != 0:
         raise RuntimeError(f"{model} {route}: {done.stderr[-2000:]}")
     return json.loads(out.read_text())
@@ -159,7 +154,7 @@ def _mixed_clips(scratch: Path) -> list[tuple[str, Path, str, float]]:
 
 def mixed(context: Context, scratch: Path) -> list[Row]:
     """The MIXED clips queued at once for the runner vs one job at a time, on base."""
-    from bench_engine import _submit
+    from spool_jobs import drain, submit
     from whisperdrop.engine.engine import Engine
     from whisperdrop.gpu_runner.worker import Worker
     from whisperdrop.shared.spool import TranscribeOptions
@@ -169,39 +164,36 @@ def mixed(context: Context, scratch: Path) -> list[Row]:
     options = TranscribeOptions(model=MODELS[1])
     counter = iter(range(10_000))
 
-    def queue(max_jobs: int | None) -> tuple[float, list[dict], int]:
+    def queue(max_jobs: int | None) -> tuple[float, list[dict]]:
         spool = scratch / f"spool-{next(counter)}"
         settings = {"spool": str(spool), "model": MODELS[1], "device": "cpu", "compute_type": "int8", "name": "bench"}
         if max_jobs is not None:
             settings["max_jobs_per_batch"] = max_jobs
         worker = Worker(settings, engine=engine)
         base = time.time() - len(clips)
-        ids = [_submit(worker, options, path, f"{spool.name}-{index}", seconds, base + index)
+        ids = [submit(worker, options, path, f"{spool.name}-{index}", seconds, base + index)
                for index, (_, path, _, seconds) in enumerate(clips)]
-        started, steps = time.perf_counter(), 0
-        while worker.step():
-            steps += 1
-        elapsed = time.perf_counter() - started
-        return elapsed, [json.loads(Path(worker.layout.result(job)).read_text()) for job in ids], steps
+        return drain(worker, ids)
 
     queue(None)  # untimed: model, VAD, features
     together, apart, results = [], [], {}
     for index in range(context.repeats):
         for name in (("together", "apart") if index % 2 == 0 else ("apart", "together")):
-            elapsed, made, steps = queue(None if name == "together" else 1)
+            elapsed, made = queue(None if name == "together" else 1)
             (together if name == "together" else apart).append(elapsed)
-            results[name] = (made, steps)
+            results[name] = made
     audio = sum(seconds for *_, seconds in clips)
     rows = []
     for name in ("together", "apart"):
-        made, steps = results[name]
+        made = results[name]
+        shared = max(result["executed_on"].get("jobs_batched", 1) for result in made)
         kept = sum(result["language"] == code for result, (code, *_) in zip(made, clips))
         wrong = [f"{code} as {result['language']} p={result['language_probability']}"
                  for result, (code, *_) in zip(made, clips) if result["language"] != code]
         error = wer([text for _, _, text, _ in clips], [result["text"] for result in made])
         rows.append(Row(SECTION, f"base int8 CPU, runner, 8 clips in 4 languages ({audio:.0f} s), {name}: word error "
                                  f"rate and languages kept ({kept} of 8 Results in their own language"
-                                 f"{': ' + ', '.join(wrong) if wrong else ''}; {steps} steps)",
+                                 f"{': ' + ', '.join(wrong) if wrong else ''}; at most {shared} jobs in one step)",
                         round(error, 1), "%"))
     rows.insert(0, Row(SECTION, f"base int8 CPU, runner, 8 clips of German, Spanish, English and French ({audio:.0f} s) "
                                 "queued at once vs one job at a time (runner defaults: one step takes all 8, one "

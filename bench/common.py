@@ -1,8 +1,11 @@
-"""Shared by the benchmark sections: a result row, medians, and the Markdown table.
+"""Shared by the benchmark sections: a result row, medians, rounds in rotating order, word error
+rates, and the Markdown table.
 
 Every figure is measured beside its baseline in the same run (median of at least 3 runs) and
 reported as a ratio, because these machines are shared and noisy. A section module exposes
 `run(context) -> list[Row]`; bench/run.py runs the sections, prints the table and writes JSON.
+This module imports nothing beyond the standard library at load time (jiwer on first use of `wer`),
+so the GPU check (bench/gpu/check.py) uses it on a machine without PyAV.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -56,6 +59,47 @@ def timed(function: Callable[[], object]) -> float:
     started = time.perf_counter()
     function()
     return time.perf_counter() - started
+
+
+def rounds(methods: dict[str, Callable[[], Any]], repeats: int,
+           stop: Callable[[], bool] = lambda: False) -> dict[str, list]:
+    """Each method `repeats` times, a round at a time, the order rotating from round to round; what
+    each call returned, per method. `stop()` is asked after each round (from the second on) and ends
+    the rounds early when it says so."""
+    names = list(methods)
+    runs: dict[str, list] = {name: [] for name in names}
+    for index in range(repeats):
+        if index and stop():
+            break
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[name].append(methods[name]())
+    return runs
+
+
+def paired(values: list[float], baselines: list[float]) -> list[float]:
+    """Each round's value over that round's baseline."""
+    return [value / baseline for value, baseline in zip(values, baselines)]
+
+
+def same_text(runs: list[tuple[float, Any]]) -> str:
+    """Whether every (seconds, text) run gave the same text, in words for a table's note."""
+    return "identical in every run" if len({repr(text) for _, text in runs}) == 1 else "text varied between runs: first run's"
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation dropped, single spaces: what word error rates compare."""
+    cleaned = "".join(character.lower() if character.isalnum() or character.isspace() else " " for character in text)
+    return " ".join(cleaned.split())
+
+
+def wer(references: list[str] | str, hypotheses: list[str] | str) -> float:
+    """Word error rate in percent over all reference words (jiwer, lower case, punctuation dropped)."""
+    import jiwer
+
+    if isinstance(references, str):
+        references, hypotheses = [references], [hypotheses]
+    return 100.0 * jiwer.wer([normalise(text) for text in references], [normalise(text) for text in hypotheses])
 
 
 def _cell(value) -> str:

@@ -9,7 +9,6 @@
 - `write_long_opus(path, seconds, placements)`: hours of a quiet noise floor with jfk spoken at known
   moments, encoded straight to 16 kHz mono Opus (24 kbit/s) a minute at a time, so a 10-hour file
   takes about 100 MB of disk and never exists as WAV (1.15 GB).
-- `wer(references, hypotheses)`: corpus word error rate in percent, jiwer on normalised words.
 
 espeak-ng renders each (voice, sentence) once per process; a missing espeak-ng raises RuntimeError
 saying how to install it.
@@ -206,17 +205,3 @@ def write_long_opus(path: Path, seconds: float, placements: list[float], bitrate
         for packet in encoder.encode(None):
             output.mux(packet)
     return path
-
-
-def normalise(text: str) -> str:
-    cleaned = "".join(character.lower() if character.isalnum() or character.isspace() else " " for character in text)
-    return " ".join(cleaned.split())
-
-
-def wer(references: list[str] | str, hypotheses: list[str] | str) -> float:
-    """Word error rate in percent over all reference words (jiwer, lower case, punctuation dropped)."""
-    import jiwer
-
-    if isinstance(references, str):
-        references, hypotheses = [references], [hypotheses]
-    return 100.0 * jiwer.wer([normalise(text) for text in references], [normalise(text) for text in hypotheses])

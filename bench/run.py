@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from common import REPO, Context, Row, markdown, write_json  # noqa: E402
 
-SECTIONS = ["bandwidth", "extraction", "upload", "resume", "end_to_end", "engine", "footprint", "engine_long", "languages"]
+SECTIONS = ["bandwidth", "extraction", "upload", "resume", "end_to_end", "engine", "footprint", "engine_long", "models",
+            "languages"]
 
 
 def main() -> int:

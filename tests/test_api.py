@@ -8,8 +8,10 @@ import json
 import socket
 import sqlite3
 import subprocess
+import warnings
 
 import httpx
+import openai
 import pytest
 import yaml
 from openai import OpenAI
@@ -145,8 +147,10 @@ def test_a_named_profile(daemon):
     assert ledger_rows(daemon) == before
 
 
-def test_openai_sdk_json_verbose_words_and_srt(daemon):
-    """The official openai SDK gets json, verbose_json with word timestamps, and srt from the daemon."""
+def test_openai_sdk_json_verbose_words_srt_and_vtt(daemon):
+    """The newest openai SDK gets json, verbose_json with word timestamps and OpenAI's segment fields
+    filled from the engine (tokens, seek, temperature, log probability, compression ratio, no-speech
+    probability), srt and vtt from the daemon."""
     client = OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
     try:
         with open(JFK, "rb") as audio:
@@ -156,15 +160,65 @@ def test_openai_sdk_json_verbose_words_and_srt(daemon):
             verbose = client.audio.transcriptions.create(model="whisper-1", file=audio, response_format="verbose_json",
                                                          timestamp_granularities=["word", "segment"])
         assert verbose.language == "english" and verbose.duration == pytest.approx(11.0, abs=0.1)
-        assert verbose.text == plain.text
+        assert verbose.text == plain.text and verbose.usage.seconds == verbose.duration
         assert len(verbose.words) >= 20 and verbose.words[0].word.strip() == "And"
         assert all(word.start <= word.end for word in verbose.words)
         assert verbose.segments and verbose.segments[0].id == 0 and verbose.segments[-1].end <= 11.1
+        for segment in verbose.segments:
+            assert segment.tokens and all(isinstance(token, int) for token in segment.tokens)
+            assert segment.temperature == 0.0 and segment.avg_logprob < 0 and segment.compression_ratio > 0
+            assert 0 <= segment.no_speech_prob <= 1 and 0 <= segment.seek <= 100 * segment.start
         with open(JFK, "rb") as audio:
             srt = client.audio.transcriptions.create(model="whisper-1", file=audio, response_format="srt")
         assert srt.startswith("1\n00:00:00,") and " --> " in srt and "country" in srt
+        with open(JFK, "rb") as audio:
+            vtt = client.audio.transcriptions.create(model="whisper-1", file=audio, response_format="vtt")
+        assert vtt.startswith("WEBVTT\n") and "00:00:00.000 --> " in vtt and "country" in vtt
     finally:
         client.close()
+
+
+def test_openai_sdk_temperature_is_honoured(daemon):
+    """temperature 0 (OpenAI's default) is the same job as none; 1.0 is another job, decoded by
+    faster-whisper sampling at that temperature (its segments say so); 1.5 is refused with 400
+    naming the field."""
+    client = OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    try:
+        jobs = {}
+        for temperature in (None, 0.0, 1.0):
+            with open(JFK, "rb") as audio:
+                extra = {} if temperature is None else {"temperature": temperature}
+                verbose = client.audio.transcriptions.create(model="whisper-1", file=audio,
+                                                             response_format="verbose_json", **extra)
+            jobs[temperature] = verbose
+        assert jobs[0.0].model_extra["job_id"] == jobs[None].model_extra["job_id"]
+        assert jobs[1.0].model_extra["job_id"] != jobs[None].model_extra["job_id"]
+        assert {segment.temperature for segment in jobs[1.0].segments} == {1.0}
+        assert {segment.temperature for segment in jobs[None].segments} == {0.0}
+        with open(JFK, "rb") as audio, pytest.raises(openai.BadRequestError) as refused:
+            client.audio.transcriptions.create(model="whisper-1", file=audio, temperature=1.5)
+        error = refused.value.body
+        assert error["param"] == "temperature" and "between 0 and 1" in error["message"]
+    finally:
+        client.close()
+
+
+def test_openai_sdk_translation_refused_with_the_fix(daemon):
+    """/v1/audio/translations through the SDK: with the English-only tiny.en the SDK raises
+    BadRequestError whose body names the field (task), the code and the multilingual models to use;
+    nothing is transcribed."""
+    before = ledger_rows(daemon)
+    client = OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+    try:
+        for response_format in ("json", "verbose_json", "srt"):
+            with open(JFK, "rb") as audio, pytest.raises(openai.BadRequestError) as refused, warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # the 3.x SDK marks translations deprecated
+                client.audio.translations.create(model="whisper-1", file=audio, response_format=response_format)
+            assert refused.value.status_code == 400 and refused.value.code == "translate_unsupported"
+            assert refused.value.param == "task" and "multilingual" in refused.value.message
+    finally:
+        client.close()
+    assert ledger_rows(daemon) == before
 
 
 def test_asr_srt_as_bazarr_asks(daemon):
@@ -199,6 +253,7 @@ def test_rejected_requests_leave_nothing(daemon, tmp_path):
     error = json.loads(body)["error"]
     assert status == 415 and "notes.mp3" in error["message"] and error["code"] == "not_media"
     assert "state" not in error["message"]  # the daemon's own paths stay its own
+    assert "not an audio or video file PyAV can read" in error["message"] and "Errno" not in error["message"]
     status, body = curl("-F", f"file=@{JFK}", f"{daemon.url}/transcribe")
     error = json.loads(body)["error"]
     assert status == 422 and "audio" in error["message"] and error["param"] == "audio"

@@ -14,6 +14,7 @@ RESULT = {
     "text": " Hello there. General\tKenobi.", "language": "en", "duration": 4.0, "model": "bundled:tiny.en",
     "segments": [
         {"id": 1, "start": 0.0, "end": 1.5, "text": " Hello there.", "avg_logprob": -0.2, "no_speech_prob": 0.01,
+         "seek": 0, "tokens": [2425, 612, 13], "temperature": 0.0, "compression_ratio": 0.7,
          "words": [{"word": " Hello", "start": 0.0, "end": 0.6, "probability": 0.9},
                    {"word": " there.", "start": 0.7, "end": 1.5, "probability": 0.8}]},
         {"id": 2, "start": 2.0, "end": 3.25, "text": " General\tKenobi.", "avg_logprob": -0.3, "no_speech_prob": 0.02,
@@ -32,18 +33,24 @@ def test_native_segments_have_exactly_start_end_text():
 
 
 def test_openai_verbose_json_shape():
-    """verbose_json: task, language by name, duration, text, OpenAI's segment fields from 0, words
-    only when asked for, and segments left out when only words are."""
+    """verbose_json: task, language by name, duration, usage, text, OpenAI's segment fields from 0
+    with the engine's figures, none made up where the Result lacks them (a Result cached before the
+    engine kept them), words only when asked for, and segments left out when only words are."""
     body, media = formats.openai(RESULT, "verbose_json", ["word", "segment"], "transcribe", Limits(), {})
     assert media == "application/json" and body["language"] == "english" and body["task"] == "transcribe"
-    assert set(body["segments"][0]) == {"id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
-                                        "compression_ratio", "no_speech_prob"}
+    assert body["usage"] == {"type": "duration", "seconds": 4.0}
+    assert body["segments"][0] == {"id": 0, "seek": 0, "start": 0.0, "end": 1.5, "text": " Hello there.",
+                                   "tokens": [2425, 612, 13], "temperature": 0.0, "avg_logprob": -0.2,
+                                   "compression_ratio": 0.7, "no_speech_prob": 0.01}
+    assert set(body["segments"][1]) == {"id", "start", "end", "text", "avg_logprob", "no_speech_prob"}
     assert [segment["id"] for segment in body["segments"]] == [0, 1]
     assert body["words"][0] == {"word": " Hello", "start": 0.0, "end": 0.6}
     words_only, _ = formats.openai(RESULT, "verbose_json", ["word"], "transcribe", Limits(), {})
     assert "segments" not in words_only and len(words_only["words"]) == 4
     plain, _ = formats.openai(RESULT, "verbose_json", [], "transcribe", Limits(), {})
     assert "words" not in plain and len(plain["segments"]) == 2
+    translated, _ = formats.openai(RESULT, "verbose_json", [], "translate", Limits(), {})
+    assert translated["task"] == "translate" and "usage" not in translated
     assert formats.openai(RESULT, "json", [], "transcribe", Limits(), {})[0] == {"text": "Hello there. General\tKenobi."}
     assert formats.openai(RESULT, "text", [], "transcribe", Limits(), {})[0] == "Hello there. General\tKenobi.\n"
 

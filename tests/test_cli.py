@@ -31,7 +31,7 @@ def test_transcribe_fails_nonzero_on_a_bad_file(tmp_path):
     bad.write_text("not audio")
     done = whisperdrop("transcribe", str(bad), str(JFK), "-o", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 1
-    assert "notes.mp3: FAILED: not a media file" in done.stderr
+    assert "notes.mp3: FAILED: not an audio or video file PyAV can read" in done.stderr
     assert (tmp_path / "out" / "jfk.json").exists()
 
 

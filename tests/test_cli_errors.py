@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from media import JFK
 
 
@@ -59,8 +61,21 @@ def test_results_on_stdout_messages_on_stderr_and_no_inbox_hint(tmp_path):
     # stdout is the paths written, one per line (issue 12: a script reads them); the summary is on stderr
     assert done.stdout.splitlines() == ["out/jfk.srt", "out/jfk.vtt", "out/jfk.txt", "out/jfk.json"]
     assert "jfk.flac: done" in done.stderr
-    assert "notes.mp3: FAILED: not a media file" in done.stderr and "jfk.json" not in done.stderr
+    assert "notes.mp3: FAILED: not an audio or video file PyAV can read" in done.stderr
+    assert "jfk.json" not in done.stderr
     assert "inbox" not in done.stderr and "whisperdrop transcribe" in done.stderr
+
+
+def test_not_media_shows_pyavs_sentence_without_its_error_number(tmp_path):
+    """`transcribe` on a text file named .mp4 says it is not an audio or video file PyAV can read, with
+    PyAV's sentence as the evidence and without `[Errno 1094995529]` (issue 22, item 2)."""
+    (tmp_path / "x.mp4").write_text("not a video\n")
+    done = whisperdrop("transcribe", "x.mp4", "-o", "out", cwd=tmp_path)
+    no_traceback(done)
+    assert done.returncode == 1
+    assert ("x.mp4: FAILED: not an audio or video file PyAV can read "
+            "(PyAV: Invalid data found when processing input)") in done.stderr, done.stderr
+    assert "Errno" not in done.stderr and "1094995529" not in done.stderr
 
 
 def test_closed_stdout_is_not_a_traceback(tmp_path):
@@ -81,7 +96,22 @@ def test_yaml_error_names_the_file(tmp_path):
     done = whisperdrop("check-config", "-c", "broken.yaml", cwd=tmp_path)
     no_traceback(done)
     assert done.returncode == 2
-    assert "<unicode string>" not in done.stderr and 'in "broken.yaml", line 1' in done.stderr, done.stderr
+    assert "<unicode string>" not in done.stderr and "broken.yaml, line 2, column 1" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_broken_yaml_is_one_item_of_the_problem_list(tmp_path, command):
+    """Broken YAML is reported by `check-config` and by the daemon's start as one problem item, with
+    the file, line and column, like every other problem: no PyYAML line outside the list (issue 22, item 3)."""
+    (tmp_path / "broken.yaml").write_text("inbox: inbox\nwatch: {settle_seconds: 2\noutbox: out\n")
+    done = whisperdrop(command, "-c", "broken.yaml", cwd=tmp_path)
+    no_traceback(done)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        "whisperdrop: broken.yaml: 1 problem(s) in the configuration:",
+        "  - broken.yaml, line 3, column 7: not valid YAML: expected ',' or '}', but got ':' "
+        "(while parsing a flow mapping that began at line 2, column 8)",
+    ]
 
 
 def test_config_path_that_is_a_folder(tmp_path):

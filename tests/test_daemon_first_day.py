@@ -47,11 +47,11 @@ def test_empty_file_error_record_keeps_the_specific_hint_in_one_error_line(daemo
 
 
 def test_not_media_error_names_the_file_by_its_inbox_relative_path(daemon):
-    """A text file named .mp3: the record names notes.mp3 but not the inbox folder it left."""
+    """A text file named .mp3: the record names sub/notes-path.mp3 but not the inbox folder it left."""
     (daemon.inbox / "sub").mkdir(exist_ok=True)
     make_text_as_mp3(daemon.inbox / "sub" / "notes-path.mp3")
     record = wait_failed(daemon, "sub/notes-path.mp3")
-    assert "notes-path.mp3" in record["error"] and str(daemon.inbox) not in record["error"]
+    assert record["path"] == "sub/notes-path.mp3" and str(daemon.inbox) not in json.dumps(record)
 
 
 def test_outputs_and_archive_names_pair_up(daemon, tmp_path):
@@ -134,3 +134,23 @@ def test_english_only_model_warns_on_speech_that_is_not_english(daemon, tmp_path
     logged = [event for event in daemon.events() if event.get("event") == "stage.transcribe"
               and event.get("job_id") == german["job_id"]]
     assert logged and logged[0]["language_warning"] == german["language_warning"] and logged[0]["level"] == "warning"
+
+
+def test_not_media_is_said_as_a_person_would_everywhere(daemon):
+    """A text file named .mp4 is "not an audio or video file PyAV can read", with PyAV's sentence as
+    the evidence and no `[Errno 1094995529]`, in its error.json, the daemon's log line and `status`
+    (issue 22, item 2)."""
+    import subprocess
+    import sys
+
+    (daemon.inbox / "x.mp4").write_text("a shopping list, not a video\n" * 20)  # bytes no other test drops
+    record = wait_failed(daemon, "x.mp4")
+    errors = [event for event in daemon.events() if event.get("level") == "error" and event.get("path") == "x.mp4"]
+    shown = subprocess.run([sys.executable, "-m", "whisperdrop", "status", "-c", str(daemon.config_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    status_line = next(line for line in shown.stdout.splitlines() if "x.mp4" in line)
+    for said in (record["error"], json.dumps(errors), status_line):
+        assert "not an audio or video file PyAV can read" in said, said
+        assert "Invalid data found when processing input" in said, said
+        assert "Errno" not in said and "1094995529" not in said, said

@@ -128,6 +128,46 @@ def test_cached_results_expire_unless_their_job_is_unfinished(tmp_path):
     assert sorted(name for name, path in files.items() if path.exists()) == ["new-done", "old-open"]
 
 
+def test_a_done_jobs_audio_is_kept_for_the_page_then_expires(tmp_path):
+    """With the API on, a done job's audio moves to state/audio (kept api.keep_audio_hours from then)
+    instead of being removed; the hourly expiry removes what is older; with keep_audio_hours 0, or no
+    API, nothing is kept and what was kept goes."""
+    import asyncio
+    import os
+    import time
+
+    from whisperdrop.daemon.stages import Stages
+
+    pipeline = pipeline_for(tmp_path, api={"listen": "127.0.0.1:8765", "keep_audio_hours": 2})
+    now = time.time()
+    job_id = "c" * 64
+    audio = pipeline.audio_path(job_id)
+    audio.write_bytes(b"OggS")
+    os.utime(audio, (now - 7200, now - 7200))  # extracted long ago: the hours count from done
+    Stages._keep_or_remove_audio(pipeline.stages, job_id)
+    kept = pipeline.kept_audio_path(job_id)
+    assert not audio.exists() and kept.read_bytes() == b"OggS" and kept.stat().st_mtime >= now - 1
+    old = kept.with_name("d" * 64 + ".opus")
+    old.write_bytes(b"OggS")
+    os.utime(old, (now - 3 * 3600, now - 3 * 3600))
+
+    async def expire(which):
+        try:
+            return await which.expire_audio(now)
+        finally:
+            await which.drain(5.0)
+            which.close()
+
+    assert asyncio.run(expire(pipeline)) == 1 and kept.exists() and not old.exists()
+    for settings in ({"api": {"listen": "127.0.0.1:8765", "keep_audio_hours": 0}}, {}):
+        other = pipeline_for(tmp_path, **settings)
+        other.audio_path(job_id).write_bytes(b"OggS")
+        Stages._keep_or_remove_audio(other.stages, job_id)
+        assert not other.audio_path(job_id).exists() and kept.exists()  # not kept: removed
+        assert asyncio.run(expire(other)) == 1 and not kept.exists()  # and what was kept goes
+        kept.write_bytes(b"OggS")
+
+
 def test_checkpoints_of_jobs_gone_or_past_transcription_are_swept_at_start(tmp_path):
     """At start the daemon removes the local route's checkpoints (state/partial/<job>.jsonl) of jobs
     that are gone, failed or already transcribed, and a crashed writer's temporary; an unfinished

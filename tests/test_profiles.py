@@ -4,6 +4,7 @@ profile's prompt and hotwords while a file in inbox/ keeps the defaults."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import yaml
 from daemon_helpers import Daemon
 from test_remote import gpu_host  # noqa: F401  (a fixture: a real sshd and a runner behind it)
 from media import JFK
-from whisperdrop.shared import config as config_module, profiles
+from whisperdrop.shared import config as config_module, profiles, spool
 from whisperdrop.shared.spool import job_id
 
 BJJ = {"name": "bjj", "match": ["bjj/**"], "initial_prompt": "Jiu-jitsu class: kimura, berimbolo.",
@@ -127,13 +128,33 @@ def test_bad_overrides_are_named(tmp_path):
     """An unknown option, task or output format in a request is an error that names it."""
     config = load(tmp_path, {})
     with pytest.raises(profiles.ProfileError, match="unknown option"):
-        profiles.plan(config, overrides={"temperature": 0.2})
+        profiles.plan(config, overrides={"patience": 2})
+    with pytest.raises(profiles.ProfileError, match="temperature must be"):
+        profiles.plan(config, overrides={"temperature": 1.5})
+    assert profiles.plan(config, overrides={"temperature": 0.4}).options.temperature == 0.4
     with pytest.raises(profiles.ProfileError, match="task 'summarise'"):
         profiles.plan(config, overrides={"task": "summarise"})
     with pytest.raises(profiles.ProfileError, match="output format.*docx"):
         profiles.plan(config, overrides={"outputs": ["docx"]})
     with pytest.raises(profiles.ProfileError, match="bundled:tiny.en is English-only and cannot translate"):
         profiles.plan(config, overrides={"task": "translate"})
+
+
+def test_a_temperature_is_another_job_and_reaches_the_runner_whole(tmp_path):
+    """No temperature keeps the job id a job had before the option existed; a sampling temperature is
+    another job, and the job document the runner reads carries it; one out of range is refused there."""
+    config = load(tmp_path, {})
+    plain = profiles.plan(config).options
+    sampled = profiles.plan(config, overrides={"temperature": 0.4}).options
+    canonical = json.dumps(plain.to_dict(), sort_keys=True, separators=(",", ":"))
+    assert "temperature" not in plain.to_dict()
+    assert spool.job_id("f" * 64, plain) == hashlib.sha256(f"{'f' * 64}\n{canonical}".encode()).hexdigest()
+    assert spool.job_id("f" * 64, sampled) != spool.job_id("f" * 64, plain)
+    document = spool.make_job_document("a" * 64, sampled, 1, "b" * 64, 1.0, "talk.opus", 0.0)
+    assert spool.parse_job(json.loads(json.dumps(document))).options == sampled
+    document["options"]["temperature"] = 3
+    with pytest.raises(spool.ProtocolError, match="temperature must be"):
+        spool.parse_job(document)
 
 
 def test_a_route_plan_puts_the_local_model_in(tmp_path):

@@ -43,3 +43,18 @@ def test_readme_names_the_multilingual_models_and_the_language_warning():
     models = (REPO / "docs" / "models.md").read_text()
     assert "English only" in models and "`large-v3`" in models and "`small`" in models
     assert "`language_warning`" in result_section()
+
+
+def test_quick_start_says_tiny_en_is_the_demo_model_and_how_to_get_a_better_one():
+    """The quick start says tiny.en is the offline demo model, how to get a better one (a model name
+    with a network, a CTranslate2 folder without one) and its cost, linking the Models page, which
+    holds the measured figures and the command that printed them (issue 22, item 6)."""
+    readme = (REPO / "README.md").read_text()
+    quick_start = " ".join(readme.split("## Quick start", 1)[1].split("\n## ", 1)[0].split())
+    assert "`tiny.en` is the offline demo model" in quick_start
+    assert "`local.model`" in quick_start and "CTranslate2 model folder" in quick_start and "network" in quick_start
+    assert "memory" in quick_start and "docs/models.md#a-better-model-than-tinyen" in quick_start
+    models = (REPO / "docs" / "models.md").read_text()
+    section = models.split("## A better model than tiny.en", 1)[1].split("\n## ", 1)[0]
+    assert "| `bundled:tiny.en` |" in section and "peak memory" in section
+    assert "bench/run.py --only models" in section

@@ -4,6 +4,7 @@ real ledger and a real OpenSSH sshd; and the GPU host guide's sshd Match block u
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import re
@@ -168,6 +169,45 @@ def test_stats_says_when_there_is_no_local_measurement(tmp_path):
     ledger.close()
     cost = status.collect_stats(config, since_s=3600)["cost"]
     assert cost["note"] == "no local measurement yet" and cost["cpu_seconds_equivalent"] is None
+
+
+def _local_job_only(config) -> None:
+    """A ledger holding one job done on the local CPU, as a CPU-only set-up makes them."""
+    ledger = Ledger(config.path("state_dir") / "ledger.sqlite3")
+    ledger.create_job("a" * 64, "a" * 64, 1000, {})
+    ledger.update_job("a" * 64, stage="done", route="local", duration=11.0, timings={"transcribe_s": 2.2})
+    ledger.close()
+
+
+@pytest.mark.parametrize("setting", [{}, {"transcription": {"provider": "local"}}])
+def test_stats_on_a_cpu_only_set_up_says_so_once_instead_of_zero_rows(tmp_path, setting):
+    """`stats` with no GPU host (none configured, or provider local) says once that none is in use and
+    prints no remote, bytes-sent or GPU-cost row of zeros; the local route's row stays (issue 22, item 5)."""
+    from whisperdrop.cli.report import print_stats
+
+    remote = {"remote": {"hosts": [{"name": "gpu1", "host": "127.0.0.1"}]}} if setting else {}
+    config = config_module.validate({**remote, **setting}, tmp_path)
+    _local_job_only(config)
+    out = io.StringIO()
+    print_stats(status.collect_stats(config, since_s=3600), out)
+    text = out.getvalue()
+    assert text.count("GPU hosts: none in use") == 1, text
+    reason = "transcription.provider is local" if setting else "none is configured in remote.hosts"
+    assert reason in text
+    assert "local: 1 job(s), 11.0 s of audio in 2.2 s" in text
+    assert "remote:" not in text and "cost:" not in text and "bytes sent" not in text, text
+
+
+def test_stats_with_a_gpu_host_keeps_the_remote_rows(tmp_path):
+    """With a GPU host configured, `stats` prints the remote route, bytes and cost rows even at zero."""
+    from whisperdrop.cli.report import print_stats
+
+    config = _config(tmp_path)
+    _local_job_only(config)
+    out = io.StringIO()
+    print_stats(status.collect_stats(config, since_s=3600), out)
+    assert "remote: 0 job(s)" in out.getvalue() and "cost: 0.0 GPU seconds" in out.getvalue()
+    assert "GPU hosts: none" not in out.getvalue()
 
 
 def test_status_reads_hosts_snapshot_and_progress(tmp_path):

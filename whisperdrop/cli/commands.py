@@ -1,4 +1,4 @@
-"""The command line: `whisperdrop run | transcribe | check-config | runner | status | stats | doctor`.
+"""The command line: `whisperdrop [-c FILE] COMMAND`, its commands listed in `--help` (`synopsis`).
 
 Heavy modules are imported inside the command that needs them, so `whisperdrop status` starts fast.
 Each command is a short function over the layers below (the reports print from `cli.report`;
@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import sys
+import textwrap
 
 from whisperdrop import __version__
 from whisperdrop.cli.common import add_common, load_config, setup_logging
@@ -114,9 +115,18 @@ def cmd_slurm_task(args: argparse.Namespace) -> int:
     return run_task(settings, args.job)
 
 
+def synopsis(commands: list[str]) -> str:
+    """The first lines of `--help`: what whisperdrop does and every command, as `a | b | c`."""
+    lead = "whisperdrop [-c FILE] "
+    listed = textwrap.fill(" | ".join(commands), width=100 - len(lead), break_on_hyphens=False,
+                           subsequent_indent=" " * len(lead), initial_indent="")
+    return "Drop audio or video into an inbox folder, get transcripts in an outbox.\n\n" + lead + listed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="whisperdrop", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="whisperdrop", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"whisperdrop {__version__}")
+    add_common(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="watch the inbox and transcribe everything that lands there")
@@ -154,15 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
         add_common(sub)
         cli_report.add_arguments(name, sub)
         sub.set_defaults(handler=lambda args, name=name: cli_report.run(name, args, load_config(args)))
+    parser.description = synopsis(list(commands.choices))
     return parser
+
+
+def _config_before_whisper_cli(arguments: list[str]) -> tuple[str | None, list[str]] | None:
+    """For `whisperdrop [-c FILE] whisper-cli ARGS...`: (the -c given or None, ARGS); None when the
+    command is another one. whisper.cpp's flags are not ours, so the drop-in gets ARGS unparsed."""
+    if "whisper-cli" not in arguments:
+        return None
+    index = arguments.index("whisper-cli")
+    before = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    before.add_argument("-c", "--config")
+    try:
+        known, unknown = before.parse_known_args(arguments[:index])
+    except argparse.ArgumentError:
+        return None
+    return None if unknown else (known.config, arguments[index + 1:])
 
 
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
-    if arguments[:1] == ["whisper-cli"]:  # whisper.cpp's flags, not ours: all of them go to the drop-in
+    drop_in = _config_before_whisper_cli(arguments)
+    if drop_in is not None:  # whisper.cpp's flags, not ours: all of them go to the drop-in
         from whisperdrop.cli.whisper_cli import main as whisper_cli_main
 
-        return whisper_cli_main(arguments[1:])
+        config_file, rest = drop_in
+        if config_file:  # the drop-in finds its config as always, $WHISPERDROP_CONFIG first
+            os.environ[config_module.ENV_VAR] = config_file
+        return whisper_cli_main(rest)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -33,9 +33,18 @@ def setup_logging(config: config_module.Config, args: argparse.Namespace, stream
     )
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    """Add the flags every command that reads the config takes: -c, -v, --log-format."""
-    parser.add_argument("-c", "--config", help="config file (default: $WHISPERDROP_CONFIG, ./config.yaml, "
+def add_common(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """Add the flags every command that reads the config takes: -c, -v, --log-format.
+
+    People type them on either side of the command (`whisperdrop -c FILE status` and `whisperdrop
+    status -c FILE`), so the top-level parser takes them too (`top_level`, where they get their
+    defaults) and a command's parser leaves a flag it was not given unset, so that it does not undo
+    the one given before the command."""
+    unset = argparse.SUPPRESS
+    parser.add_argument("-c", "--config", default=None if top_level else unset, metavar="FILE",
+                        help="config file (default: $WHISPERDROP_CONFIG, ./config.yaml, "
                         "~/.config/whisperdrop/config.yaml, /etc/whisperdrop/config.yaml)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--log-format", choices=("json", "console"), help="override logging.format")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if top_level else unset,
+                        help="debug logging")
+    parser.add_argument("--log-format", choices=("json", "console"), default=None if top_level else unset,
+                        help="override logging.format")

@@ -112,11 +112,19 @@ def _print_host(host: dict, out: TextIO) -> None:
 
 
 def print_stats(data: dict, out: TextIO = sys.stdout) -> None:
-    """Print collect_stats's dict as text: counts, fallbacks, stage times, routes, bytes and cost."""
+    """Print collect_stats's dict as text: counts, fallbacks, stage times, routes, bytes and cost.
+
+    Without GPU hosts (none configured, or provider `local`) and no remote job in the window, one
+    line says so instead of the remote route, bytes sent, GPU cost and fallback rows, all zeros."""
     rate = "-" if data["error_rate"] is None else f"{100 * data['error_rate']:.1f}%"
     print(f"last {format_age(data['since_s'])}: {data['done']} done, {data['failed']} failed, error rate {rate}",
           file=out)
-    if data["fallbacks"]:
+    cpu_only = not data.get("gpu_hosts") and not data["routes"]["remote"]["jobs"] and not data["fallbacks"]
+    if cpu_only:
+        why = ("transcription.provider is local" if data.get("provider") == "local"
+               else "none is configured in remote.hosts; docs/gpu-host.md sets one up")
+        print(f"GPU hosts: none in use ({why}), so every job runs on this machine's CPU", file=out)
+    elif data["fallbacks"]:
         print(f"fallbacks to the local CPU: {data['fallbacks_total']}", file=out)
         for label, entry in sorted(data["fallbacks"].items(), key=lambda item: -item[1]["count"]):
             print(f"  {label}: {entry['count']}  (e.g. {entry['example'][:120]})", file=out)
@@ -128,9 +136,13 @@ def print_stats(data: dict, out: TextIO = sys.stdout) -> None:
             print(f"  {stage:<11} {_seconds(figures['p50_s']):>10} / {_seconds(figures['p95_s']):>10}  "
                   f"({figures['count']} job(s))", file=out)
     for route, figures in data["routes"].items():
+        if cpu_only and route == "remote":
+            continue
         rtf = "-" if figures["real_time_factor"] is None else f"{figures['real_time_factor']:.3f}"
         print(f"{route}: {figures['jobs']} job(s), {figures['audio_s']:.1f} s of audio in "
               f"{figures['transcribe_s']:.1f} s, real-time factor {rtf}", file=out)
+    if cpu_only:
+        return
     sent = data["bytes"]
     ratio = "-" if sent["ratio"] is None else f"{100 * sent['ratio']:.1f}% of the source"
     print(f"bytes sent to GPU hosts: {sent['sent']} for {sent['source']} source bytes ({ratio})", file=out)

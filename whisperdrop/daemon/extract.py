@@ -123,6 +123,19 @@ HINT_EMPTY = "The copy may have failed; copy the file again."
 HINT_CORRUPT = "The audio is damaged; re-export or copy the file again, then move it back to the inbox."
 
 
+NOT_MEDIA = "not an audio or video file PyAV can read"
+
+
+def pyav_said(error: BaseException) -> str:
+    """What PyAV said, as a person reads it: FFmpeg's sentence ("Invalid data found when processing
+    input") without the `[Errno 1094995529]` that means nothing to anyone, nor the file name (every
+    message here names the file already)."""
+    said = getattr(error, "strerror", None)
+    if isinstance(said, str) and said.strip():
+        return said.strip()
+    return str(error)
+
+
 def _is_transient_source_error(error: BaseException) -> bool:
     """A source-side OSError that says nothing about the media itself (vanished, unreadable now)."""
     return isinstance(error, OSError) and getattr(error, "errno", None) in _TRANSIENT_ERRNOS
@@ -147,7 +160,7 @@ def _open_source(source: Path) -> av.container.InputContainer:
     except av.FFmpegError as error:
         if _is_transient_source_error(error):
             raise
-        raise MediaError(source, f"not a media file PyAV can open: {error}", HINT_NOT_MEDIA) from error
+        raise MediaError(source, f"{NOT_MEDIA} (PyAV: {pyav_said(error)})", HINT_NOT_MEDIA) from error
 
 
 def _close_quietly(output: av.container.OutputContainer) -> None:
@@ -190,7 +203,8 @@ def extract(
         if not container.streams.audio:
             streams = _describe_streams(container)
             if not container.streams:
-                raise MediaError(source, f"not a media file PyAV can open: no streams found in {container.format.name} data", HINT_NOT_MEDIA)
+                raise MediaError(source, f"{NOT_MEDIA} (PyAV found no streams in {container.format.name} data)",
+                                 HINT_NOT_MEDIA)
             raise MediaError(source, f"has no audio stream (streams: {streams})", HINT_NO_AUDIO)
         stream = container.streams.audio[0]
         source_codec = stream.codec_context.name
@@ -252,7 +266,8 @@ def _decoded_frames(
                 last_decode_error = error
                 if decode_errors > MAX_DECODE_ERRORS:
                     raise MediaError(
-                        source, f"{where}: more than {MAX_DECODE_ERRORS} packets failed to decode, last: {error}", HINT_CORRUPT
+                        source, f"{where}: more than {MAX_DECODE_ERRORS} packets failed to decode, last: {pyav_said(error)}",
+                        HINT_CORRUPT
                     ) from error
                 continue
             for frame in frames:
@@ -262,10 +277,11 @@ def _decoded_frames(
         if _is_transient_source_error(error):
             raise
         if samples == 0:
-            raise MediaError(source, f"{where} could not be read: {error}", HINT_CORRUPT) from error
+            raise MediaError(source, f"{where} could not be read (PyAV: {pyav_said(error)})", HINT_CORRUPT) from error
         return  # damage after some audio: keep what decoded
     if samples == 0:
-        detail = f"; {decode_errors} packets failed to decode, last: {last_decode_error}" if last_decode_error else ""
+        detail = (f"; {decode_errors} packets failed to decode, last: {pyav_said(last_decode_error)}"
+                  if last_decode_error else "")
         raise MediaError(source, f"{where} decoded to no audio samples{detail}", HINT_CORRUPT)
 
 

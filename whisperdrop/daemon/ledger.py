@@ -202,9 +202,10 @@ class Ledger:
         self.db.execute("DELETE FROM sources WHERE job_id = ?", (job_id,))
         self.db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
 
-    def unfinished_jobs(self) -> list[Job]:
+    def unfinished_jobs(self, limit: int = -1) -> list[Job]:
+        """Jobs not done or failed, oldest first; the first `limit` of them (-1: all)."""
         rows = self.db.execute(
-            "SELECT * FROM jobs WHERE stage NOT IN ('done', 'failed') ORDER BY created_at"
+            "SELECT * FROM jobs WHERE stage NOT IN ('done', 'failed') ORDER BY created_at LIMIT ?", (limit,)
         ).fetchall()
         return [Job(**_decode(row)) for row in rows]
 
@@ -307,6 +308,22 @@ class Ledger:
         rows = self.db.execute("SELECT * FROM jobs WHERE stage IN ('done', 'failed') AND finished_at >= ?"
                                " ORDER BY finished_at", (since,)).fetchall()
         return [Job(**_decode(row)) for row in rows]
+
+    def recently_finished(self, since: float, limit: int) -> list[Job]:
+        """The `limit` jobs done or failed most recently, at or after `since` (finished_at), newest first."""
+        rows = self.db.execute("SELECT * FROM jobs WHERE stage IN ('done', 'failed') AND finished_at >= ?"
+                               " ORDER BY finished_at DESC LIMIT ?", (since, limit)).fetchall()
+        return [Job(**_decode(row)) for row in rows]
+
+    def done_by_interval(self, since: float, seconds: float) -> list[tuple[int, str, int, float, float]]:
+        """The done jobs that finished at or after `since`, summed per `seconds`-long interval from
+        `since` and per route: (interval index, route, jobs, audio seconds, transcription seconds),
+        in interval order. One statement: what the page's throughput plot reads."""
+        return [(int(index), route, jobs, audio or 0.0, spent or 0.0) for index, route, jobs, audio, spent in self.db.execute(
+            "SELECT CAST((finished_at - ?) / ? AS INTEGER) AS slot, route, count(*), sum(duration),"
+            " sum(json_extract(timings, '$.transcribe_s')) FROM jobs"
+            " WHERE stage = 'done' AND route IS NOT NULL AND finished_at >= ? GROUP BY slot, route ORDER BY slot, route",
+            (since, seconds, since))]
 
     def local_speed(self) -> tuple[float, float, int]:
         """(transcription seconds, audio seconds, jobs) summed over every done local job that measured

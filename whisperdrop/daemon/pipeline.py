@@ -59,6 +59,7 @@ class Pipeline:
         self.state_dir = config.path("state_dir")
         self.work_dir = self.state_dir / "work"
         self.results_dir = self.state_dir / "results"
+        self.audio_dir = self.state_dir / "audio"  # done jobs' audio, kept for the page's player
         for folder in (self.work_dir, self.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3", clock=clock)
@@ -127,6 +128,9 @@ class Pipeline:
 
     def result_path(self, job_id: str) -> Path:
         return self.context.result_path(job_id)
+
+    def kept_audio_path(self, job_id: str) -> Path:
+        return self.context.kept_audio_path(job_id)
 
     # scheduling
 
@@ -258,11 +262,25 @@ class Pipeline:
 
     async def _expire_periodically(self) -> None:
         while not self.shutdown.is_set():
-            try:
-                await self.expire_results()
-            except OSError as error:  # housekeeping must never stop the daemon; say so and try later
-                self.log.warning("results.expire_failed", folder=str(self.results_dir), error=str(error))
+            for expire, folder in ((self.expire_results, self.results_dir), (self.expire_audio, self.audio_dir)):
+                try:
+                    await expire()
+                except OSError as error:  # housekeeping must never stop the daemon; say so and try later
+                    self.log.warning("results.expire_failed", folder=str(folder), error=str(error))
             await self.shutdown.wait(EXPIRE_EVERY_S)
+
+    async def expire_audio(self, now: float | None = None) -> int:
+        """Remove kept audio (state/audio) older than `api.keep_audio_hours` at `now` (default: the
+        clock); all of it when the page keeps none. Returns how many were removed; raises OSError."""
+        if not self.audio_dir.is_dir():
+            return 0
+        hours = float(self.config.api.keep_audio_hours) if self.context.keeps_audio else 0.0
+        cutoff = (self.clock() if now is None else now) - hours * 3600.0 if hours else float("inf")
+        removed = await asyncio.get_running_loop().run_in_executor(
+            self._io, _remove_older, self.audio_dir, cutoff, set(), ".opus")
+        if removed:
+            self.log.info("audio.expired", removed=removed, older_than_hours=hours)
+        return removed
 
     async def expire_results(self, now: float | None = None) -> int:
         """Remove cached Results (state/results) older than `results_days` at `now` (default: the clock),
@@ -304,13 +322,13 @@ class Pipeline:
         self.ledger.close()
 
 
-def _remove_older(folder: Path, cutoff: float, keep: set[str]) -> int:
-    """Remove `<job>.json` files in `folder` last changed before `cutoff`, except jobs in `keep`."""
+def _remove_older(folder: Path, cutoff: float, keep: set[str], suffix: str = ".json") -> int:
+    """Remove `<job><suffix>` files in `folder` last changed before `cutoff`, except jobs in `keep`."""
     removed = 0
     with os.scandir(folder) as entries:
         for entry in entries:
             name = entry.name
-            if not name.endswith(".json") or name[:-5] in keep or not entry.is_file(follow_symlinks=False):
+            if not name.endswith(suffix) or name[:-len(suffix)] in keep or not entry.is_file(follow_symlinks=False):
                 continue
             if entry.stat(follow_symlinks=False).st_mtime < cutoff:
                 try:

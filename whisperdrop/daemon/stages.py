@@ -79,6 +79,15 @@ class Context:
     def audio_path(self, job_id: str) -> Path:
         return self.work_dir / f"{job_id}.opus"
 
+    def kept_audio_path(self, job_id: str) -> Path:
+        """Where a done job's audio stays for the page's player (`api.keep_audio_hours`)."""
+        return self.config.path("state_dir") / "audio" / f"{job_id}.opus"
+
+    @property
+    def keeps_audio(self) -> bool:
+        """Whether done jobs keep their audio: only where the API (and so the page) is served."""
+        return bool(self.config.api.listen) and float(self.config.api.keep_audio_hours) > 0
+
     def source_path(self, relpath: str) -> Path:
         """Where a source is: an inbox file, or an API upload under state_dir (see api.uploads)."""
         if uploads.is_upload(relpath):
@@ -354,7 +363,22 @@ class Stages:
             self._delivered(job, source, done, time.monotonic() - started, formats)
         if job.stage != "done":
             context.ledger.update_job(job.job_id, stage="done")
-            context.audio_path(job.job_id).unlink(missing_ok=True)
+            self._keep_or_remove_audio(job.job_id)
+
+    def _keep_or_remove_audio(self, job_id: str) -> None:
+        """A done job's extracted audio: moved where the page plays it from, or removed."""
+        context = self.context
+        audio = context.audio_path(job_id)
+        if context.keeps_audio and audio.exists():
+            kept = context.kept_audio_path(job_id)
+            try:
+                kept.parent.mkdir(exist_ok=True)
+                os.replace(audio, kept)
+                os.utime(kept)  # kept for api.keep_audio_hours from now, not from its extraction
+                return
+            except OSError as error:  # the page then has no audio for it; the job is done all the same
+                context.log.warning("audio.not_kept", job_id=job_id, error=str(error))
+        audio.unlink(missing_ok=True)
 
     def _delivered(self, job: Job, source: Source, done: delivery.Delivered, seconds: float,
                    formats: list[str]) -> None:

@@ -284,4 +284,7 @@ def collect_stats(config: Any, since_s: float, now: float | None = None) -> dict
         "stage_times": stage_times, "routes": routes,
         "bytes": {"sent": sent, "source": source, "ratio": _round(sent / source, 4) if source else None},
         "cost": _cost(routes, local_speed, config.local.model),
+        # GPU hosts the daemon may send work to: none when none is configured or the provider is `local`.
+        "gpu_hosts": 0 if config.transcription.provider == "local" else len(config.remote.hosts),
+        "provider": config.transcription.provider,
     }

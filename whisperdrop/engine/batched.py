@@ -76,7 +76,7 @@ class BatchDecoder:
     def __init__(self, model: Any, options: TranscribeOptions, language: str):
         from faster_whisper import BatchedInferencePipeline
         from faster_whisper.tokenizer import Tokenizer
-        from faster_whisper.transcribe import TranscriptionOptions, get_suppressed_tokens
+        from faster_whisper.transcribe import TranscriptionOptions, get_compression_ratio, get_suppressed_tokens
 
         self.model = model
         self.pipeline = BatchedInferencePipeline(model=model)
@@ -91,6 +91,7 @@ class BatchDecoder:
             condition_on_previous_text=False, clip_timestamps=None, prompt_reset_on_temperature=0.5,
             multilingual=False, without_timestamps=True, max_initial_timestamp=0.0,
         )
+        self.compression_ratio = get_compression_ratio  # of a window's text, as faster-whisper judges a decode
         self.frames = 0              # the private clock, in feature frames
         self.last_speech = 0.0
 
@@ -126,7 +127,10 @@ class BatchDecoder:
     def _to_source(self, chunk: Chunk, output: dict, pieces: list[dict], offset: float) -> _Decoded:
         if output["no_speech_prob"] > NO_SPEECH_THRESHOLD and output["avg_logprob"] < LOG_PROB_THRESHOLD:
             return _Decoded([], [])
-        base = {"avg_logprob": round(float(output["avg_logprob"]), 4),
+        decoded = self.tokenizer.decode(output["tokens"]).strip()
+        base = {"seek": round(chunk.source_time(0.0) * self.model.frames_per_second),  # where its window begins
+                "temperature": self.options.temperatures[0], "avg_logprob": round(float(output["avg_logprob"]), 4),
+                "compression_ratio": round(float(self.compression_ratio(decoded)), 4) if decoded else 0.0,
                 "no_speech_prob": round(float(output["no_speech_prob"]), 4)}
         segments, spoken = [], []
         for piece in pieces:
@@ -145,19 +149,21 @@ class BatchDecoder:
                     runs[-1][1].append(mapped)
                 else:
                     runs.append((index, [mapped]))
+            tokens = [int(token) for token in piece["tokens"]]
             if len(runs) > 1:  # one segment per stretch of source audio: never one across a left-out pause
                 for _, words in runs:
-                    segments.append({"start": words[0]["start"], "end": words[-1]["end"],
-                                     "text": "".join(word["word"] for word in words), **base, "words": words})
+                    said = "".join(word["word"] for word in words)
+                    segments.append({"start": words[0]["start"], "end": words[-1]["end"], "text": said,
+                                     "tokens": self.tokenizer.encode(said), **base, "words": words})
             elif runs:
                 words = runs[0][1]
-                segments.append({"start": words[0]["start"], "end": words[-1]["end"], "text": text, **base,
-                                 "words": words})
+                segments.append({"start": words[0]["start"], "end": words[-1]["end"], "text": text,
+                                 "tokens": tokens, **base, "words": words})
             else:
                 start, end = piece["start"] - offset, piece["end"] - offset
                 segments.append({"start": round(chunk.source_time(start), 3),
-                                 "end": round(chunk.source_time(end, is_end=True), 3), "text": text, **base,
-                                 "words": []})
+                                 "end": round(chunk.source_time(end, is_end=True), 3), "text": text,
+                                 "tokens": tokens, **base, "words": []})
         missed = _missed(chunk, spoken) if self.options.word_timestamps else []
         return _Decoded(segments, missed)
 

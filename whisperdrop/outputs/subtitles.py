@@ -3,7 +3,9 @@
 `cues(result, limits)` turns the segments of a Result into `Cue`s of at most `limits.max_lines` lines
 of `limits.max_line_chars` characters, on screen for at most `limits.max_cue_seconds`. Whisper's
 segments are not cues: a batched segment runs up to 30 s, far more than anyone reads at once. So
-cues are cut from the word timestamps:
+cues are cut from the word timestamps, after the pieces whisper timed are joined into the words of
+the segment's text (`outputs.words`: `" t"` and `"-shirt"` are one word, `t-shirt`), so the cues
+show the same words as the TXT:
 
 1. The words are first cut into phrases at the breaks that always end a cue: a sentence end (`.`,
    `?`, `!`, `…`), a silence of at least `limits.pause_seconds` between two words, and the end of a
@@ -30,6 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from whisperdrop.outputs.words import word_groups
 from whisperdrop.shared.config_schema import SCHEMA
 
 _DEFAULTS = SCHEMA["subtitles"]
@@ -78,19 +81,22 @@ class Cue:
 
 @dataclass(frozen=True)
 class _Token:
-    """A word as the cue builder sees it: `text` without surrounding space, `glued` when it continues
-    the previous token without a space (the second piece of a word cut to fit a line)."""
+    """A word as the cue builder sees it: `text` without surrounding space; `glued` when it follows
+    the previous token without a space (a piece of a word cut to fit a line, or the next character in
+    a language written without spaces); `inside_word` when a break before it would cut a word (the
+    pieces cut to fit a line)."""
 
     text: str
     start: float
     end: float
     glued: bool = False
+    inside_word: bool = False
     segment_end: bool = False  # the last word of a whisper segment
 
 
 def cues(result: dict, limits: Limits = Limits()) -> list[Cue]:
     """The cues for `result`'s segments (see the module docstring); in time order, never overlapping."""
-    tokens = list(_tokens(result.get("segments") or [], limits))
+    tokens = list(_tokens(result.get("segments") or [], limits, result.get("language")))
     made: list[Cue] = []
     for phrase in _phrases(tokens, limits):
         for start, end in _split(phrase, limits):
@@ -129,21 +135,28 @@ def _timestamp(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{milliseconds:03d}"
 
 
-def _tokens(segments: Iterable[dict], limits: Limits) -> Iterable[_Token]:
-    """Every word of every segment as tokens, words longer than a line cut into pieces; a segment
-    without word timestamps gets its time shared out over its words by their length."""
+def _tokens(segments: Iterable[dict], limits: Limits, language: str | None = None) -> Iterable[_Token]:
+    """Every word of every segment as tokens, the pieces whisper timed joined into the words of the
+    segment's text (`words.word_groups`), words longer than a line cut into pieces; a segment without
+    word timestamps gets its time shared out over its words by their length."""
     for segment in segments:
-        words = [(str(word.get("word") or "").split(), float(word["start"]), float(word["end"]))
-                 for word in segment.get("words") or []]
-        words = [(" ".join(parts), start, end) for parts, start, end in words if parts]
+        words, before = [], " "
+        for group in word_groups(list(segment.get("words") or []), language):
+            text = "".join(str(word.get("word") or "") for word in group)
+            if text.strip():
+                # Only in a language written without spaces does a group follow the one before unspaced.
+                glued = not (before[-1:].isspace() or text[:1].isspace())
+                words.append((" ".join(text.split()), float(group[0]["start"]), float(group[-1]["end"]), glued))
+            before = text or before
         if not words:
-            words = _estimated_words(segment)
-        for index, (text, start, end) in enumerate(words):
+            words = [(text, start, end, False) for text, start, end in _estimated_words(segment)]
+        for index, (text, start, end, glued) in enumerate(words):
             pieces = _pieces(text, limits.max_line_chars)
             last = index == len(words) - 1
             for number, piece in enumerate(pieces):
                 share = (end - start) / len(pieces)
-                yield _Token(piece, start + number * share, start + (number + 1) * share, glued=number > 0,
+                yield _Token(piece, start + number * share, start + (number + 1) * share,
+                             glued=glued or number > 0, inside_word=number > 0,
                              segment_end=last and number == len(pieces) - 1)
 
 
@@ -173,7 +186,7 @@ def _phrases(tokens: list[_Token], limits: Limits) -> Iterable[list[_Token]]:
     for index, token in enumerate(tokens):
         phrase.append(token)
         following = tokens[index + 1] if index + 1 < len(tokens) else None
-        if following is None or following.glued:
+        if following is None or following.inside_word:
             continue
         if (token.segment_end or _sentence_end(token.text)
                 or following.start - token.end >= limits.pause_seconds):
@@ -240,7 +253,7 @@ def _split(phrase: list[_Token], limits: Limits) -> list[tuple[int, int]]:
 def _break_cost(phrase: list[_Token], end: int, limits: Limits) -> float:
     """What a cut between phrase[end - 1] and phrase[end] costs: less at a clause mark or a silence."""
     before, after = phrase[end - 1], phrase[end]
-    if after.glued:
+    if after.inside_word:
         return 2 * _COST_MID_CLAUSE  # inside a word cut to fit: only when nothing else fits
     cost = _COST_AT_CLAUSE if CLAUSE_END.search(before.text) else _COST_MID_CLAUSE
     silence = max(0.0, after.start - before.end)

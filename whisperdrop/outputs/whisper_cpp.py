@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from whisperdrop import __version__
+from whisperdrop.outputs.words import word_groups
 
 EXTENSIONS = ("txt", "vtt", "srt", "csv", "json", "lrc")  # the order whisper-cli writes them in
 
@@ -36,7 +37,9 @@ def centiseconds(seconds: float) -> int:
 def segments_of(result: dict, max_len: int = 0) -> list[Segment]:
     """The Result's segments as whisper.cpp's. With `max_len` above 0 (`-ml`), each segment is cut
     between words so that its text holds at most `max_len` characters; a single longer word stands
-    alone, as in whisper.cpp with `-sow`. A segment without words is kept whole."""
+    alone, as in whisper.cpp with `-sow`. A cut falls only between whole words of the text, never
+    inside one that whisper timed in pieces (`" t"`, `"-shirt"`; see `outputs.words`). A segment
+    without words is kept whole."""
     segments = []
     for segment in result.get("segments") or []:
         words = tuple(segment.get("words") or ())
@@ -45,12 +48,12 @@ def segments_of(result: dict, max_len: int = 0) -> list[Segment]:
                                     segment.get("text", ""), words))
             continue
         piece: list[dict] = []
-        for word in words:
+        for group in word_groups(list(words), result.get("language")):
             length = sum(len(item["word"]) for item in piece)
-            if piece and length + len(word["word"]) > max_len:
+            if piece and length + sum(len(word["word"]) for word in group) > max_len:
                 segments.append(_segment_of_words(piece))
                 piece = []
-            piece.append(word)
+            piece.extend(group)
         if piece:
             segments.append(_segment_of_words(piece))
     return segments

@@ -209,6 +209,24 @@ def find(explicit: str | os.PathLike | None = None) -> Path | None:
     return next((path for path in search_path() if path.is_file()), None)
 
 
+def yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """PyYAML's complaint as one problem line: the file, the line and column where it went wrong,
+    what was wrong there and (when PyYAML says) what it was parsing and where that began. PyYAML's
+    own text spreads this over four lines, which broke out of the problem list."""
+    mark = getattr(error, "problem_mark", None)
+    problem = " ".join(str(getattr(error, "problem", None) or "").split())
+    if mark is None or not problem:
+        return f"not valid YAML: {' '.join(str(error).split())}"
+    said = f"{path}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context:
+        where = ""
+        if context_mark is not None and (context_mark.line, context_mark.column) != (mark.line, mark.column):
+            where = f" that began at line {context_mark.line + 1}, column {context_mark.column + 1}"
+        said += f" ({' '.join(str(context).split())}{where})"
+    return said
+
+
 def load(explicit: str | os.PathLike | None = None) -> Config:
     """Find, parse and validate the configuration. Raises ConfigError with every problem."""
     path = find(explicit)
@@ -218,7 +236,7 @@ def load(explicit: str | os.PathLike | None = None) -> Config:
         with open(path, encoding="utf-8") as stream:  # a stream, so that YAML errors name the file
             data = yaml.safe_load(stream)
     except yaml.YAMLError as error:
-        raise ConfigError(str(path), [f"not valid YAML: {error}"]) from error
+        raise ConfigError(str(path), [yaml_problem(path, error)]) from error
     except UnicodeDecodeError as error:
         raise ConfigError(str(path), [f"not a text file (byte {error.start} is not UTF-8)"]) from error
     except OSError as error:

@@ -267,6 +267,11 @@ SCHEMA: dict[str, Any] = {
             NUMBER, 3600.0, "Seconds a synchronous request waits for its transcript before answering 504 with the "
             "job id (the job goes on; GET /jobs/<id> has it).", check=_positive,
         ),
+        "keep_audio_hours": Option(
+            NUMBER, 24.0, "Hours a finished job's extracted audio (Opus, about 11 MB an hour of speech at 24 kbps) "
+            "stays in state_dir/audio so the page at / can play it beside the transcript; 0 keeps none.",
+            check=_not_negative,
+        ),
     },
     "notify": {
         "webhook": Option(

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from whisperdrop.shared.errors import WhisperdropError
 from whisperdrop.shared.model_names import MULTILINGUAL_MODELS, english_only
-from whisperdrop.shared.spool import TASKS, TranscribeOptions
+from whisperdrop.shared.spool import TASKS, TranscribeOptions, temperature_problem
 
 # The keys a profile (or a request) may override: every TranscribeOptions field, and the outputs.
 OPTION_KEYS = tuple(field.name for field in dataclasses.fields(TranscribeOptions))
@@ -165,6 +165,8 @@ def apply(options: TranscribeOptions, overrides: dict | None, where: str = "opti
         raise ProfileError(f"{where}: task {changes['task']!r} is not one of {', '.join(TASKS)}")
     if "beam_size" in changes and (not isinstance(changes["beam_size"], int) or changes["beam_size"] < 1):
         raise ProfileError(f"{where}: beam_size must be a positive integer, not {changes['beam_size']!r}")
+    if temperature_problem(changes.get("temperature")):
+        raise ProfileError(f"{where}: {temperature_problem(changes.get('temperature'))}")
     return dataclasses.replace(options, **changes)
 
 

@@ -52,6 +52,7 @@ class TranscribeOptions:
     vad_filter: bool = True
     beam_size: int = 5
     task: str = "transcribe"  # or "translate" (to English)
+    temperature: float | None = None  # sample at this temperature (0 < t <= 1, decoded sequentially); None: beam search at 0
 
     @classmethod
     def from_config(cls, transcription: dict) -> "TranscribeOptions":
@@ -77,15 +78,28 @@ class TranscribeOptions:
                 raise ProtocolError(f"options.{name} must be a string or null")
         if options.task not in TASKS:
             raise ProtocolError(f"options.task must be one of {', '.join(TASKS)}")
+        if temperature_problem(options.temperature):
+            raise ProtocolError(f"options.{temperature_problem(options.temperature)}, or null")
         return options
 
     def to_dict(self) -> dict:
-        """The options as a job document holds them. `task` appears only when it is `translate`, so a
-        transcription keeps the job id (and the spool document) it had before translation existed."""
+        """The options as a job document holds them. `task` appears only when it is `translate`, and
+        `temperature` only when set, so a job keeps the id (and the spool document) it had before
+        either option existed."""
         data = asdict(self)
         if data["task"] == "transcribe":
             del data["task"]
+        if data["temperature"] is None:
+            del data["temperature"]
         return data
+
+
+def temperature_problem(value: Any) -> str | None:
+    """Why `value` is no sampling temperature (a number above 0, at most 1), or None when it is one
+    or None (beam search)."""
+    if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= 1):
+        return None
+    return f"temperature must be a number above 0 and at most 1, not {value!r}"
 
 
 def job_id(source_sha256: str, options: TranscribeOptions) -> str:

@@ -1,5 +1,5 @@
 """The daemon's HTTP API: the original plan's `POST /transcribe` and `GET /health`, the OpenAI
-transcription API, whisper-asr-webservice's `/asr`, and asynchronous jobs.
+transcription API, whisper-asr-webservice's `/asr`, asynchronous jobs, and the page at `/`.
 
 Every request becomes a job in the daemon's ledger, routed like a dropped file (see `uploads`).
 
@@ -7,6 +7,7 @@ Every request becomes a job in the daemon's ledger, routed like a dropped file (
         -> routes_native | routes_openai | routes_asr -> service (store, submit, wait) -> Pipeline
         `/detect-language` -> service -> detect (the first speech only, no job)
         responses are rendered by `formats`
+        -> routes_page: the page (`page/`: HTML, script, style) and the JSON it reads (`overview`)
 
 This package's `__init__` imports nothing, so the pipeline's stages can use `uploads` without
 loading FastAPI.

@@ -1,8 +1,9 @@
 """The FastAPI app and its server, uvicorn on the daemon's own asyncio loop (no thread of its own).
 
-`Guard`, the outermost layer, runs before anything reads a body: the bearer token (401), the
-upload limit (413 from Content-Length at once, or as soon as the bytes read pass it), and one
-`api.request` log line per request. `ApiServer.start()` binds the socket itself (so a port in use
+`Guard`, the outermost layer, runs before anything reads a body: the bearer token (401; the
+page's own files at `/` are served without it, so the page can ask for it), the upload limit (413
+from Content-Length at once, or as soon as the bytes read pass it), and one `api.request` log line
+per request. `ApiServer.start()` binds the socket itself (so a port in use
 is a clear error, not uvicorn's exit) and serves it as a task; `stop()` closes it within a bound.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from whisperdrop.daemon.api import errors, routes_asr, routes_native, routes_openai, uploads
+from whisperdrop.daemon.api import errors, routes_asr, routes_native, routes_openai, routes_page, uploads
 from whisperdrop.daemon.api.service import ApiService
 from whisperdrop.shared import log
 
@@ -35,7 +36,7 @@ def create_app(service: ApiService) -> FastAPI:
     app = FastAPI(title="whisperdrop", docs_url="/docs", redoc_url=None)
     app.state.service = service
     errors.install(app)
-    for module in (routes_native, routes_openai, routes_asr):
+    for module in (routes_native, routes_openai, routes_asr, routes_page):
         app.include_router(module.router)
     return app
 
@@ -70,7 +71,7 @@ class Guard:
 
     async def _guarded(self, scope: dict, receive: Any, send: Any) -> None:
         headers = dict(scope.get("headers") or [])
-        if self.token is not None:
+        if self.token is not None and not _public(scope):
             given = headers.get(b"authorization", b"")
             scheme, _, value = given.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(value.strip(), self.token):
@@ -94,6 +95,11 @@ class Guard:
             return message
 
         await self.app(scope, counted, send)
+
+
+def _public(scope: dict) -> bool:
+    """The page's own files (no data in them): a browser opening the page cannot send the token yet."""
+    return scope["method"] in ("GET", "HEAD") and scope["path"] in routes_page.PUBLIC_PATHS
 
 
 async def _send_json(send: Any, status: int, body: dict, headers: dict) -> None:

@@ -8,7 +8,6 @@ limits), the same files the outbox gets.
 from __future__ import annotations
 
 import json
-import zlib
 
 from whisperdrop.outputs.subtitles import Limits, render_srt, render_vtt
 
@@ -60,21 +59,16 @@ def native(result: dict, extra: dict) -> dict:
     return {"text": result.get("text", ""), "language": result.get("language"), "segments": segments, **extra}
 
 
-def _compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return round(len(data) / len(zlib.compress(data)), 4) if data else 0.0
+# OpenAI's verbose_json segment fields beyond id, start, end and text, as the engine records them.
+OPENAI_SEGMENT_FIELDS = ("seek", "tokens", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
 
 
 def openai_segment(segment: dict, index: int) -> dict:
-    """One segment as OpenAI's verbose_json gives it (fields the engine does not keep get neutral values)."""
-    text = segment.get("text", "")
-    return {
-        "id": index, "seek": int(segment.get("seek", round(float(segment["start"]) * 100))),
-        "start": segment["start"], "end": segment["end"], "text": text, "tokens": list(segment.get("tokens") or []),
-        "temperature": float(segment.get("temperature", 0.0)), "avg_logprob": segment.get("avg_logprob", 0.0),
-        "compression_ratio": segment.get("compression_ratio", _compression_ratio(text)),
-        "no_speech_prob": segment.get("no_speech_prob", 0.0),
-    }
+    """One segment as OpenAI's verbose_json gives it: id, start, end, text, and each of its decoding
+    figures the Result holds (a Result cached before the engine kept one leaves that field out)."""
+    body = {"id": index, "start": segment["start"], "end": segment["end"], "text": segment.get("text", "")}
+    body.update({key: segment[key] for key in OPENAI_SEGMENT_FIELDS if segment.get(key) is not None})
+    return body
 
 
 def openai_words(result: dict) -> list[dict]:
@@ -96,6 +90,8 @@ def openai(result: dict, response_format: str, granularities: list[str], task: s
         return {"text": result.get("text", "").strip(), **extra}, MEDIA_TYPES["json"]
     body = {"task": task, "language": language_name(result.get("language")),
             "duration": result.get("duration", 0.0), "text": result.get("text", "").strip()}
+    if task == "transcribe":  # OpenAI bills transcriptions by the second and says so; translations carry none
+        body["usage"] = {"type": "duration", "seconds": result.get("duration", 0.0)}
     if "segment" in granularities or not granularities:
         body["segments"] = [openai_segment(segment, index) for index, segment in enumerate(result.get("segments") or [])]
     if "word" in granularities:

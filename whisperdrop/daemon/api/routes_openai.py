@@ -35,7 +35,8 @@ async def _audio(request: Request, task: str, file: UploadFile, model: str | Non
                        param="timestamp_granularities")
     service = service_of(request)
     asked = Asked(model=model, language=None if task == "translate" and not language else language, prompt=prompt,
-                  task=task, profile=profile, words="word" in granularities or None, outbox=outbox)
+                  task=task, profile=profile, words="word" in granularities or None, outbox=outbox,
+                  temperature=temperature)
     accepted = await service.accept(file, asked)
     if run_async:
         return accepted_response(service, accepted)

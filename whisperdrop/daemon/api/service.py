@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.api.errors import ApiError
 from whisperdrop.daemon.api.formats import language_code
+from whisperdrop.daemon.api.overview import host_state
 from whisperdrop.shared import log
 from whisperdrop.shared.profiles import ProfileError, capability_problem
 
@@ -38,6 +40,7 @@ class Asked:
     words: bool | None = None  # word timestamps wanted
     vad_filter: bool | None = None
     outbox: bool | None = None
+    temperature: float | None = None  # OpenAI's: 0 (its default) decodes with beam search, above 0 samples
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,13 @@ class ApiService:
             overrides["word_timestamps"] = True
         if asked.vad_filter is not None:
             overrides["vad_filter"] = asked.vad_filter
+        if asked.temperature is not None:
+            if not 0 <= asked.temperature <= 1:  # NaN too
+                raise ApiError(400, f"temperature {asked.temperature:g} is not between 0 and 1: send 0 (beam search, "
+                                    "the default) or a sampling temperature up to 1", param="temperature",
+                               code="invalid_temperature")
+            if asked.temperature > 0:  # 0 is OpenAI's default: the same decoding, and the same job, as none
+                overrides["temperature"] = float(asked.temperature)
         try:
             planned = self.pipeline.plan(profile=asked.profile or None, overrides=overrides)
         except ProfileError as error:  # an unknown profile, or what an English-only model cannot do
@@ -189,6 +199,24 @@ class ApiService:
         return ApiError(422, f"could not transcribe the upload: {message or kind}",
                         code=kind if message else "failed", extra={"job_id": job_id, "hint": job.hint if job else None})
 
+    def scrubbed(self, text: str | None, shown: str | None = None) -> str | None:
+        """`text` (a job's error or hint) without the daemon's own paths: one under state_dir (the
+        upload, its extracted audio) becomes `shown` quoted (the name the client gave, or "the
+        upload"); one under the inbox, outbox, archive or failed folder its path relative to it."""
+        if not text:
+            return text
+        folders = {str(self.config.path(key)): key for key in ("state_dir", "inbox", "outbox", "archive", "failed")}
+        pattern = "|".join(re.escape(folder) for folder in sorted(folders, key=len, reverse=True))
+
+        def replace(match: re.Match) -> str:
+            folder = match.group(1) or match.group(3)
+            rest = (match.group(2) or match.group(4) or "").lstrip("/")
+            if folders[folder] == "state_dir":
+                return repr(shown) if shown else "the upload"
+            return repr(rest) if rest else folders[folder]
+
+        return re.sub(rf"'({pattern})(/[^']*)?'|({pattern})(/[^\s'\":,;]*)?", replace, text)
+
     async def result(self, job_id: str) -> dict:
         """The job's cached Result (state/results). Raises ApiError 404 when it is gone."""
         path = self.pipeline.result_path(job_id)
@@ -264,18 +292,20 @@ class ApiService:
         now = time.time()
         hosts = []
         for state in getattr(self.remote, "states", []):
-            checked = bool(state.checked_at or state.failures)
-            up = state.down_until <= now and state.last_error is None
-            hosts.append({"name": state.name, "state": ("up" if up else "down") if checked else "unchecked",
+            hosts.append({"name": state.name, "state": host_state(state, now),
                           "runners": len(state.runners), "in_flight": state.in_flight, "failures": state.failures,
                           "last_error": state.last_error,
                           "retry_in_s": round(state.down_until - now, 1) if state.down_until > now else None})
+        local = self.local_route()
+        serving = local["role"] != "off" or any(host["state"] != "down" for host in hosts)
+        return {"status": "healthy" if serving else "degraded", "model": self.pipeline.options.model,
+                "provider": self.pipeline.router.provider, "hosts": hosts, "local": local,
+                "jobs_in_progress": self.pipeline.busy()}
+
+    def local_route(self) -> dict:
+        """The local route: its model and device, and its role: every job, the fallback, or off."""
         provider = self.pipeline.router.provider
         local_on = self.remote is None or provider in ("auto", "local")
-        serving = local_on or any(host["state"] != "down" for host in hosts)
-        return {"status": "healthy" if serving else "degraded", "model": self.pipeline.options.model,
-                "provider": provider, "hosts": hosts,
-                "local": {"model": self.config.local.model, "device": self.config.local.device,
-                          "role": ("every job" if self.remote is None or provider == "local" else "fallback")
-                          if local_on else "off"},
-                "jobs_in_progress": self.pipeline.busy()}
+        return {"model": self.config.local.model, "device": self.config.local.device,
+                "role": ("every job" if self.remote is None or provider == "local" else "fallback")
+                if local_on else "off"}

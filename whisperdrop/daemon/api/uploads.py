@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from whisperdrop.daemon import outbox
+from whisperdrop.daemon.extract import NOT_MEDIA, pyav_said
 from whisperdrop.outputs import result as results
 from whisperdrop.shared.files import fsync_directory, write_atomic
 
@@ -151,9 +152,8 @@ def probe(path: Path, filename: str | None) -> float:
             else:
                 raise NotMedia(f"{shown!r}: its audio stream holds no decodable audio")
             return float(container.duration or 0) / av.time_base
-    except av.FFmpegError as error:
-        said = str(error).replace(f": '{path}'", "").replace(str(path), shown)  # the state path is ours, not theirs
-        raise NotMedia(f"{shown!r} is not a media file PyAV can open or decode ({said}); send an audio or "
+    except av.FFmpegError as error:  # PyAV's sentence only: the file name in it is our state path, not theirs
+        raise NotMedia(f"{shown!r} is {NOT_MEDIA} (PyAV: {pyav_said(error)}); send an audio or "
                        "video file (WAV, FLAC, MP3, Opus, M4A, MP4, MKV...)") from error
 
 
