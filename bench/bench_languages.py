@@ -12,8 +12,9 @@ runner's batches across jobs of several languages, and `/detect-language` on a l
   French (espeak-ng), queued at once (runner defaults: one step takes them all, and each batch holds
   one language) against the same clips one job at a time (max_jobs_per_batch 1); rounds alternate
   the two, figures are medians. Each Result must keep its own language.
-- `/detect-language` (issue 19): `daemon.api.detect.detect` (what the endpoint runs: base, the first
-  speech only) on a 10-minute English file against `Engine.transcribe` of the same file (the local
+- `/detect-language` (issue 19): `daemon.api.detect.detect_upload` (what the endpoint runs: the
+  upload extracted to Opus as a job's source is, then base on its first speech only) on a 10-minute
+  English WAV against `Engine.transcribe` of the same file (the local
   route; what the endpoint did before: it transcribed the whole upload). Detection: median of
   `repeats`; transcription: once (minutes on 2 cores), stated.
 """
@@ -217,19 +218,20 @@ def detect_language(context: Context, scratch: Path) -> list[Row]:
     engine = Engine(max_models=1)
     settings = SimpleNamespace(model=MODELS[1], device=local["device"], compute_type=local["compute_type"],
                                threads=local["threads"])
-    answer = detect.detect(engine, speech.path, settings)   # untimed: loads base
+    bitrate = config.load(None).audio.bitrate_kbps
+    answer = detect.detect_upload(engine, speech.path, settings, bitrate)   # untimed: loads base
     runs = []
     for _ in range(context.repeats):
         started = time.perf_counter()
-        answer = detect.detect(engine, speech.path, settings)
+        answer = detect.detect_upload(engine, speech.path, settings, bitrate)
         runs.append(time.perf_counter() - started)
     started = time.perf_counter()
     made = engine.transcribe(speech.path, TranscribeOptions(model=MODELS[1]), device=local["device"],
                              compute_type=local["compute_type"], threads=local["threads"],
                              batch_size=local["batch_size"])
     transcribe_s = time.perf_counter() - started
-    return [Row(SECTION, f"/detect-language on a {speech.seconds / 60:.1f} min file (base int8 CPU: the first speech "
-                         f"only, answered {answer.code} p={answer.probability}; median of {context.repeats}) vs "
+    return [Row(SECTION, f"/detect-language on a {speech.seconds / 60:.1f} min WAV (base int8 CPU: the upload "
+                         f"extracted to Opus as a job's is, then the first speech only, answered {answer.code} p={answer.probability}; median of {context.repeats}) vs "
                          "transcribing it (Engine.transcribe, local route, batch_size 8, once; what the endpoint did "
                          f"before; word error rate {wer(speech.text, made['text']):.1f} %)",
                 round(statistics.median(runs), 2), "s", round(transcribe_s, 1), "transcribing the file",

@@ -119,3 +119,19 @@ def test_a_profile_asking_german_of_tiny_en_is_a_check_config_problem(tmp_path):
     assert "At 'profiles[0]': language 'de' with bundled:tiny.en, which is English-only" in done.stderr
     assert "At 'transcription': language 'fr' with bundled:tiny.en" in done.stderr
     assert "bundled:base" in done.stderr and "local.model" in done.stderr
+
+
+def test_detect_language_gives_the_answer_the_job_gets_even_when_doubtful(base_daemon, clips):
+    """The doubtful Portuguese clip gets the same language and probability from `/detect-language` as
+    from a job of the same upload (both on its Opus extraction), each with the hint to set `language`."""
+    status, body = curl("-F", f"audio_file=@{clips['pt']}", f"{base_daemon.url}/detect-language")
+    answer = json.loads(body)
+    assert status == 200 and answer["language_probability"] < 0.5, body
+    assert "set `language`" in answer["language_warning"]
+    status, body = curl("-F", f"audio=@{clips['pt']}", "-F", "outbox=false", f"{base_daemon.url}/transcribe")
+    assert status == 200, body
+    job = json.loads(body)
+    result = json.loads((base_daemon.root / "state" / "results" / f"{job['job_id']}.json").read_text())
+    assert (result["language"], result["language_probability"]) == (answer["language_code"],
+                                                                    answer["language_probability"])
+    assert f"{answer['language_probability']:.2f}" in result["language_warning"]

@@ -238,11 +238,13 @@ class ApiService:
     # /detect-language
 
     async def detect_language(self, upload: Any, *, raw_pcm: bool = False) -> Any:
-        """The language of `upload` from its first speech (`detect.detect`): stored under state_dir,
-        checked as media, detected in a worker thread (one at a time), removed. No job is made.
+        """The language of `upload` from its first speech (`detect.detect_upload`): stored under
+        state_dir, checked as media, extracted and detected in a worker thread (one at a time),
+        removed. No job is made.
         Raises ApiError: 413, 415, 422 (only an English-only model here and the speech not English),
         503 (the model that detects cannot load)."""
         from whisperdrop.daemon.api import detect
+        from whisperdrop.daemon.extract import MediaError
         from whisperdrop.engine.engine import Engine, EngineError
 
         if upload is None or not hasattr(upload, "file"):
@@ -261,9 +263,14 @@ class ApiService:
                 self._detector = (Engine(max_models=1), asyncio.Lock())
             engine, lock = self._detector
             async with lock:
-                return await asyncio.to_thread(detect.detect, engine, stored.path, self.config.local)
+                return await asyncio.to_thread(detect.detect_upload, engine, stored.path, self.config.local,
+                                               self.config.audio.bitrate_kbps)
         except uploads.NotMedia as error:
             raise ApiError(415, str(error), param="file", code="not_media") from None
+        except MediaError as error:
+            shown = upload.filename or "the upload"   # the daemon's own paths stay its own
+            raise ApiError(415, f"{shown}: {error.reason.replace(str(stored.path), shown)}", param="file",
+                           code="not_media") from None
         except detect.Undetectable as error:
             raise ApiError(422, str(error), code="language_undetectable") from None
         except EngineError as error:
