@@ -213,7 +213,7 @@ SPOKEN = {
            "die Frage, wie die Stromnetze in den nächsten zehn Jahren ausgebaut werden müssen."),
     "es": "Buenos días. Hoy vamos a hablar del tiempo que hace en la ciudad y de los planes para el fin de semana.",
     "en": "Good morning. Today we will talk about the weather in the city and the plans for the weekend.",
-    # Portuguese jiu-jitsu instruction: bundled:base detects it as English at p=0.28 (a doubtful detection)
+    # Portuguese jiu-jitsu instruction: bundled:base detects it doubtfully (`en` p=0.28 from the WAV, `hu` p=0.15 from Opus)
     "pt": "Bom dia. Hoje vamos treinar a passagem de guarda e a raspagem de gancho, com atenção à postura e à respiração.",
 }
 

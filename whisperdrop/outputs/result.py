@@ -86,9 +86,10 @@ def language_warning(made: dict) -> str | None:
             f"multilingual model ({MULTILINGUAL_MODELS}) for other languages; see README, Models")
 
 
-# A detected language whose probability is under this is doubtful (engine.language.DOUBTFUL_PROBABILITY,
-# faster-whisper's own threshold for a sure detection): measured with bundled:base on espeak-ng speech,
-# German, Spanish and English came out at 0.94 to 0.99, Portuguese as `en` at 0.28, French at 0.63.
+# A detected language whose probability is under this is doubtful: faster-whisper's own threshold for a
+# sure detection (engine.language.DETECTION_THRESHOLD). Measured with bundled:base on espeak-ng speech:
+# German, Spanish and English at 0.89 to 0.98; Portuguese at 0.28 (`en`, from the WAV) and 0.15 (`hu`,
+# from its Opus), a French sentence at 0.34 (`th`).
 DOUBTFUL_PROBABILITY = 0.5
 
 
