@@ -18,6 +18,9 @@ defaults (word timestamps, VAD, beam 5). On the CPU: the bundled tiny.en, int8.
   bare sequential times and of their bare batched times.
 - Runner overhead: `Worker.step()` on the one-minute job (claim, sha256 check, engine, progress and
   Result files) against `Engine.transcribe` with the same settings. Goal: <= 5 %.
+- Repetition guard (issue 21, `engine_guard.py`): whisperdrop with and without the guard that decodes
+  a looping chunk again, on the long file, jfk said 25 times (speech that merely repeats: goal, no
+  chunk decoded again) and the tests' German sentence (where it fires).
 - GPU: the same three comparisons on CUDA (float16) when CTranslate2 sees a device, with the model
   WHISPERDROP_BENCH_GPU_MODEL names, else the first of GPU_MODELS in the local Hugging Face cache,
   else the bundled tiny.en. A child process transcribes jfk on CUDA first, so missing CUDA libraries
@@ -39,6 +42,7 @@ from typing import Any
 from common import JFK, Context, Row, paired, rounds, same_text, skipped, wer
 from corpus import Speech, speech_clips, speech_file
 from spool_jobs import drain, submit
+from engine_guard import guard_rows
 from whisperdrop.daemon.extract import extract
 from whisperdrop.engine.engine import Engine, ModelKey, cuda_device_count, resolve_compute_type
 from whisperdrop.shared import config, log
@@ -238,7 +242,9 @@ def compare(setup: Setup, scratch: Path, context: Context, files: dict) -> list[
     rows = []
     for name, work in (("long file", lambda: long_file(setup, files["long"][0], files["long"][1], context.repeats)),
                        ("across jobs", lambda: across_jobs(setup, files["clips"], scratch / setup.device, context.repeats)),
-                       ("runner overhead", lambda: runner_overhead(setup, *files["minute"], scratch / setup.device, context.repeats))):
+                       ("runner overhead", lambda: runner_overhead(setup, *files["minute"], scratch / setup.device, context.repeats)),
+                       ("repetition guard", lambda: guard_rows(setup, files["long"], scratch / setup.device / "guard",
+                                                               context.repeats, context.quick))):
         print(f"#   {setup.label}: {name} ...", file=sys.stderr, flush=True)
         rows += work()
     return rows

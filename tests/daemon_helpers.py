@@ -106,13 +106,23 @@ class Daemon:
         self.process: subprocess.Popen | None = None
         self.runs = 0
 
-    def start(self, wait_ready: bool = True, env: dict | None = None) -> "Daemon":
+    def start(self, wait_ready: bool = True, env: dict | None = None,
+              open_files: tuple[int, int] | None = None) -> "Daemon":
+        """Start the daemon; `open_files`: its (soft, hard) RLIMIT_NOFILE, as systemd's LimitNOFILE= sets it."""
         self.runs += 1
         self._mark = self.log_path.stat().st_size if self.log_path.exists() else 0
         stream = open(self.log_path, "ab")
+
+        def limits() -> None:
+            if open_files is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", "whisperdrop", "run", "-c", str(self.config_path)],
             stdout=stream, stderr=subprocess.STDOUT, cwd=self.root, env={**os.environ, **(env or {})},
+            preexec_fn=limits if open_files is not None else None,
         )
         stream.close()
         if wait_ready:

@@ -272,7 +272,8 @@ def test_rejected_requests_leave_nothing(daemon, tmp_path):
     with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1])), timeout=30) as raw:
         raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
         assert raw.recv(1024).startswith(b"HTTP/1.1 400")
-    daemon.wait_for(lambda: any(event["event"] == "api.server" for event in daemon.events()), what="api.server")
+    daemon.wait_for(lambda: any(event["event"] == "api.rejected" and event["reason"] == "malformed"
+                                for event in daemon.events()), what="api.rejected (malformed)")
     assert not any(event["event"] in ("api.error", "non-json") for event in daemon.events())
 
 

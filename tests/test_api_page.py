@@ -236,7 +236,7 @@ def test_page_follows_jobs_through_a_gpu_host_that_goes_down_and_up(tmp_path):
         refused = wait_for(driver, lambda page: page.find_elements(By.CSS_SELECTOR,
                                                                    '#uploads li[data-file="notes.mp3"][data-state="failed"]'),
                            "the file that is not media refused")[0]
-        assert "not a media file" in refused.text and "notes.mp3" in refused.text
+        assert "not an audio or video file" in refused.text and "notes.mp3" in refused.text
         uploaded = wait_for(driver, lambda page: row_of(page, "interview.wav", "finished"), "the upload's job done")
         assert uploaded["job"] == accepted.get_attribute("data-job") and uploaded["status"] == "done"
         wait_for(driver, lambda page: page.execute_script(

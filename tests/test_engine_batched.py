@@ -16,7 +16,8 @@ from faster_whisper import BatchedInferencePipeline
 from faster_whisper.audio import decode_audio
 from faster_whisper.vad import get_speech_timestamps
 
-from whisperdrop.engine.batched import AudioJob, _missed
+from whisperdrop.engine import batched
+from whisperdrop.engine.batched import AudioJob, _missed, needs_fallback
 from whisperdrop.engine.chunks import Chunk, vad_options
 from whisperdrop.engine.engine import Engine, EngineError, ModelKey
 from whisperdrop.shared.spool import TranscribeOptions
@@ -123,3 +124,61 @@ def test_speech_no_word_touches_is_found_for_decoding_again():
     spoken = [(0.2, 0.6), (1.0, 2.9), (20.1, 24.8)]  # the words: the first span, and the last one
     assert _missed(chunk, spoken) == [(3 * second, 8 * second + 4000)]  # one part from the first missed span to the last
     assert _missed(chunk, spoken + [(3.0, 5.9), (7.0, 8.2)]) == []
+
+
+# Chunk figures recorded with tiny.en (int8, CPU) at temperature 0, for the guard against repetition
+# loops: (tokens, avg_logprob, no_speech_prob, compression_ratio, seconds of speech in the chunk).
+CHUNKS_TO_DECODE_AGAIN = {
+    "German (espeak-ng de), a sentence three times: issue 21's": (30, -0.990, 0.453, 2.52, 13.7),
+    "Portuguese (espeak-ng pt), 'unsee or unsee or...', sure of it": (224, -0.212, 0.439, 5.01, 10.8),
+    "German (espeak-ng de+m3), 'In the ocean, the ocean...', sure of it": (85, -0.308, 0.185, 11.92, 13.1),
+    "Apollo 11's radio, 'yeah, yeah...' over other words, sure of it": (224, -0.259, 0.565, 7.05, 29.2),
+    "German from a WAV, unsure of it (faster-whisper's rule)": (16, -1.411, 0.588, 0.92, 13.7),
+}
+CHUNKS_TO_KEEP = {
+    "jfk said 25 times, 1 s apart, its first chunk: the speech repeats": (61, -0.080, 0.110, 3.29, 27.5),
+    "jfk said 25 times, its second chunk": (66, -0.054, 0.398, 3.78, 29.2),
+    "English read fast (espeak-ng en-us, 240 words a minute)": (47, -0.260, 0.407, 1.47, 8.9),
+    "laughter heard as 'Thank you very much.'": (5, -0.984, 0.675, 0.71, 2.1),
+}
+
+
+def test_loops_and_guesses_are_decoded_again_and_speech_that_repeats_is_not():
+    """The guard decodes a chunk again when it loops (unsure, or faster than speech) or is a guess, and
+    keeps speech that really repeats (jfk three times: ratio 3.3-3.8, sure of it, at a speaking pace)."""
+    def output(tokens, logprob, no_speech, ratio):
+        return {"tokens": [0] * tokens, "avg_logprob": logprob, "no_speech_prob": no_speech, "compression_ratio": ratio}
+
+    for what, (tokens, logprob, no_speech, ratio, speech) in CHUNKS_TO_DECODE_AGAIN.items():
+        assert needs_fallback(output(tokens, logprob, no_speech, ratio), speech), what
+    for what, (tokens, logprob, no_speech, ratio, speech) in CHUNKS_TO_KEEP.items():
+        assert not needs_fallback(output(tokens, logprob, no_speech, ratio), speech), what
+
+
+def test_speech_that_repeats_is_decoded_once_at_temperature_zero(engine, tmp_path, monkeypatch):
+    """jfk said five times with 1 s between: its chunks' text repeats (compression ratio over 2.4), yet
+    no chunk is decoded again (issue 30: the repetition is in the speech, and a fallback would cost
+    several decodes per chunk); each segment says its temperature and compression ratio."""
+    again = []
+    original = batched.BatchDecoder._fallback
+    monkeypatch.setattr(batched.BatchDecoder, "_fallback",
+                        lambda self, *args: again.append(args) or original(self, *args))
+    path = speech_at(tmp_path / "five.wav", [12.0 * index for index in range(5)], 60.0)
+    result = engine.transcribe(path, OPTIONS, batch_size=8)
+    assert again == []
+    assert word_error_rate(" ".join([jfk_reference()] * 5), result["text"]) <= 0.10
+    assert {segment["temperature"] for segment in result["segments"]} == {0.0}
+    assert max(segment["compression_ratio"] for segment in result["segments"]) > batched.COMPRESSION_RATIO_THRESHOLD
+
+
+def test_a_chunk_that_fails_the_guard_is_decoded_again_alone_at_a_higher_temperature(engine, tmp_path, monkeypatch):
+    """A chunk whose first decoding fails the guard (here: every decoding at temperature 0 is made to
+    fail it) is decoded again, alone, with faster-whisper's fallback; the one at 0.2 passes, and its
+    segments carry that temperature and still read jfk."""
+    original = batched.needs_fallback
+    monkeypatch.setattr(batched, "needs_fallback",
+                        lambda output, speech: output["temperature"] == 0.0 or original(output, speech))
+    result = engine.transcribe(speech_at(tmp_path / "once.wav", [1.0], 14.0), OPTIONS, batch_size=8)
+    assert {segment["temperature"] for segment in result["segments"]} == {batched.FALLBACK_TEMPERATURES[0]}
+    assert word_error_rate(jfk_reference(), result["text"]) <= 0.25
+    assert all(segment["words"] for segment in result["segments"])  # aligned as a chunk decoded in its batch is

@@ -52,8 +52,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _warn_insecure(config: config_module.Config) -> None:
-    """Print a warning on stderr for each config or key file that others can change (or read)."""
-    for warning in config_checks.insecure_files(config):
+    """Print a warning on stderr for each config or key file that others can change (or read), and for
+    the API's clients served without a token."""
+    for warning in config_checks.insecure_files(config) + config_checks.api_warnings(config):
         print(f"whisperdrop: warning: {warning}", file=sys.stderr)
 
 

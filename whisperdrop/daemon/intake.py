@@ -12,6 +12,7 @@ inbox-relative path over it (see `whisperdrop.shared.profiles`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 import time
@@ -28,6 +29,9 @@ from whisperdrop.shared.spool import TranscribeOptions
 from whisperdrop.shared.spool import job_id as make_job_id
 
 
+TRANSIENT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})  # passing: try again
+
+
 class Intake:
     """Takes inbox files for jobs planned by `plan(relpath)`; `schedule(job_id)` starts a job's work."""
 
@@ -42,37 +46,39 @@ class Intake:
     def relpath(self, path: Path) -> str:
         return path.relative_to(self.context.inbox).as_posix()
 
-    async def take(self, path: Path) -> None:
+    async def take(self, path: Path) -> bool:
         """Take a settled inbox file: hash it, find or create its job, and schedule the job. Never
-        raises for the file's sake: an unreadable or vanished file is logged or passed over."""
+        raises for the file's sake: an unreadable or vanished file is logged or passed over. True when
+        it could not be read for a passing reason (no file descriptor or memory left: EMFILE, ENFILE,
+        EAGAIN, ENOMEM), so the watcher must offer it again at its next rescan."""
         if self.shutdown.is_set():
-            return
+            return False
         relpath = self.relpath(path)
         if relpath in self._taking:
-            return
+            return False
         self._taking.add(relpath)
         try:
-            await self._take(path, relpath)
+            return await self._take(path, relpath)
         finally:
             self._taking.discard(relpath)
 
-    async def _take(self, path: Path, relpath: str) -> None:
+    async def _take(self, path: Path, relpath: str) -> bool:
         context, ledger, log = self.context, self.context.ledger, self.context.log
         try:
             info = os.lstat(path)
         except FileNotFoundError:
-            return
+            return False
         if not stat.S_ISREG(info.st_mode):
             log.warning("intake.skipped", path=relpath, reason="not a regular file (symlinks are not followed)")
-            return
+            return False
         pending = ledger.pending_source(relpath)
         if pending and (pending.size, pending.mtime_ns) == (info.st_size, info.st_mtime_ns):
             self.schedule(pending.job_id)
-            return
+            return False
         if pending:
             ledger.update_source(pending.id, state="replaced", last_error="the file changed after it was taken")
         elif (context.config.after_success == "keep" or context.config.library_mode) and self._already_done(relpath, info):
-            return
+            return False
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
@@ -81,19 +87,24 @@ class Intake:
                 digest = await loop.run_in_executor(context.io, sha256_file, path, self.shutdown.threads)
             after = os.lstat(path)
         except FileNotFoundError:
-            return
+            return False
         except Cancelled:
-            return
+            return False
         except OSError as error:
+            if error.errno in TRANSIENT_ERRORS:
+                log.error("intake.unreadable", path=relpath, error=str(error), retry="at the next rescan",
+                          hint="the daemon ran short of file descriptors or memory; it stays in the inbox")
+                return True
             log.error("intake.unreadable", path=relpath, error=str(error),
                       hint="check the file's permissions; it stays in the inbox")
-            return
+            return False
         if (after.st_size, after.st_mtime_ns) != (info.st_size, info.st_mtime_ns):
             log.info("intake.changed", path=relpath, reason="the file changed while it was read; waiting for it to settle")
-            return
+            return False
         settle_s = max(0.0, time.time() - info.st_mtime)
         self.record(relpath, digest, info.st_size, info.st_mtime_ns, info.st_ino, self.plan(relpath).options,
                     settle_s=round(settle_s, 3), hash_s=round(time.monotonic() - started, 3))
+        return False
 
     def record(self, relpath: str, digest: str, size: int, mtime_ns: int, inode: int, options: TranscribeOptions,
                **fields: object) -> tuple[Job, Source]:

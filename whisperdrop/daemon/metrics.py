@@ -84,11 +84,12 @@ class _Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-def render_metrics(ledger: Ledger, hosts: dict | None, now: float | None = None) -> str:
+def render_metrics(ledger: Ledger, hosts: dict | None, now: float | None = None, api: dict | None = None) -> str:
     """The daemon's figures in the Prometheus text format: jobs by stage, stage time sums and counts,
-    audio and transcription seconds by route, bytes sent and source bytes, fallbacks by reason, and
-    each host's health from the `hosts` snapshot (None: no host figures). Aggregates in SQL (four
-    scans of the jobs table), so keep it off the event loop. Raises sqlite3.Error."""
+    audio and transcription seconds by route, bytes sent and source bytes, fallbacks by reason, each
+    host's health from the `hosts` snapshot (None: no host figures), and the HTTP API's bounds from
+    `api` (ApiServer.figures; None: no API). Aggregates in SQL (four scans of the jobs table), so
+    keep it off the event loop. Raises sqlite3.Error."""
     now = time.time() if now is None else now
     out = _Exposition()
     out.family("whisperdrop_jobs", "gauge", "Jobs in the ledger by stage.",
@@ -130,9 +131,28 @@ def render_metrics(ledger: Ledger, hosts: dict | None, now: float | None = None)
     out.family("whisperdrop_host_failures", "gauge", "Consecutive failures of the GPU host.", failures)
     out.family("whisperdrop_runner_queue_length", "gauge", "Jobs waiting in the runner's spool.", queue)
     out.family("whisperdrop_runner_heartbeat_age_seconds", "gauge", "Age of the runner's last heartbeat.", age)
+    if api is not None:
+        _api_families(out, api)
     out.family("whisperdrop_metrics_updated_timestamp_seconds", "gauge", "When this file was written.",
                [({}, round(now, 3))])
     return out.render()
+
+
+def _api_families(out: _Exposition, api: dict) -> None:
+    """The HTTP API's connections and uploads in flight against their bounds, and refusals by reason."""
+    connections, uploads = api["connections"], api["uploads"]
+    out.family("whisperdrop_api_connections", "gauge", "Open HTTP API connections.", [({}, connections["open"])])
+    out.family("whisperdrop_api_connections_max", "gauge", "The bound on open HTTP API connections in force.",
+               [({}, connections["max"])])
+    out.family("whisperdrop_api_uploads_in_flight", "gauge", "API uploads arriving or stored, not yet transcribed.",
+               [({}, uploads["in_flight"])])
+    out.family("whisperdrop_api_uploads_in_flight_max", "gauge", "api.max_uploads_in_flight.", [({}, uploads["max"])])
+    out.family("whisperdrop_api_upload_bytes_in_flight", "gauge", "Bytes of the API uploads in flight.",
+               [({}, uploads["bytes"])])
+    out.family("whisperdrop_api_upload_bytes_in_flight_max", "gauge", "api.max_uploads_in_flight_mb, in bytes.",
+               [({}, uploads["max_bytes"])])
+    out.family("whisperdrop_api_rejected_total", "counter", "API requests and connections refused, by reason.",
+               [({"reason": reason}, count) for reason, count in sorted(api["rejected"].items())])
 
 
 def write_textfile(path: str | os.PathLike, text: str) -> None:
@@ -151,8 +171,11 @@ class MetricsWriter:
     """
 
     def __init__(self, path: str | None, ledger_path: str | os.PathLike, health_file: str | os.PathLike,
-                 changes: Callable[[], int], clock: Callable[[], float] = time.monotonic):
+                 changes: Callable[[], int], clock: Callable[[], float] = time.monotonic,
+                 api: Callable[[], dict] | None = None):
         self.path = path
+        self.api = api  # the HTTP API's figures, read on the caller's thread at each step
+        self._api_figures: dict | None = None
         self.ledger_path = Path(ledger_path)
         self.health_file = health_file
         self.changes = changes
@@ -182,16 +205,18 @@ class MetricsWriter:
         if not (due or changed or force):
             return False
         self._written_at, self._changes = now, changes
+        self._api_figures = self.api() if self.api else None
         self._pending = self._executor.submit(self.write)
         return True
 
     def write(self) -> bool:
-        """Render the ledger and the host snapshot and replace the file now, on the calling thread;
-        True when written. Failures (file system, ledger) are logged once per failing streak, not raised."""
+        """Render the ledger, the host snapshot and the HTTP API's figures (as read at the last step)
+        and replace the file now, on the calling thread; True when written. Failures (file system,
+        ledger) are logged once per failing streak, not raised."""
         try:
             ledger = Ledger(self.ledger_path, readonly=True)
             try:
-                text = render_metrics(ledger, read_hosts(self.health_file))
+                text = render_metrics(ledger, read_hosts(self.health_file), api=self._api_figures)
             finally:
                 ledger.close()
             write_textfile(self.path, text)
@@ -210,6 +235,7 @@ class MetricsWriter:
         if self._executor is None:
             return False
         executor, self._executor = self._executor, None
+        self._api_figures = self.api() if self.api else None
         last = executor.submit(self.write)
         try:
             written = await asyncio.wait_for(asyncio.wrap_future(last), timeout)

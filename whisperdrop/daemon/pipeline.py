@@ -114,14 +114,14 @@ class Pipeline:
                 return False
             await asyncio.wait({task}, timeout=left)
 
-    async def take(self, path: Path) -> None:
-        """The watcher's callback: see `Intake.take`. In library mode subtitles, artwork and the like
-        (our own outputs among them) are never taken."""
+    async def take(self, path: Path) -> bool:
+        """The watcher's callback: see `Intake.take` (True: offer the file again at the next rescan).
+        In library mode subtitles, artwork and the like (our own outputs among them) are never taken."""
         if self.config.library_mode and library.is_sidecar(path):
             self.log.debug("intake.skipped", path=self.intake.relpath(path),
                            reason="library mode: a subtitle, image or other file beside the media, not media")
-            return
-        await self.intake.take(path)
+            return False
+        return await self.intake.take(path)
 
     def audio_path(self, job_id: str) -> Path:
         return self.context.audio_path(job_id)

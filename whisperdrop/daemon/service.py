@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import resource
 import signal
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from whisperdrop.daemon.metrics import MetricsWriter
@@ -39,9 +41,34 @@ def build_remote(config: Any) -> Any | None:
     return RemotePool(config)
 
 
+def raise_open_file_limit(logger: Any) -> int:
+    """Raise the soft limit on open files (RLIMIT_NOFILE) to the hard one: systemd's default soft
+    limit, 1024, is low for a server (the HTTP API's connections each take one), and the hard limit
+    is usually far higher. Logs `daemon.open_files`; returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if hard == resource.RLIM_INFINITY:  # the kernel's own ceiling then (an "unlimited" soft limit is refused)
+        try:
+            wanted = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            wanted = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as error:
+            logger.warning("daemon.open_files", limit=soft, hard=hard, error=str(error),
+                           hint="raise LimitNOFILE= in the unit (the shipped one sets 65536)")
+            return soft
+        logger.info("daemon.open_files", limit=wanted, hard=hard, raised_from=soft)
+        return wanted
+    logger.info("daemon.open_files", limit=soft, hard=hard)
+    return soft
+
+
 async def serve(config: Any, notifier: Notifier | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the exit status."""
     logger = log.get("daemon")
+    raise_open_file_limit(logger)
     notifier = notifier or Notifier()
     remote = build_remote(config)
     shutdown = Shutdown()  # the one stop request: the pipeline (stages, intake, routes, API) and the watcher share it
@@ -82,7 +109,7 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     intake: set[asyncio.Task] = set()
 
     def on_ready(path) -> None:
-        task = loop.create_task(pipeline.take(path))
+        task = loop.create_task(take_or_offer_again(pipeline, watcher, path))
         intake.add(task)
         task.add_done_callback(intake.discard)
 
@@ -96,7 +123,8 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     notifier.ready(status="watching the inbox")
     # Rendered in the writer's own thread: its aggregates scan the whole ledger.
     metrics = MetricsWriter(config.logging.metrics_textfile, pipeline.ledger.path,
-                            config.path("state_dir") / "hosts.json", lambda: pipeline.ledger.db.total_changes)
+                            config.path("state_dir") / "hosts.json", lambda: pipeline.ledger.db.total_changes,
+                            api=api.figures if api is not None else None)
     heartbeat = loop.create_task(_keep_systemd_informed(notifier, pipeline, shutdown, metrics), name="notify")
     await shutdown.wait()
 
@@ -129,6 +157,13 @@ async def serve(config: Any, notifier: Notifier | None = None) -> int:
     # The deadline stays armed: asyncio.run's own teardown (joining executor threads) comes after
     # this, and the caller exits the process right after it (see cli.cmd_run).
     return 0
+
+
+async def take_or_offer_again(pipeline: Pipeline, watcher: InboxWatcher, path: Any) -> None:
+    """The watcher's callback: take `path` (Pipeline.take); after a passing error (no file descriptor
+    left), have the watcher forget it, so that its next rescan offers the file again."""
+    if await pipeline.take(path):
+        watcher.forget(path)
 
 
 async def _start_api(config: Any, pipeline: Pipeline, remote: Any | None, logger: Any) -> Any:

@@ -6,10 +6,15 @@ hand so that a short job finishes within a batch or two, asks `more` for further
 jobs than `batch_size` are in hand, and yields each job's outcome as soon as its last chunk is decoded.
 
 Each chunk is decoded exactly as faster-whisper's `BatchedInferencePipeline` decodes it (same features,
-prompt, beam search and word alignment), with two additions. Speech the model skipped (a run of VAD
-speech spans that no aligned word touches, 3 s or more: a batched pass sometimes stops early or jumps
-over a sentence) goes back in the queue as a chunk of its own for a later batch; and a chunk the
-model calls silence (no-speech probability over 0.6 with a log probability under -1) gives no text.
+prompt, beam search and word alignment), with three additions. A chunk whose text is a repetition
+loop or a guess (`needs_fallback`) is decoded again, alone, at faster-whisper's fallback temperatures,
+as its sequential decoding does (the batched pipeline decodes at temperature 0 only); unlike
+faster-whisper, text that repeats itself is taken for a loop only when the model is unsure of it or
+it comes faster than speech can, so speech that really repeats is not decoded again.
+Speech the model skipped (a run of VAD speech spans that no aligned word touches, 3 s or more: a
+batched pass sometimes stops early or jumps over a sentence) goes back in the queue as a chunk of its
+own for a later batch; and a chunk the model calls silence (no-speech probability over 0.6 with a
+log probability under -1) gives no text.
 Times come back to the source through the chunk's pieces, as `restore_speech_timestamps` does, and
 a segment whose words fall in different pieces is split there.
 """
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy
@@ -34,6 +39,12 @@ MISSED_SPEECH = 3 * SAMPLE_RATE  # skipped speech this long (samples) is decoded
 COVERED = 0.2                   # a span counts as transcribed when aligned words cover this share of it
 NO_SPEECH_THRESHOLD = 0.6
 LOG_PROB_THRESHOLD = -1.0
+COMPRESSION_RATIO_THRESHOLD = 2.4  # text that zlib shrinks more than this repeats itself (faster-whisper's threshold)
+LOOP_LOG_PROB = -0.5            # ...and is a loop when the model is unsure of it, or when it comes faster than
+LOOP_TOKENS_PER_SECOND = 4.0    # this many tokens a second of the chunk's speech. Measured with tiny.en (docs/models.md):
+                                # jfk 25 times over, ratio 3.3-3.8 at -0.05 to -0.08 and 2.2-2.4 tokens/s, is speech that
+                                # repeats; loops on other languages ran at -0.99 or at 6.5-21 tokens/s
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's after 0.0, sampling best_of 5
 
 Progress = Callable[[float, float], None]
 
@@ -76,7 +87,7 @@ class BatchDecoder:
     def __init__(self, model: Any, options: TranscribeOptions, language: str):
         from faster_whisper import BatchedInferencePipeline
         from faster_whisper.tokenizer import Tokenizer
-        from faster_whisper.transcribe import TranscriptionOptions, get_compression_ratio, get_suppressed_tokens
+        from faster_whisper.transcribe import TranscriptionOptions, get_suppressed_tokens
 
         self.model = model
         self.pipeline = BatchedInferencePipeline(model=model)
@@ -84,14 +95,15 @@ class BatchDecoder:
         self.options = TranscriptionOptions(  # BatchedInferencePipeline.transcribe's
             beam_size=options.beam_size, best_of=5, patience=1, length_penalty=1, repetition_penalty=1,
             no_repeat_ngram_size=0, log_prob_threshold=LOG_PROB_THRESHOLD, no_speech_threshold=NO_SPEECH_THRESHOLD,
-            compression_ratio_threshold=2.4, temperatures=[0.0], initial_prompt=options.initial_prompt, prefix=None,
+            compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD, temperatures=[0.0],
+            initial_prompt=options.initial_prompt, prefix=None,
             suppress_blank=True, suppress_tokens=get_suppressed_tokens(self.tokenizer, [-1]),
             prepend_punctuations="\"'“¿([{-", append_punctuations="\"'.。,，!！?？:：”)]}、", max_new_tokens=None,
             hotwords=options.hotwords, word_timestamps=options.word_timestamps, hallucination_silence_threshold=None,
             condition_on_previous_text=False, clip_timestamps=None, prompt_reset_on_temperature=0.5,
             multilingual=False, without_timestamps=True, max_initial_timestamp=0.0,
         )
-        self.compression_ratio = get_compression_ratio  # of a window's text, as faster-whisper judges a decode
+        self.fallback_options = replace(self.options, temperatures=list(FALLBACK_TEMPERATURES))
         self.frames = 0              # the private clock, in feature frames
         self.last_speech = 0.0
 
@@ -105,6 +117,12 @@ class BatchDecoder:
         model, tokenizer = self.model, self.tokenizer
         features = numpy.stack([pad_or_trim(model.feature_extractor(chunk.audio)[..., :-1]) for chunk in chunks])
         encoder_output, outputs = self.pipeline.generate_segment_batched(features, tokenizer, self.options)
+        for index, (chunk, output) in enumerate(zip(chunks, outputs)):
+            output["temperature"] = 0.0
+            output["compression_ratio"] = compression_ratio(tokenizer.decode(output["tokens"]))
+            speech_seconds = _speech_seconds(chunk)
+            if needs_fallback(output, speech_seconds):
+                outputs[index] = self._fallback(features[index:index + 1], output, speech_seconds)
         segmented, sizes, offsets = [], [], []
         for chunk, output in zip(chunks, outputs):
             size = int(math.ceil(chunk.duration) * model.frames_per_second)
@@ -124,13 +142,33 @@ class BatchDecoder:
         return [self._to_source(chunk, output, pieces, offset)
                 for chunk, output, pieces, offset in zip(chunks, outputs, segmented, offsets)]
 
+    def _fallback(self, features: numpy.ndarray, first: dict, speech_seconds: float) -> dict:
+        """Decode one chunk's features again, alone, at FALLBACK_TEMPERATURES (faster-whisper's
+        `generate_with_fallback`: it stops at the first temperature whose text passes its checks).
+        Returns the output that passes, else the best of all tries with `first` (temperature 0)
+        among them: those under the compression ratio threshold first, then the highest average log
+        probability, as faster-whisper chooses. Sampling is random (CTranslate2 seeds each thread once):
+        such a chunk may read differently from one run to the next, as with sequential decoding."""
+        model, tokenizer, initial_prompt = self.model, self.tokenizer, self.options.initial_prompt
+        prompt = model.get_prompt(  # the prompt generate_segment_batched gave the whole batch
+            tokenizer, previous_tokens=tokenizer.encode(initial_prompt) if initial_prompt else [],
+            without_timestamps=True, hotwords=self.options.hotwords)
+        result, avg_logprob, temperature, ratio = model.generate_with_fallback(
+            model.encode(features), prompt, tokenizer, self.fallback_options)
+        again = {"tokens": result.sequences_ids[0], "avg_logprob": avg_logprob, "no_speech_prob": result.no_speech_prob,
+                 "temperature": temperature, "compression_ratio": ratio}
+        if not needs_fallback(again, speech_seconds):
+            return again
+        tries = [first, again]
+        return max([output for output in tries if output["compression_ratio"] <= COMPRESSION_RATIO_THRESHOLD] or tries,
+                   key=lambda output: output["avg_logprob"])
+
     def _to_source(self, chunk: Chunk, output: dict, pieces: list[dict], offset: float) -> _Decoded:
         if output["no_speech_prob"] > NO_SPEECH_THRESHOLD and output["avg_logprob"] < LOG_PROB_THRESHOLD:
             return _Decoded([], [])
-        decoded = self.tokenizer.decode(output["tokens"]).strip()
         base = {"seek": round(chunk.source_time(0.0) * self.model.frames_per_second),  # where its window begins
-                "temperature": self.options.temperatures[0], "avg_logprob": round(float(output["avg_logprob"]), 4),
-                "compression_ratio": round(float(self.compression_ratio(decoded)), 4) if decoded else 0.0,
+                "temperature": float(output["temperature"]), "avg_logprob": round(float(output["avg_logprob"]), 4),
+                "compression_ratio": round(float(output["compression_ratio"]), 4),
                 "no_speech_prob": round(float(output["no_speech_prob"]), 4)}
         segments, spoken = [], []
         for piece in pieces:
@@ -166,6 +204,36 @@ class BatchDecoder:
                                  "tokens": tokens, **base, "words": []})
         missed = _missed(chunk, spoken) if self.options.word_timestamps else []
         return _Decoded(segments, missed)
+
+
+def compression_ratio(text: str) -> float:
+    """How much zlib shrinks `text` (stripped, UTF-8): faster-whisper's measure of a repetition loop."""
+    from faster_whisper.transcribe import get_compression_ratio
+
+    text = text.strip()
+    return float(get_compression_ratio(text)) if text else 0.0
+
+
+def needs_fallback(output: dict, speech_seconds: float) -> bool:
+    """Whether a chunk's decoded `output` (tokens, avg_logprob, no_speech_prob, compression_ratio),
+    from a chunk holding `speech_seconds` of speech, is a guess or a repetition loop to decode again
+    at higher temperatures: an average log probability under LOG_PROB_THRESHOLD (faster-whisper's
+    rule), or a compression ratio over COMPRESSION_RATIO_THRESHOLD with an average log probability
+    under LOOP_LOG_PROB or more than LOOP_TOKENS_PER_SECOND tokens a second of speech. Never what the
+    model calls silence (no-speech probability over NO_SPEECH_THRESHOLD with a low log probability,
+    which gives no text)."""
+    unsure = output["avg_logprob"] < LOG_PROB_THRESHOLD
+    if unsure and output["no_speech_prob"] > NO_SPEECH_THRESHOLD:
+        return False
+    if output["compression_ratio"] <= COMPRESSION_RATIO_THRESHOLD:
+        return unsure
+    too_fast = len(output["tokens"]) > LOOP_TOKENS_PER_SECOND * speech_seconds
+    return unsure or output["avg_logprob"] < LOOP_LOG_PROB or too_fast
+
+
+def _speech_seconds(chunk: Chunk) -> float:
+    """Seconds of `chunk` inside the VAD's speech spans (its whole length when it has none)."""
+    return (sum(end - start for start, end in chunk.speech) or len(chunk.audio)) / SAMPLE_RATE
 
 
 def _missed(chunk: Chunk, spoken: list[tuple[float, float]]) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ one-shot `whisperdrop transcribe` all go through these two functions, so their R
 
 from __future__ import annotations
 
+import re
 import socket
 
 from whisperdrop.shared.model_names import MULTILINGUAL_MODELS, english_only
@@ -59,31 +60,103 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
 
 
 # An English-only model labels every transcript `en` with probability 1: it cannot detect a language.
-# What it does show, cheaply and already computed, is how sure it was of its own words: on speech in
-# another language its segments' average log-probability falls far below what English gets
-# (measured with tiny.en: German -2.4, English -0.3); faster-whisper itself treats a window below
-# -1.0 as failed decoding. Weighted by segment length, so one hard sentence does not trip it.
-NOT_ENGLISH_LOGPROB = -1.0
+# Given other speech it writes English-sounding words it is unsure of, loops on a phrase or a syllable,
+# or leaves stretches of the speech without text. No one of these signs is safe alone (how sure the
+# model is moves with the machine's numerics, and loops come and go with the temperature), so the
+# warning adds up evidence, one point for each sign at full strength (docs/models.md):
+UNSURE_LOGPROB = (-0.5, -1.0)    # segments' length-weighted average log-probability: 0 points at -0.5, 1 at -1.0
+UNSURE_WORD = 0.5                # a word is unsure below this probability...
+UNSURE_WORDS = (0.25, 0.75)      # ...0 points with 25 % of the words unsure, 1 with 75 %
+UNCOVERED = (0.25, 0.75)         # share of the VAD's speech no segment covers: 0 points at 25 %, 1 at 75 %...
+UNCOVERED_SECONDS = 5.0          # ...counted once that much speech is without text (a cough is not a language)
+REPEATED_POINTS = 0.5            # words that repeat the words just before them (a loop, "di-di-di"): a share
+REPEAT_WORDS = 10                # of all words, worth at most half a point (people repeat themselves too);
+                                 # a repeat is of 1 to REPEAT_WORDS words
+WARN_POINTS = 1.0                # a Result with this many points gets the warning
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+
+
+def _scale(value: float, bounds: tuple[float, float]) -> float:
+    """0 at bounds[0], 1 at bounds[1], on the same line beyond it; never below 0."""
+    low, high = bounds
+    return max(0.0, (value - low) / (high - low))
+
+
+def repeated_share(text: str) -> float:
+    """The share of `text`'s words that repeat the 1 to REPEAT_WORDS words just before them, as a
+    decoder caught in a loop writes them ("going on. I'm going to see what's going on", "di-di-di")."""
+    words = [word.lower() for word in _WORD.findall(text)]
+    repeated = [False] * len(words)
+    for size in range(1, REPEAT_WORDS + 1):
+        run = 0  # words so far, each the same as the one `size` before it: a repeat once `size` of them
+        for index in range(size, len(words) + 1):
+            if index < len(words) and words[index] == words[index - size]:
+                run += 1
+                continue
+            if run >= size:
+                repeated[index - run:index] = [True] * run
+            run = 0
+    return sum(repeated) / len(words) if words else 0.0
+
+
+def not_english_evidence(made: dict) -> dict | None:
+    """The signs that an English-only model's Result `made` is of speech in another language: the
+    figures `logprob` (the segments' avg_logprob, weighted by their length), `unsure_words` (the share
+    of words under UNSURE_WORD probability; None without word timestamps), `uncovered` (the share of
+    the speech the VAD found that no segment covers; None with the VAD filter off) and `repeated`
+    (repeated_share of the text); `points`, what each figure is worth (see the constants above); and
+    `total`, their sum. None when `made` has neither segments nor speech to judge by."""
+    segments = made.get("segments") or []
+    speech = float(made.get("duration_after_vad") or 0.0) if (made.get("options") or {}).get("vad_filter", True) else 0.0
+    if not segments and not speech:
+        return None
+    evidence: dict = {"logprob": None, "unsure_words": None, "uncovered": None, "repeated": 0.0, "points": {}}
+    scored = [segment for segment in segments if segment.get("avg_logprob") is not None]
+    lengths = [max(0.01, float(segment["end"]) - float(segment["start"])) for segment in scored]
+    if scored:
+        evidence["logprob"] = sum(float(segment["avg_logprob"]) * length
+                                  for segment, length in zip(scored, lengths)) / sum(lengths)
+        evidence["points"]["logprob"] = _scale(evidence["logprob"], UNSURE_LOGPROB)
+    probabilities = [float(word["probability"]) for segment in segments for word in segment.get("words") or []
+                     if word.get("probability") is not None]
+    if probabilities:
+        evidence["unsure_words"] = sum(probability < UNSURE_WORD for probability in probabilities) / len(probabilities)
+        evidence["points"]["unsure_words"] = _scale(evidence["unsure_words"], UNSURE_WORDS)
+    if speech:
+        covered, reached = 0.0, 0.0
+        for start, end in sorted((float(segment["start"]), float(segment["end"])) for segment in segments):
+            covered += max(0.0, end - max(start, reached))
+            reached = max(reached, end)
+        uncovered = max(0.0, speech - covered)
+        evidence["uncovered"] = uncovered / speech
+        evidence["points"]["uncovered"] = _scale(evidence["uncovered"], UNCOVERED) if uncovered >= UNCOVERED_SECONDS else 0.0
+    evidence["repeated"] = repeated_share(" ".join(segment.get("text", "") for segment in segments))
+    evidence["points"]["repeated"] = REPEATED_POINTS * evidence["repeated"]
+    evidence["points"] = {name: round(value, 3) for name, value in evidence["points"].items()}
+    evidence["total"] = round(sum(evidence["points"].values()), 3)
+    return evidence
 
 
 def language_warning(made: dict) -> str | None:
-    """A sentence for the Result and the log when an English-only model transcribed speech that
-    seems not to be English (its segments' length-weighted average log-probability below
-    NOT_ENGLISH_LOGPROB); None otherwise, or when the segments carry no log-probability."""
+    """A sentence for the Result and the log when an English-only model transcribed speech that seems
+    not to be English (not_english_evidence's total is WARN_POINTS or more), with the figures that
+    say so; None otherwise, and for any other model."""
     if not english_only(made.get("model")):
         return None
-    weighted = total = 0.0
-    for segment in made.get("segments") or []:
-        if segment.get("avg_logprob") is None:
-            continue
-        length = max(0.0, float(segment.get("end", 0.0)) - float(segment.get("start", 0.0))) or 0.01
-        weighted += float(segment["avg_logprob"]) * length
-        total += length
-    if not total or weighted / total >= NOT_ENGLISH_LOGPROB:
+    evidence = not_english_evidence(made)
+    if evidence is None or evidence["total"] < WARN_POINTS:
         return None
-    return (f"the speech is likely not English (average log-probability {weighted / total:.2f}), but "
-            f"{made.get('model')} understands English only, so this transcript is likely nonsense: use a "
-            f"multilingual model ({MULTILINGUAL_MODELS}) for other languages; see README, Models")
+    signs = []
+    if evidence["logprob"] is not None:
+        signs.append(f"average log-probability {evidence['logprob']:.2f}")
+    if evidence["unsure_words"] is not None:
+        signs.append(f"{evidence['unsure_words']:.0%} of the words unsure")
+    if evidence["uncovered"] is not None:
+        signs.append(f"{evidence['uncovered']:.0%} of the speech without text")
+    signs.append(f"{evidence['repeated']:.0%} of the words repeated")
+    return (f"the speech is likely not English, or too unclear for {made.get('model')}, which understands English "
+            f"only ({', '.join(signs)}: {evidence['total']:.1f} points, {WARN_POINTS:.0f} warns): this transcript is "
+            f"likely nonsense. For other languages use a multilingual model ({MULTILINGUAL_MODELS}); see docs/models.md")
 
 
 # A detected language whose probability is under this is doubtful: faster-whisper's own threshold for a

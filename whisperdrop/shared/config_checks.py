@@ -164,22 +164,43 @@ def _bundled_problem(key: str, model: str | None) -> str | None:
 
 
 def _api_problem(config: Config) -> str | None:
-    """The API must not listen beyond this machine without a token."""
-    listen = config.api.listen
-    if not listen or config.api.token:
+    """The API must not listen beyond this machine without a token, unless `api.trusted_networks`
+    names who may call without one; and the uploads in flight must hold at least one largest upload."""
+    api = config.api
+    if api.listen and api.max_uploads_in_flight_mb < api.max_upload_mb:
+        return (f"At 'api.max_uploads_in_flight_mb': {api.max_uploads_in_flight_mb:g} is below api.max_upload_mb "
+                f"({api.max_upload_mb:g}): the largest upload would always get 503; raise it, or lower max_upload_mb")
+    listen = api.listen
+    if not listen or api.token or api.trusted_networks:
         return None
+    if _loopback_listen(listen):
+        return None
+    return (f"At 'api.listen': {listen!r} is not a loopback address and 'api.token' is null: anyone who can reach "
+            "it could use this machine and its GPU hosts; set api.token (e.g. the output of `openssl rand -hex 32`), "
+            "list the networks allowed without a token in api.trusted_networks, or listen on 127.0.0.1")
+
+
+def _loopback_listen(listen: str) -> bool:
     import ipaddress
 
     host = listen.rpartition(":")[0].strip("[]")
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = False
-    if loopback:
-        return None
-    return (f"At 'api.listen': {listen!r} is not a loopback address and 'api.token' is null: anyone who can reach "
-            "it could use this machine and its GPU hosts; set api.token (e.g. the output of `openssl rand -hex 32`) "
-            "or listen on 127.0.0.1")
+        return False
+
+
+def api_warnings(config: Config) -> list[str]:
+    """Warnings about who the API serves without a token (`api.trusted_networks`); [] when it has no
+    listen address or no trusted networks."""
+    api = config.api
+    if not api.listen or not api.trusted_networks:
+        return []
+    networks = ", ".join(api.trusted_networks)
+    others = "every other address needs api.token" if api.token else (
+        "every other address is refused (loopback excepted), as api.token is null")
+    return [f"api.trusted_networks: requests from {networks} are served WITHOUT a token (unauthenticated: anyone "
+            f"on those networks can use this machine and its GPU hosts); {others}"]
 
 
 def make_folders(config: Config) -> list[str]:

@@ -107,6 +107,19 @@ def _http_url(value: Any) -> str | None:
     return None if scheme in ("http", "https") and rest.split("/")[0] else "an http:// or https:// URL"
 
 
+def _networks(value: Any) -> str | None:
+    import ipaddress
+
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise ValueError(item)
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return f"a list of addresses or CIDR networks (e.g. 192.168.1.0/24, 10.0.0.5, fd00::/8); {item!r} is not one"
+    return None
+
+
 def _listen(value: Any) -> str | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -258,10 +271,47 @@ SCHEMA: dict[str, Any] = {
     "api": {
         "listen": Option(
             str, None, "HOST:PORT for the HTTP API (POST /transcribe, GET /health, /v1/audio/transcriptions, /asr); "
-            "null: no API. Any address but loopback needs `api.token`.", check=_listen, nullable=True,
+            "null: no API. Any address but loopback needs `api.token` or `api.trusted_networks`.", check=_listen,
+            nullable=True,
         ),
-        "token": Option(str, None, "Bearer token every request must carry; null: none (loopback only).", nullable=True),
+        "token": Option(str, None, "Bearer token every request must carry, except from `trusted_networks`; null: "
+                        "none (loopback and `trusted_networks` only).", nullable=True),
+        "trusted_networks": Option(
+            list, [], "Addresses or CIDR networks (e.g. 192.168.1.0/24) whose requests need no token, for clients "
+            "that cannot send one (Bazarr); every other address still needs `api.token`. They are unauthenticated: "
+            "list only networks you trust.", check=_networks,
+        ),
+        "forwarded_allow": Option(
+            list, [], "Addresses or networks of reverse proxies whose X-Forwarded-For (and X-Forwarded-Proto) "
+            "names the client; empty: the header is never trusted and the client is the connection's address.",
+            check=_networks,
+        ),
+        "allowed_hosts": Option(
+            list, [], "Host names the API answers to besides its listen address, the address a request came in "
+            "on, and localhost (DNS rebinding guard): e.g. [whisper.example.org], `*.example.org`; ['*']: any.",
+            check=_strings,
+        ),
+        "allowed_origins": Option(
+            list, [], "Web origins (scheme://host[:port]) whose pages may POST to the API besides the daemon's own; "
+            "a browser request from any other origin is refused (403). Clients that send no Origin are unaffected.",
+            check=_strings,
+        ),
         "max_upload_mb": Option(NUMBER, 2048.0, "Largest upload accepted, in MB; larger ones get 413.", check=_positive),
+        "max_uploads_in_flight": Option(
+            int, 32, "Uploads arriving or stored and not yet transcribed, at most; past it a request gets 503 with "
+            "Retry-After.", check=_positive,
+        ),
+        "max_uploads_in_flight_mb": Option(
+            NUMBER, 8192.0, "Their bytes on disk (state_dir/uploads), at most, in MB; past it a request gets 503 "
+            "with Retry-After. At least `max_upload_mb`.", check=_positive,
+        ),
+        "max_connections": Option(
+            int, 256, "Open API connections, at most (lowered to fit the open-file limit, keeping files for the "
+            "inbox, ledger and SSH); past it the longest-idle connection is closed for a new one.", check=_positive,
+        ),
+        "head_timeout": _seconds(10.0, "Seconds a client has to send a request's headers; a slower one is cut."),
+        "body_timeout": _seconds(30.0, "Longest pause, in seconds, while an upload's body arrives; a client that "
+                                 "stalls longer is cut."),
         "write_outbox": Option(bool, True, "Also write each API job's outputs to the outbox (a request can say no)."),
         "sync_timeout": Option(
             NUMBER, 3600.0, "Seconds a synchronous request waits for its transcript before answering 504 with the "

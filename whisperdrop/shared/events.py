@@ -32,6 +32,7 @@ def _runner(fields: str, says: str) -> Event:
 
 EVENTS: dict[str, Event] = {
     # the daemon's life
+    "daemon.open_files": _daemon("limit hard raised_from error hint", "At start: the open-file limit in force (the soft limit raised to the hard one)."),
     "daemon.ready": _daemon("pid config inbox outbox provider hosts recovered_jobs", "Started and watching the inbox."),
     "daemon.stopping": _daemon("busy_jobs", "A stop was asked (SIGTERM, SIGINT); every job is parked at once."),
     "daemon.stop_deadline": _daemon("seconds note stacks", "The stop took too long: every thread's stack, then exit."),
@@ -59,7 +60,7 @@ EVENTS: dict[str, Event] = {
     "job.audio_missing": _daemon("job_id action", "The extracted audio is gone; extracted again."),
     "job.result_missing": _daemon("job_id action", "The cached Result is gone; transcribed again."),
     "intake.skipped": _daemon("path reason", "An inbox file not taken (not a regular file, a temporary name...)."),
-    "intake.unreadable": _daemon("path error hint", "An inbox file that cannot be read."),
+    "intake.unreadable": _daemon("path error hint retry", "An inbox file that cannot be read (`retry`: a passing error, such as no file descriptor left; the next rescan takes it again)."),
     "intake.already_done": _daemon("job_id path reason", "A kept file already done is not taken again."),
     "intake.changed": _daemon("job_id path reason", "The file changed after it was taken; the new version is a job of its own."),
     "intake.vanished": _daemon("job_id path", "The file left the inbox before it was done."),
@@ -70,11 +71,13 @@ EVENTS: dict[str, Event] = {
     "notify.failed": _daemon("job_id path outcome target to attempts error hint", "A notification given up on after its tries; the job itself is done."),
     "notify.dropped": _daemon("job_id target count reason", "Notifications not sent: the queue is full, or the daemon stopped first."),
     # the HTTP API (api.listen)
-    "api.listening": _daemon("listen port token max_upload_mb", "The HTTP API accepts requests (`token`: whether a bearer token is required)."),
+    "api.listening": _daemon("listen port token trusted_networks max_upload_mb max_connections open_files note", "The HTTP API accepts requests (`token`: whether a bearer token is required; `max_connections`: the bound in force, lowered to fit `open_files`)."),
     "api.unavailable": _daemon("listen error", "The HTTP API could not listen (address in use, not allowed); the daemon does not start."),
-    "api.request": _daemon("method path status seconds client", "One HTTP request answered."),
+    "api.request": _daemon("method path status seconds client", "One HTTP request answered (a refused one is `api.rejected`)."),
     "api.error": _daemon("method path error", "A request ended in an unexpected error (500); the traceback follows in the log."),
-    "api.server": _daemon("message source", "A warning from the HTTP server itself (a malformed request, a cut connection)."),
+    "api.detect_unavailable": _daemon("model error", "`/detect-language` could not load the model that detects (it answers 503; `error` says why)."),
+    "api.server": _daemon("message source suppressed", "A warning from the HTTP server itself, each message at most once a minute (`suppressed`: the same ones left out since)."),
+    "api.rejected": _daemon("reason status client method path detail count seconds", "What a client did wrong (wrong host or origin, no token, too large, too slow, too many...): the first of a `reason` at once, then one line a minute with the `count` in the last `seconds`; never a traceback."),
     "api.uploads_swept": _daemon("removed reason", "Uploads stored by requests that were cut before they became jobs, removed at start."),
     # routes and hosts
     "route.fallback": _daemon("job_id reason", "A job meant for a GPU host runs locally; `reason` says why."),
@@ -105,6 +108,10 @@ EVENTS: dict[str, Event] = {
     "transcribe.checkpoint_failed": _daemon("job_id file error", "A local job's checkpoint (state_dir/partial) could not be written or removed; the job goes on (a stop now would start it from zero)."),
     "transcribe.checkpoints_swept": _daemon("removed", "At start: checkpoints of jobs gone or past transcription removed."),
     "results.expired": _daemon("removed older_than_days", "Cached Results older than `results_days` removed."),
+    "audio.expired": _daemon("removed older_than_hours",
+                             "Extracted audio kept for the page older than `api.keep_audio_hours` removed."),
+    "audio.not_kept": _daemon("job_id error", "A done job's extracted audio could not be kept for the page "
+                              "(it then has no player); the job is done all the same."),
     "results.expire_failed": _daemon("folder error", "Expiring cached Results failed; tried again later."),
     "metrics.write_failed": _daemon("path error hint", "The metrics file could not be written."),
     "metrics.last_write_late": _daemon("path seconds", "The last metrics write at stop took long."),

@@ -16,9 +16,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from whisperdrop.shared import log
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-         413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
-         503: "service_unavailable", 504: "timeout"}
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+         405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+         421: "invalid_request_error", 422: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}
 
 
 class ApiError(Exception):
@@ -36,9 +36,22 @@ class BodyTooLarge(StarletteHTTPException):
     """The request body passed the upload limit while it was read (a Starlette HTTPException, so
     FastAPI's body parsing lets it through instead of calling it a parse error)."""
 
+    code = "too_large"
+
     def __init__(self, limit: int):
         super().__init__(413, f"the upload is larger than api.max_upload_mb ({limit / 1e6:g} MB); send a smaller "
                               "file, or raise api.max_upload_mb in config.yaml")
+
+
+class UploadsFull(StarletteHTTPException):
+    """The uploads in flight passed `api.max_uploads_in_flight_mb` while this body was read (503, with
+    Retry-After; a Starlette HTTPException for the same reason as BodyTooLarge)."""
+
+    code = "uploads_full"
+
+    def __init__(self, why: str, retry_after_s: int):
+        super().__init__(503, f"too many uploads in flight: {why}; try again later",
+                         headers={"Retry-After": str(retry_after_s)})
 
 
 def body(status: int, message: str, param: str | None = None, code: str | None = None, **extra: Any) -> dict:
@@ -82,7 +95,8 @@ def install(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path}; see README, HTTP API"
         elif error.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}; see README, HTTP API"
-        return response(error.status_code, message, headers=getattr(error, "headers", None))
+        return response(error.status_code, message, code=getattr(error, "code", None),
+                        headers=getattr(error, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -24,14 +24,16 @@ async def asr(
     language: str | None = Query(None), initial_prompt: str | None = Query(None), output: str = Query("txt"),
     word_timestamps: bool = Query(False), vad_filter: bool | None = Query(None), encode: bool = Query(True),
     profile: str | None = Query(None), outbox: bool | None = Query(None), run_async: bool = Query(False, alias="async"),
+    video_file: str | None = Query(None),
 ) -> Response:
-    """The transcript in `output` (txt, vtt, srt, tsv, json), as an attachment named after the upload."""
+    """The transcript in `output` (txt, vtt, srt, tsv, json), as an attachment named after the upload.
+    `video_file` (Bazarr's "pass video name"): the video the audio comes from, which names the outputs."""
     if output not in formats.ASR_OUTPUTS:
         raise ApiError(400, f"output {output!r} is not one of {', '.join(formats.ASR_OUTPUTS)}", param="output")
     service = service_of(request)
     asked = Asked(language=language, prompt=initial_prompt, task=task, profile=profile,
                   words=word_timestamps or None, vad_filter=vad_filter, outbox=outbox)
-    accepted = await service.accept(audio_file, asked, raw_pcm=not encode)
+    accepted = await service.accept(audio_file, asked, raw_pcm=not encode, video_file=video_file)
     if run_async:
         return accepted_response(service, accepted)
     result, extra = await service.finish(accepted)

@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from whisperdrop.daemon.api import uploads
 from whisperdrop.daemon.api.errors import ApiError
@@ -65,6 +65,7 @@ class ApiService:
         self.remote = remote
         self.state_dir = config.path("state_dir")
         self.limit = int(float(config.api.max_upload_mb) * 1_000_000)
+        self.figures: Callable[[], dict] | None = None  # the server's bounds and their use (ApiServer.figures)
         self.log = log.get("api")
         self._detector: tuple[Any, asyncio.Lock] | None = None   # /detect-language's engine, made on first use
 
@@ -141,15 +142,16 @@ class ApiService:
 
     # one upload
 
-    async def accept(self, upload: Any, asked: Asked, *, raw_pcm: bool = False) -> Accepted:
+    async def accept(self, upload: Any, asked: Asked, *, raw_pcm: bool = False, video_file: str | None = None) -> Accepted:
         """Store `upload` (a Starlette UploadFile) durably, check it is media, and record it as a
-        source of its job; the job is scheduled. Raises ApiError (400, 413, 415) with nothing kept."""
+        source of its job; the job is scheduled. `video_file`: the name of the video the audio comes
+        from (Bazarr's), which names the outputs. Raises ApiError (400, 413, 415) with nothing kept."""
         if upload is None or not hasattr(upload, "file"):
             raise ApiError(422, "no file in the request: send the audio as a multipart file field", code="no_file")
         planned = self.plan(asked)
         loop = asyncio.get_running_loop()
         write_outbox = asked.outbox is not False
-        request = {"formats": list(planned.formats), "profile": planned.profile}
+        request = {"formats": list(planned.formats), "profile": planned.profile, "video_file": video_file}
         try:
             stored = await loop.run_in_executor(
                 self.pipeline.context.io, lambda: uploads.store(upload.file, self.state_dir, upload.filename, self.limit,
@@ -157,6 +159,8 @@ class ApiService:
         except uploads.TooLarge as error:
             raise ApiError(413, f"{error}; send a smaller file, or raise api.max_upload_mb in config.yaml",
                            code="too_large") from None
+        finally:
+            await upload.close()  # the parser's spooled copy: gone now, not when a synchronous answer is sent
         try:
             await loop.run_in_executor(self.pipeline.context.io, uploads.probe, stored.path, upload.filename)
         except uploads.NotMedia as error:
@@ -187,17 +191,19 @@ class ApiService:
         source = self.pipeline.ledger.source(accepted.source_id)
         job = self.pipeline.ledger.job(accepted.job_id)
         if source.state != "done" or job is None or job.stage == "failed":
-            raise self.failure(accepted.job_id, job, source)
+            raise self.failure(accepted.job_id, job, source, accepted.filename or Path(accepted.relpath).name)
         result = await self.result(accepted.job_id)
         return result, {**self.extra(result, job), "profile": accepted.profile,
                         "outbox": (source.outputs or {}).get("base")}
 
-    def failure(self, job_id: str, job: Any, source: Any) -> ApiError:
-        """The ApiError of a job that failed (422: the upload could not be transcribed)."""
+    def failure(self, job_id: str, job: Any, source: Any, shown: str | None = None) -> ApiError:
+        """The ApiError of a job that failed (422: the upload could not be transcribed), naming the
+        upload as `shown` (the client's file name), never by the daemon's own paths."""
         error = (job.last_error if job else None) or (source.last_error if source else None) or "unknown error"
         kind, _, message = error.partition(": ")
-        return ApiError(422, f"could not transcribe the upload: {message or kind}",
-                        code=kind if message else "failed", extra={"job_id": job_id, "hint": job.hint if job else None})
+        hint = self.scrubbed(job.hint, shown) if job else None
+        return ApiError(422, f"could not transcribe the upload: {self.scrubbed(message or kind, shown)}",
+                        code=kind if message else "failed", extra={"job_id": job_id, "hint": hint})
 
     def scrubbed(self, text: str | None, shown: str | None = None) -> str | None:
         """`text` (a job's error or hint) without the daemon's own paths: one under state_dir (the
@@ -273,8 +279,11 @@ class ApiService:
                            code="not_media") from None
         except detect.Undetectable as error:
             raise ApiError(422, str(error), code="language_undetectable") from None
-        except EngineError as error:
-            raise ApiError(503, f"cannot detect the language: {error}", code="model_unavailable") from None
+        except EngineError as error:   # its message may name the daemon's folders: those stay in its log
+            model = detect.detector_model(self.config.local.model) or self.config.local.model
+            self.log.error("api.detect_unavailable", model=model, error=str(error))
+            raise ApiError(503, f"cannot detect the language: the model that detects ({model}) cannot load here; "
+                                "`whisperdrop doctor` on the daemon's machine says why", code="model_unavailable") from None
         finally:
             await loop.run_in_executor(io, uploads.remove, self.state_dir, stored.relpath)
 
@@ -286,16 +295,20 @@ class ApiService:
         if job is None:
             raise ApiError(404, f"no job {job_id!r} in the ledger; POST the file to /v1/jobs to make one",
                            param="job_id", code="no_such_job")
+        uploaded = [source for source in self.pipeline.ledger.sources_of(job_id) if uploads.is_upload(source.relpath)]
+        shown = Path(uploaded[0].relpath).name if uploaded else None
         status = {"new": "queued", "done": "done", "failed": "failed"}.get(job.stage, "running")
         if job.stage == "transcribed":
             status = "running"
         return {"job_id": job.job_id, "status": status, "stage": job.stage, "progress": job.progress,
                 "duration": job.duration, "route": job.route, "host": job.host, "fallback_reason": job.fallback_reason,
-                "attempts": job.attempts, "error": job.last_error, "hint": job.hint if job.stage == "failed" else None,
+                "attempts": job.attempts, "error": self.scrubbed(job.last_error, shown),
+                "hint": self.scrubbed(job.hint, shown) if job.stage == "failed" else None,
                 "created_at": job.created_at, "updated_at": job.updated_at, "finished_at": job.finished_at}
 
     def health(self) -> dict:
-        """`GET /health`: the original plan's {"status", "model"} and each route's state."""
+        """`GET /health`: the original plan's {"status", "model"}, each route's state, and the API's
+        bounds with how full they are (`api`: connections, uploads in flight, refusals by reason)."""
         now = time.time()
         hosts = []
         for state in getattr(self.remote, "states", []):
@@ -307,7 +320,7 @@ class ApiService:
         serving = local["role"] != "off" or any(host["state"] != "down" for host in hosts)
         return {"status": "healthy" if serving else "degraded", "model": self.pipeline.options.model,
                 "provider": self.pipeline.router.provider, "hosts": hosts, "local": local,
-                "jobs_in_progress": self.pipeline.busy()}
+                "jobs_in_progress": self.pipeline.busy(), **({"api": self.figures()} if self.figures else {})}
 
     def local_route(self) -> dict:
         """The local route: its model and device, and its role: every job, the fallback, or off."""

@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ PREFIX = ".api/"
 OUTBOX_FOLDER = "api"  # API jobs' outputs go to outbox/api/
 CHUNK = 1 << 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_NAMING = threading.Lock()  # choosing an output name and writing it, one delivery at a time
 
 
 class TooLarge(Exception):
@@ -71,9 +73,41 @@ def path_of(state_dir: Path, relpath: str) -> Path:
 
 
 def safe_name(filename: str | None) -> str:
-    """A file name for the upload: the client's base name with unsafe characters replaced."""
-    name = _UNSAFE.sub("_", os.path.basename(filename or "").strip()).strip("._")[:100]
+    """A file name for a name a client gave (an upload's, or `video_file`): its base name (after the
+    last / or \\), unsafe characters replaced, at most 100 characters; "upload" when nothing is left."""
+    name = _UNSAFE.sub("_", re.split(r"[/\\]", filename or "")[-1].strip()).strip("._")[:100]
     return name or "upload"
+
+
+# Names that say nothing about the audio: what clients call every upload (Bazarr's `audio_file`,
+# a browser's `blob`), and generated names (a UUID, a long hex or tempfile name).
+GENERIC_STEMS = frozenset({"audio_file", "audio", "file", "blob", "upload", "video", "media", "recording", "speech",
+                           "sound", "voice", "input", "data", "untitled", "tmp", "temp"})
+_GENERATED = re.compile(r"[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}|[0-9a-f]{16,}|tmp[a-z0-9_]{6,}", re.IGNORECASE)
+_EXTENSION = re.compile(r"\.[A-Za-z0-9]{1,4}")
+
+
+def is_generic(stem: str) -> bool:
+    """Whether a name's stem says nothing about the audio (see GENERIC_STEMS)."""
+    return stem.lower() in GENERIC_STEMS or bool(_GENERATED.fullmatch(stem))
+
+
+def output_stem(video_file: str | None, filename: str | None, job_id: str, taken_at: float) -> str:
+    """The name an API job's outputs get in outbox/api/: the base name of `video_file` (the video the
+    audio comes from) when given, else of the upload's `filename`, made safe by `safe_name` and
+    without its extension; when that is generic (`audio_file`, `blob`, a UUID...), the date the
+    upload was taken and the job id's first 12 digits (`2026-05-01-1a2b3c4d5e6f`)."""
+    for given in (video_file, filename):
+        if not given:
+            continue
+        name = safe_name(given)
+        extension = os.path.splitext(name)[1]
+        stem = name[: -len(extension)] if extension and _EXTENSION.fullmatch(extension) \
+            and not extension[1:].isdigit() else name
+        stem = stem.strip("._")  # "Film (2019).mkv": Film_2019, not Film_2019_
+        if stem and not is_generic(stem):
+            return stem
+    return f"{time.strftime('%Y-%m-%d', time.localtime(taken_at))}-{job_id[:12]}"
 
 
 def store(stream: BinaryIO, state_dir: Path, filename: str | None, limit: int, *, raw_pcm: bool = False,
@@ -177,7 +211,8 @@ def request_of(state_dir: Path, relpath: str) -> dict:
 
 def deliver(config: Any, job: Any, source: Any, result: dict) -> Any:
     """Write the outputs of `result` for an upload to `outbox/api/` in the formats its request
-    planned (unless it said outbox=false, or `api.write_outbox` is false), then remove the upload.
+    planned (unless it said outbox=false, or `api.write_outbox` is false), named by `output_stem`, then
+    remove the upload.
     Returns a `delivery.Delivered` (base None and no outputs when none were written; `source` None:
     the upload is gone). Raises OSError. Runs in a thread."""
     from whisperdrop.daemon.delivery import Delivered
@@ -188,15 +223,17 @@ def deliver(config: Any, job: Any, source: Any, result: dict) -> Any:
     if request.get("outbox", True) and config.api.write_outbox:
         outbox_root = Path(config.outbox)
         formats = list(request.get("formats", config.transcription.outputs))
-        stem = Path(source.relpath).stem
+        stem = output_stem(request.get("video_file"), request.get("filename") or Path(source.relpath).name,
+                           job.job_id, source.taken_at)
         limits = outbox.Limits.from_config(config.subtitles)
         named = {**result, "profile": request.get("profile")} if request.get("profile") else result
-        base, already = outbox.plan_outputs(outbox_root / OUTBOX_FOLDER, stem, formats, job.job_id, named, limits)
-        if not already:
-            document = results.for_source(
-                named, path=f"{OUTBOX_FOLDER}/{Path(source.relpath).name}", size=source.size,
-                sha256=job.source_sha256, timings={"total_s": round(time.time() - source.taken_at, 3)})
-            outbox.write_outputs(base, document, formats, limits)
+        with _NAMING:  # two jobs of one name delivered at once: the second sees the first's files, takes `-1`
+            base, already = outbox.plan_outputs(outbox_root / OUTBOX_FOLDER, stem, formats, job.job_id, named, limits)
+            if not already:
+                document = results.for_source(
+                    named, path=f"{OUTBOX_FOLDER}/{Path(source.relpath).name}", size=source.size,
+                    sha256=job.source_sha256, timings={"total_s": round(time.time() - source.taken_at, 3)})
+                outbox.write_outputs(base, document, formats, limits)
         base_name = str(base.relative_to(outbox_root))
         written = tuple(str(base.with_name(f"{base.name}.{fmt}")) for fmt in [*formats, "json"])
     remove(state_dir, source.relpath)
