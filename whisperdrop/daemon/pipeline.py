@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from whisperdrop import checkpoint as checkpoints, log
 from whisperdrop.daemon.delivery import failure_hint
+from whisperdrop.daemon.handback import Speeds
 from whisperdrop.daemon import library
 from whisperdrop.daemon.prefetch import Prefetch
 from whisperdrop.daemon.health import backoff
@@ -63,7 +64,7 @@ class Pipeline:
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3", clock=clock)
         self.formats = list(config.transcription.outputs)
         self.local = LocalTranscriber(config.local, engine, checkpoints=self.state_dir / "partial")
-        self.router = Router(config, self.local, remote)
+        self.router = Router(config, self.local, remote, history=lambda: Speeds.of(self.ledger.route_speeds()))
         self.options = self.plan().options  # `transcription`'s, as planned (no profile)
         self.shutdown = shutdown or Shutdown()
         self.log = log.get("pipeline")
