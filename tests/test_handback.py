@@ -15,6 +15,7 @@ from whisperdrop.daemon import handback
 from whisperdrop.daemon.handback import Speeds, choose, queued_audio, remote_estimate
 from whisperdrop.daemon.ledger import Ledger
 from whisperdrop.daemon.local import LocalRun
+from whisperdrop.daemon.metrics import render_metrics
 from whisperdrop.daemon.status import _host_status
 
 
@@ -131,8 +132,8 @@ def test_the_result_says_where_a_fallback_went_and_how_far_it_got_here():
 
 
 def test_the_ledger_keeps_hand_backs_and_the_speeds_the_estimate_needs(tmp_path):
-    """The jobs table holds each job's hand-backs; done jobs give the hand-back counts by outcome and
-    the measured speeds per route and host."""
+    """The jobs table holds each job's hand-backs; done jobs give the hand-back counts by outcome (in
+    the metrics file too, beside each host's probes) and the measured speeds per route and host."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     try:
         for index, (route, host, entries) in enumerate([
@@ -148,6 +149,10 @@ def test_the_ledger_keeps_hand_backs_and_the_speeds_the_estimate_needs(tmp_path)
         assert ledger.handback_counts() == {"served": 1, "failed": 1}
         speeds = Speeds.of(ledger.route_speeds())
         assert speeds.local == 0.5 and speeds.hosts == {"gpu1": (0.05, 1_000_000.0)}
+        text = render_metrics(ledger, {"hosts": [{"name": "gpu1", "up": False, "failures": 2, "probes": 7}]})
+        assert 'whisperdrop_handbacks_total{outcome="served"} 1.0' in text
+        assert 'whisperdrop_handbacks_total{outcome="failed"} 1.0' in text
+        assert 'whisperdrop_host_probes_total{host="gpu1"} 7.0' in text
     finally:
         ledger.close()
 

@@ -17,8 +17,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-import pytest
-
 from daemon_helpers import Daemon, json_lines, write_speech_wav, write_variant_wav
 from test_remote import FAST_REMOTE, RunnerProcess, result_of
 
