@@ -22,13 +22,14 @@ from test_remote import FAST_REMOTE, RunnerProcess, result_of
 
 LONG_S = 600.0  # a long file: many checkpoint batches on the CPU, so the host can come back in the middle
 SLOW_LOCAL = {"batch_size": 2, "threads": 1}  # many small checkpoint batches; the runner uses both cores
-WAIT = 600  # generous bound on the slow waits (a 10-minute file on a shared 2-core CPU)
+WAIT = 900  # generous bound on the slow waits (a 10-minute file on a shared 2-core CPU)
 
 
 def daemon_for(root: Path, host: dict, **remote) -> Daemon:
     (root / "daemon").mkdir(exist_ok=True)
     return Daemon(root / "daemon", transcription={"provider": "auto"}, local=SLOW_LOCAL,
-                  remote={**FAST_REMOTE, "probe_interval": 1.0, "hosts": [host], **remote})
+                  remote={**FAST_REMOTE, "probe_interval": 1.0, "job_timeout": 1800.0,  # a loaded CPU "GPU"
+                          "hosts": [host], **remote})
 
 
 def drop(daemon: Daemon, name: str, seconds: float, index: int = 1) -> None:
