@@ -174,7 +174,6 @@ class Router:
             await asyncio.wait({local, watching}, return_when=asyncio.FIRST_COMPLETED)
             if not local.done():
                 host, remaining, estimate = watching.result()  # raises Cancelled on a stop
-                figures = run.figures(time.monotonic())
                 if run.holding:
                     run.hand_back()  # the engine stops at its next checkpoint boundary
                 else:
@@ -183,7 +182,8 @@ class Router:
                 if local.cancelled() or isinstance(local.exception(), Cancelled):
                     if shutdown.is_set():
                         raise Cancelled()
-                    return self._handed_back(work, host, figures, remaining, estimate)
+                    # what the run did, to the boundary it stopped at (kept in its checkpoint)
+                    return self._handed_back(work, host, run.figures(time.monotonic()), remaining, estimate)
             return self._routed_here(local.result(), work.fallback_reason, work.handbacks)
         finally:
             self._runs.discard(run)
