@@ -3,9 +3,10 @@
 A real daemon (`python -m whisperdrop run`), a real OpenSSH sshd on 127.0.0.1 and a real runner process
 (tiny.en on this CPU, the runner's defaults: both cores, batch_size 16) on the spool it serves; the
 outage is sshd stopped (connections refused), the return sshd started again. The daemon's `local`
-section has `threads: 1`, so that the CPU fallback is slower than the "GPU" runner (which has both
-cores), as a workstation's CPU is slower than a GPU host; everything else is shipped defaults but the
-provider (`auto`) and the first back-off (`remote.retry_initial_seconds` 80 s). Each daemon first sends a 2-minute file to
+section is SLOW_LOCAL (one thread, float32, batches of 2: about 3x the runner's time on a quiet
+machine), so that the CPU fallback is slower than the "GPU" runner and outlasts the 30 s outage, as a
+workstation's CPU is slower than a GPU host (there tens of times); everything else is shipped
+defaults but the provider (`auto`) and the first back-off (`remote.retry_initial_seconds` 80 s). Each daemon first sends a 2-minute file to
 the runner, so the runner has measured its speed, as in steady state.
 
 - Arriving right after the host returns: the host failed (a short clip fell back), so it has a
@@ -19,7 +20,8 @@ the runner, so the runner has measured its speed, as in steady state.
 
 Each figure: drop (rename into the inbox) -> outbox .json, wall clock, median of the runs, with the
 route each took and when (seconds after the drop, from the daemon's log). The runner is this CPU too,
-so a hand-back gains only what both cores gain over one.
+so a hand-back gains only what the runner's settings gain over SLOW_LOCAL's, and loses what the local
+run had done (the host starts from zero).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from common import Context, Row, ratio, root_problem, skipped
 SECTION = "handback"
 OUTAGE_S = 30.0
 BACKOFF_S = 80.0
+SLOW_LOCAL = {"threads": 1, "compute_type": "float32", "batch_size": 2}
 
 
 def _moment(event: dict) -> float:
@@ -139,7 +142,7 @@ def run(context: Context) -> list[Row]:
         for number, (variant, settings) in enumerate(variants.items()):  # idle beside each other
             root = scratch / f"daemon{number}"
             root.mkdir()
-            daemons[variant] = Daemon(root, transcription={"provider": "auto"}, local={"threads": 1},
+            daemons[variant] = Daemon(root, transcription={"provider": "auto"}, local=SLOW_LOCAL,
                                       remote={"hosts": [server.host_settings()], "retry_initial_seconds": BACKOFF_S,
                                               **settings}).start()
             _drop(daemons[variant], staging, "warm.wav", 900 + number, 120.0)
@@ -178,6 +181,7 @@ def run(context: Context) -> list[Row]:
         rows.append(Row(SECTION, f"{label}: drop -> Result, with hand-back vs without", round(value, 1), "s",
                         round(base, 1), "without (remote.hand_back false)", ratio(value, base),
                         note=f"(with: {routes} | without: {before}; median of {len(runs)} runs, variants in "
-                             "rotating order; local.threads 1, the runner both cores, tiny.en on this CPU for both)",
+                             "rotating order; local: one thread, float32, batch_size 2; the runner: both cores, int8, batch_size 16; "
+                             "tiny.en on this CPU for both)",
                         runs=[round(run[0], 1) for run in runs]))
     return rows
