@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from whisperdrop.daemon.handback import Speeds
 from whisperdrop.daemon import library
 from whisperdrop.daemon.delivery import failure_hint
 from whisperdrop.daemon.health import backoff
@@ -33,7 +34,7 @@ from whisperdrop.daemon.prefetch import Prefetch
 from whisperdrop.daemon.route import Router
 from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.stages import Context, Permanent, Stages
-from whisperdrop.engine import checkpoint as checkpoints
+from whisperdrop.engine.engine import checkpoint as checkpoints
 from whisperdrop.engine.engine import Cancelled, Engine, EngineError
 from whisperdrop.shared import log
 from whisperdrop.shared.profiles import Plan, plan as plan_job
@@ -65,7 +66,7 @@ class Pipeline:
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3", clock=clock)
         self.formats = list(config.transcription.outputs)
         self.local = LocalTranscriber(config.local, engine, checkpoints=self.state_dir / "partial")
-        self.router = Router(config, self.local, remote)
+        self.router = Router(config, self.local, remote, history=lambda: Speeds.of(self.ledger.route_speeds()))
         self.options = self.plan().options  # `transcription`'s, as planned (no profile)
         self.shutdown = shutdown or Shutdown()
         self.log = log.get("pipeline")

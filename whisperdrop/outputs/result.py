@@ -36,10 +36,12 @@ def executed_on(made: dict, route: str, host: str | None) -> dict:
 
 
 def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallback_reason: str | None,
-                timings: dict, transfer: dict) -> dict:
+                timings: dict, transfer: dict, handbacks: list | None = None) -> dict:
     """The Result of a job once transcribed, from `made` (the engine's or the runner's Result).
 
     `timings` (the daemon's stage figures) go over the ones in `made`; `transfer` replaces its own.
+    `handbacks` (a fallback's hand-backs to a GPU host, see daemon.handback) are kept with their
+    sentence, `returned_to`; both are there only for a job that had one.
     `language_warning` is added when an English-only model seems to have heard another language (see
     `language_warning`), or when a detected language is doubtful (`detection_warning`). Returns a new
     dict; `made` is not changed.
@@ -53,10 +55,28 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
         "timings": {**(made.get("timings") or {}), **timings},
         "transfer": dict(transfer),
     }
+    if handbacks:
+        document["returned_to"] = returned_to(handbacks)
+        document["handbacks"] = [dict(entry) for entry in handbacks]
     warning = language_warning(made) or detection_warning(made)
     if warning:
         document["language_warning"] = warning
     return document
+
+
+def returned_to(handbacks: list[dict]) -> str | None:
+    """The `returned_to` sentence of a Result from its hand-back entries (see daemon.handback), e.g.
+    `gpu1 after 340 s local, 18% done`; None for none."""
+    parts = []
+    for entry in handbacks or []:
+        duration = entry.get("duration_s") or 0.0
+        percent = 100.0 * (entry.get("done_s") or 0.0) / duration if duration else 0.0
+        text = f"{entry.get('host')} after {entry.get('local_s') or 0.0:.0f} s local, {percent:.0f}% done"
+        outcome = entry.get("outcome") or ""
+        if outcome.startswith("failed"):
+            text += f"; it failed there, resumed locally from {percent:.0f}% ({outcome.removeprefix('failed: ')})"
+        parts.append(text)
+    return "; then ".join(parts) or None
 
 
 # An English-only model labels every transcript `en` with probability 1: it cannot detect a language.
