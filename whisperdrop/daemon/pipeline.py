@@ -354,5 +354,5 @@ def _hint_for(error: Exception) -> str:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return "the disk is full: free space; the source stays in the inbox and is retried"
     if isinstance(error, EngineError) and error.kind == "model":
-        return "fix local.model (or transcription.model) in config.yaml; see README, Models"
+        return "fix local.model (or transcription.model) in config.yaml; see docs/models.md"
     return "retried automatically with back-off; the source stays in the inbox"

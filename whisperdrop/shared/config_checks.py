@@ -20,7 +20,7 @@ RUNNER_SECTIONS = frozenset({"runner", "logging"})
 
 def role(config: Config) -> str:
     """"runner" when the file configures only the GPU runner (a `runner` section, and nothing but
-    `logging` beside it, like the README's runner.yaml), else "daemon"."""
+    `logging` beside it, like docs/gpu-host.md's runner.yaml), else "daemon"."""
     sections = set(config.sections)
     return "runner" if "runner" in sections and sections <= RUNNER_SECTIONS else "daemon"
 

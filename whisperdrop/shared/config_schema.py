@@ -405,7 +405,7 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def render_markdown_reference() -> str:
-    """The configuration reference table for the README, generated from SCHEMA (a test keeps them equal)."""
+    """The configuration reference table of docs/configuration.md, generated from SCHEMA (a test keeps them equal)."""
     rows = ["| key | default | what it does |", "|---|---|---|"]
 
     def emit(schema: dict, prefix: str) -> None:

@@ -4,7 +4,7 @@
 `host.*`, `runner.*`...); a job's events carry `job_id` (the full 64-digit hex; a terminal shows 12)
 and, where the daemon knows it, `path` (relative to the inbox). Every structlog level also adds
 `event`, `level`, `ts` and `logger`; a logger may bind `host`. tests/test_events.py checks
-every `log.<level>("<event>", ...)` call in the package against this table, and that the README's
+every `log.<level>("<event>", ...)` call in the package against this table, and that docs/logs.md's
 event table is `markdown()` of the daemon's events: `python -m whisperdrop.shared.events` prints it.
 """
 
@@ -168,7 +168,7 @@ ALWAYS = ("exc_info", "stack_info")  # structlog's own keywords, allowed on ever
 
 
 def markdown(log: str = "daemon") -> str:
-    """The table of `log`'s events (daemon or runner) as Markdown, as the README shows it."""
+    """The table of `log`'s events (daemon or runner) as Markdown, as docs/logs.md shows it."""
     lines = ["| event | fields | says |", "|---|---|---|"]
     for name, event in EVENTS.items():
         if event.log == log:
