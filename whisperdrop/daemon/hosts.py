@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from whisperdrop.shared import log
+from whisperdrop.daemon.connection import HostError
 from whisperdrop.daemon.health import HostState, RunnerWatch, backoff, live_runners
 from whisperdrop.daemon.remote_steps import HostUnusable, sleep_unless
 from whisperdrop.daemon.shutdown import Shutdown
-from whisperdrop.daemon.transfer import Host, HostError
+from whisperdrop.daemon.transfer import Host
+from whisperdrop.shared import log
 from whisperdrop.shared.files import write_atomic
 
 HEALTH_CACHE_S = 3.0

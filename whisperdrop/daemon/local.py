@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from whisperdrop.engine.engine import checkpoint as checkpoints
+from whisperdrop.engine import checkpoint as checkpoints
 from whisperdrop.engine.chunks import CHUNK_SECONDS, KEEP_GAP_SECONDS
 from whisperdrop.engine.engine import WINDOW_SECONDS, Cancelled, Engine
 from whisperdrop.shared import log as logging

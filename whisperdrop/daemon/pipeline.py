@@ -34,7 +34,7 @@ from whisperdrop.daemon.prefetch import Prefetch
 from whisperdrop.daemon.route import Router
 from whisperdrop.daemon.shutdown import Shutdown
 from whisperdrop.daemon.stages import Context, Permanent, Stages
-from whisperdrop.engine.engine import checkpoint as checkpoints
+from whisperdrop.engine import checkpoint as checkpoints
 from whisperdrop.engine.engine import Cancelled, Engine, EngineError
 from whisperdrop.shared import log
 from whisperdrop.shared.profiles import Plan, plan as plan_job
