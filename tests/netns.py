@@ -2,7 +2,7 @@
 
 The pair gets a private /30 (10.213.N.0/30) that exists only on these two interfaces: the host end
 is .1, the namespace end .2. `shape()` adds a tbf rate limit on both ends, `cut()` and `restore()`
-set the host end down and up, `cleanup()` removes the namespace and the pair. Names are unique per
+set the host end down and up, `power_off()` and `power_on()` the namespace end, `cleanup()` removes the namespace and the pair. Names are unique per
 process and instance (wd<pid>h<n>), so parallel test runs do not collide on names; the /30 is
 derived from the pid and the instance number.
 """
@@ -63,6 +63,15 @@ class NetNamespace:
     def restore(self) -> None:
         """Bring the link back up."""
         _ip("link", "set", self.outer, "up")
+
+    def power_off(self) -> None:
+        """Take the namespace's end down, as if its machine were switched off: the host's ARP queries go
+        unanswered, so a connect hangs about 3 s before "No route to host" (a cut link fails at once)."""
+        _ip("link", "set", self.inner, "down", netns=self.name)
+
+    def power_on(self) -> None:
+        """Bring the namespace's end back up."""
+        _ip("link", "set", self.inner, "up", netns=self.name)
 
     def cleanup(self) -> None:
         """Delete the namespace (which deletes the pair) and the host end if it is still there."""

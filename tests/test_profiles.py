@@ -80,7 +80,7 @@ def test_the_output_formats_are_the_outboxes():
 
 def test_the_first_matching_profile_wins_and_overrides_transcription(tmp_path):
     """A file's Plan has the first matching profile's options and outputs, and names it; others keep the defaults."""
-    second = {"name": "all-mp3", "match": ["**/*.mp3"], "language": "de"}
+    second = {"name": "all-mp3", "match": ["**/*.mp3"], "language": "de", "model": "small"}  # multilingual: German
     config = load(tmp_path, {"transcription": {"language": "en", "outputs": ["srt", "vtt", "txt"]},
                              "profiles": [BJJ, second]})
     plan = profiles.plan(config, relpath="bjj/class 1.mp3")

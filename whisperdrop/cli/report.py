@@ -103,12 +103,29 @@ def _print_host(host: dict, out: TextIO) -> None:
         return
     state = "up" if host["up"] else f"DOWN after {host['failures']} failure(s): {host['last_error']}"
     print(f"  {host['name']}: {state}; queue {host['queue_length']}, {host['in_flight']} in flight from here", file=out)
+    if not host["up"] and "probe_when" in host:
+        print(f"    {_probe_line(host)}", file=out)
     for runner in host["runners"]:
         current = runner["current"] or {}
         doing = f", working on {str(current.get('job_id'))[:12]}" if current.get("job_id") else ", idle"
         device = " ".join(str(part) for part in (runner["device"], runner["gpu"]) if part)
         print(f"    runner {runner['name']}: {device or 'device unknown'}, model {runner['model']}, "
               f"queue {runner['queue_length']}{doing}, heartbeat {format_age(runner['heartbeat_age_s'])} old", file=out)
+
+
+def _probe_line(host: dict) -> str:
+    """A down host's back-off and probes, for people: e.g. `back-off 40 s, tried again in 12 s; probed
+    3 s ago: still down; next probe in 2 s, by the hand-back watch of the 1 job(s) on the CPU`."""
+    parts = []
+    if host.get("backoff_s"):
+        retry = host.get("retry_in_s")
+        parts.append(f"back-off {host['backoff_s']:.0f} s" + (f", tried again in {retry:.0f} s" if retry else ""))
+    if host.get("probed_ago_s") is not None:
+        parts.append(f"probed {format_age(host['probed_ago_s'])} ago: " + ("back" if host.get("probe_ok") else "still down"))
+    next_in = host.get("next_probe_in_s")
+    parts.append(("next probe " + (f"in {next_in:.0f} s, " if next_in else "now, ") if next_in is not None
+                  else "next probe ") + str(host["probe_when"]))
+    return "; ".join(parts)
 
 
 def print_stats(data: dict, out: TextIO = sys.stdout) -> None:
@@ -130,6 +147,10 @@ def print_stats(data: dict, out: TextIO = sys.stdout) -> None:
             print(f"  {label}: {entry['count']}  (e.g. {entry['example'][:120]})", file=out)
     else:
         print("fallbacks to the local CPU: none", file=out)
+    handbacks = data.get("handbacks") or {}
+    if any(handbacks.values()):
+        print(f"handed back from the CPU to a GPU host: {handbacks.get('served', 0)} finished there, "
+              f"{handbacks.get('failed', 0)} back on the CPU after the host failed again", file=out)
     print("stage times (p50 / p95 over done jobs):", file=out)
     for stage, figures in data["stage_times"].items():
         if figures["count"]:

@@ -80,14 +80,14 @@ def plan_for(config: config_module.Config, args: argparse.Namespace) -> tuple[co
         router = Router(config, local, remote=object() if config.remote.hosts else None)  # planning only
         plan = profiles.plan(config, profile=args.profile, planned=router.planned_options,
                              overrides={key: value for key, value in overrides.items() if value is not None})
-        fallback = local.options_for(plan.options)  # where a GPU host is asked, the fallback must translate too
+        fallback = local.options_for(plan.options)  # where a GPU host is asked, the fallback must manage it too
     finally:
         local.shutdown()
-    problem = profiles.translate_problem(plan.options)
-    if problem is None and router.provider != "remote" and profiles.translate_problem(fallback):
-        problem = profiles.translate_problem(fallback) + " (local.model: the fallback on this machine)"
+    problem = profiles.capability_problem(plan.options)
+    if problem is None and router.provider != "remote" and profiles.capability_problem(fallback):
+        problem = profiles.capability_problem(fallback) + " (local.model: the fallback on this machine)"
     if problem:
-        raise ProfileError(problem, hint="give --model a multilingual model, e.g. --model small")
+        raise ProfileError(problem, hint="give --model a multilingual model, e.g. --model bundled:base")
     return config, plan
 
 

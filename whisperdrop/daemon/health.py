@@ -116,7 +116,7 @@ def _interval(beat: dict) -> float:
 
 @dataclass
 class HostState:
-    """What the daemon knows of one GPU host: its connection, health, back-off and runners."""
+    """What the daemon knows of one GPU host: its connection, health, back-off, runners and probes."""
 
     host: Any  # a transfer.Host
     watch: RunnerWatch
@@ -127,6 +127,13 @@ class HostState:
     checked_at: float = 0.0
     jobs: set = field(default_factory=set)  # ids of this daemon's jobs between their upload and fetch there
     spool_ready: bool = False
+    look: Any = None  # the asyncio.Task of the look (connect, heartbeats) in flight, shared by every caller
+    looked_at: float | None = None  # daemon monotonic time the last look ended, whatever it found
+    last_exception: BaseException | None = None  # the failure last counted (a shared look's is counted once)
+    probes: int = 0  # looks at this host while it was down, since the daemon started
+    probed_at: float | None = None  # wall clock of the last such look, and what it found
+    probe_ok: bool | None = None
+    probe_error: str | None = None
 
     @property
     def name(self) -> str:

@@ -118,7 +118,7 @@ class Intake:
         with ledger.transaction():
             job = ledger.create_job(job_id, digest, size, options.to_dict())
             if job.stage == "failed":  # a person moved a failed file back (or asked again): try again
-                ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None)
+                ledger.update_job(job_id, stage="new", attempts=0, last_error=None, finished_at=None, handbacks=None)
             elif job.stage == "done" and job.model not in (None, job.options.get("model")):
                 self._reopen_substitute(job)
             source = ledger.add_source(relpath, job_id, size, mtime_ns, fields.get("settle_s") or 0.0, inode=inode)
@@ -146,7 +146,7 @@ class Intake:
         self.context.result_path(job.job_id).unlink(missing_ok=True)
         self.context.ledger.update_job(job.job_id, stage="new", model=None, route=None, host=None,
                                        fallback_reason=None, timings={}, transfer={}, attempts=0, last_error=None,
-                                       finished_at=None)
+                                       finished_at=None, handbacks=None)
         self.context.log.info("job.reopened", job_id=job.job_id, cached_model=job.model,
                               model=job.options.get("model"),
                               reason="its Result came from a fallback model; transcribing it with the job's own model")

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     timings TEXT NOT NULL DEFAULT '{}',
     transfer TEXT NOT NULL DEFAULT '{}',
     model TEXT,
-    hint TEXT
+    hint TEXT,
+    handbacks TEXT
 );
 CREATE TABLE IF NOT EXISTS sources (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -68,9 +69,10 @@ CREATE INDEX IF NOT EXISTS jobs_stage ON jobs(stage);
 """
 
 # Columns added after the first release: (table, column, type). Added to an older ledger on open.
-_ADDED_COLUMNS = (("jobs", "model", "TEXT"), ("sources", "inode", "INTEGER"), ("jobs", "hint", "TEXT"))
+_ADDED_COLUMNS = (("jobs", "model", "TEXT"), ("sources", "inode", "INTEGER"), ("jobs", "hint", "TEXT"),
+                  ("jobs", "handbacks", "TEXT"))
 
-_JSON_COLUMNS = ("timings", "transfer", "progress", "options", "outputs")
+_JSON_COLUMNS = ("timings", "transfer", "progress", "options", "outputs", "handbacks")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class Job:
     transfer: dict = field(default_factory=dict)
     model: str | None = None  # the model whose Result is cached (a fallback's may differ from options["model"])
     hint: str | None = None  # a failed job's what-to-do, as the error that failed it said it
+    handbacks: list | None = None  # a fallback's hand-backs from the CPU to a GPU host (daemon.handback)
 
 
 @dataclass(frozen=True)
@@ -354,6 +357,26 @@ class Ledger:
             totals[route] = {"jobs": jobs, "audio_s": audio or 0.0, "transcribe_s": spent or 0.0,
                              "bytes_sent": sent or 0, "source_bytes": source or 0}
         return totals
+
+    def route_speeds(self) -> list[tuple]:
+        """(route, host, transcription seconds, audio seconds, upload seconds, bytes sent) summed over
+        the done jobs of each route and host, for the hand-back estimate (daemon.handback.Speeds)."""
+        return [tuple(row) for row in self.db.execute(
+            "SELECT route, host, sum(json_extract(timings, '$.transcribe_s')), sum(duration),"
+            " sum(json_extract(timings, '$.upload_s')), sum(json_extract(transfer, '$.bytes')) FROM jobs"
+            " WHERE stage = 'done' AND route IS NOT NULL AND json_extract(timings, '$.transcribe_s') > 0"
+            " AND duration > 0 GROUP BY route, host")]
+
+    def handback_counts(self) -> dict[str, int]:
+        """{outcome: count} of the hand-backs of done jobs: `served` (the host finished the job) or
+        `failed` (the host failed it, the job finished on the CPU)."""
+        counts = {"served": 0, "failed": 0}
+        for outcome, count in self.db.execute(
+                "SELECT json_extract(entry.value, '$.outcome'), count(*) FROM jobs, json_each(jobs.handbacks) AS entry"
+                " WHERE jobs.stage = 'done' AND jobs.handbacks IS NOT NULL GROUP BY 1"):
+            key = "served" if outcome == "served" else "failed"
+            counts[key] = counts.get(key, 0) + count
+        return counts
 
     def fallback_reasons(self) -> dict[str, int]:
         """{fallback reason text: done local jobs that gave it}, for the jobs that fell back."""

@@ -86,10 +86,10 @@ class _Exposition:
 
 def render_metrics(ledger: Ledger, hosts: dict | None, now: float | None = None, api: dict | None = None) -> str:
     """The daemon's figures in the Prometheus text format: jobs by stage, stage time sums and counts,
-    audio and transcription seconds by route, bytes sent and source bytes, fallbacks by reason, each
-    host's health from the `hosts` snapshot (None: no host figures), and the HTTP API's bounds from
-    `api` (ApiServer.figures; None: no API). Aggregates in SQL (four scans of the jobs table), so
-    keep it off the event loop. Raises sqlite3.Error."""
+    audio and transcription seconds by route, bytes sent and source bytes, fallbacks by reason,
+    hand-backs by outcome, each host's health and probes from the `hosts` snapshot (None: no host
+    figures), and the HTTP API's bounds from `api` (ApiServer.figures; None: no API). Aggregates in
+    SQL (five scans of the jobs table), so keep it off the event loop. Raises sqlite3.Error."""
     now = time.time() if now is None else now
     out = _Exposition()
     out.family("whisperdrop_jobs", "gauge", "Jobs in the ledger by stage.",
@@ -117,11 +117,15 @@ def render_metrics(ledger: Ledger, hosts: dict | None, now: float | None = None,
         reasons[reason_class(reason)] = reasons.get(reason_class(reason), 0) + count
     out.family("whisperdrop_fallbacks_total", "counter", "Jobs that fell back to the local CPU, by reason.",
                [({"reason": reason}, count) for reason, count in sorted(reasons.items())])
-    up, failures, queue, age = [], [], [], []
+    out.family("whisperdrop_handbacks_total", "counter", "Fallbacks handed from the local CPU to a GPU host that "
+               "came back, by outcome: served there, or failed there and finished on the CPU.",
+               [({"outcome": outcome}, count) for outcome, count in sorted(ledger.handback_counts().items())])
+    up, failures, probes, queue, age = [], [], [], [], []
     for host in (hosts or {}).get("hosts", []):
         name = host.get("name")
         up.append(({"host": name}, 1 if host.get("up") else 0))
         failures.append(({"host": name}, host.get("failures") or 0))
+        probes.append(({"host": name}, host.get("probes") or 0))
         for beat in host.get("runners") or []:
             labels = {"host": name, "runner": beat.get("name")}
             queue.append((dict(labels), beat.get("queue_length") or 0))
@@ -129,6 +133,8 @@ def render_metrics(ledger: Ledger, hosts: dict | None, now: float | None = None,
                 age.append((dict(labels), round(now - beat["updated_at"], 3)))
     out.family("whisperdrop_host_up", "gauge", "1 when the GPU host was healthy at its last check.", up)
     out.family("whisperdrop_host_failures", "gauge", "Consecutive failures of the GPU host.", failures)
+    out.family("whisperdrop_host_probes_total", "counter", "Looks at the GPU host while it was down, since the "
+               "daemon started.", probes)
     out.family("whisperdrop_runner_queue_length", "gauge", "Jobs waiting in the runner's spool.", queue)
     out.family("whisperdrop_runner_heartbeat_age_seconds", "gauge", "Age of the runner's last heartbeat.", age)
     if api is not None:

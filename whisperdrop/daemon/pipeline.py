@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from whisperdrop.daemon.handback import Speeds
 from whisperdrop.daemon import library
 from whisperdrop.daemon.delivery import failure_hint
 from whisperdrop.daemon.health import backoff
@@ -65,7 +66,7 @@ class Pipeline:
         self.ledger = Ledger(self.state_dir / "ledger.sqlite3", clock=clock)
         self.formats = list(config.transcription.outputs)
         self.local = LocalTranscriber(config.local, engine, checkpoints=self.state_dir / "partial")
-        self.router = Router(config, self.local, remote)
+        self.router = Router(config, self.local, remote, history=lambda: Speeds.of(self.ledger.route_speeds()))
         self.options = self.plan().options  # `transcription`'s, as planned (no profile)
         self.shutdown = shutdown or Shutdown()
         self.log = log.get("pipeline")
@@ -353,5 +354,5 @@ def _hint_for(error: Exception) -> str:
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return "the disk is full: free space; the source stays in the inbox and is retried"
     if isinstance(error, EngineError) and error.kind == "model":
-        return "fix local.model (or transcription.model) in config.yaml; see README, Models"
+        return "fix local.model (or transcription.model) in config.yaml; see docs/models.md"
     return "retried automatically with back-off; the source stays in the inbox"

@@ -6,6 +6,10 @@ hosts (a live runner, see health.RunnerWatch), chooses where to go (health.candi
 healthy hosts by load) and uploads there. A job already on a host stays with it; a host that fails
 is marked down with a doubling back-off and probed again later, and the job is placed again.
 
+The hosts' health, back-off and probes are daemon.hosts (RemotePool's base). Under provider `auto`
+with `remote.hand_back`, a job about to fall back probes the hosts in back-off once (shared with
+every other job, see Hosts.probe), and goes to one that answers.
+
 `step` never raises for a host's failure: when no host serves the job it returns an `Outcome` whose
 `reason` says why, and the router falls back to the local engine (provider `auto`) or the job
 waits (provider `remote`).
@@ -14,25 +18,18 @@ waits (provider `remote`).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Callable
 
 from whisperdrop.daemon.connection import HostError
-from whisperdrop.daemon.health import (HostState, RunnerWatch, backoff, candidates, live_runners, load,
-                                       when_none_served)
+from whisperdrop.daemon.health import candidates, load, when_none_served
+from whisperdrop.daemon.hosts import Hosts
 from whisperdrop.daemon.remote_steps import HostUnusable, JobOnHost, sleep_unless
 from whisperdrop.daemon.route import REMOTE_STAGES, Mark, Progress, Routed, Work
 from whisperdrop.daemon.shutdown import Shutdown
-from whisperdrop.daemon.transfer import Host
 from whisperdrop.engine.engine import Cancelled
-from whisperdrop.shared import log
-from whisperdrop.shared.files import write_atomic
 from whisperdrop.shared.spool import ProtocolError
-
-HEALTH_CACHE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -41,105 +38,19 @@ class Outcome:
 
     routed: Routed | None
     reason: str | None = None
+    planned: bool = False  # local by policy (short audio), not for want of a host: nothing to hand back
 
 
-class RemotePool:
-    """All configured GPU hosts; `step(work, ...)` runs a job's next remote step, or says why no host serves it."""
+class RemotePool(Hosts):
+    """All configured GPU hosts (see daemon.hosts: their health and probes); `step(work, ...)` runs a
+    job's next remote step, or says why no host serves it."""
 
     def __init__(self, config: Any, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic):
         """`clock` (wall) stamps back-offs and the health snapshot; `monotonic` judges runner heartbeats."""
-        remote = config.remote
+        super().__init__(config, clock=clock, monotonic=monotonic)
         self.provider = config.transcription.provider
-        self.settings = remote
-        self.clock = clock
-        self.monotonic = monotonic
-        self.states = [
-            HostState(Host(dict(host), connect_timeout=remote.connect_timeout, keepalive_interval=remote.keepalive_interval),
-                      RunnerWatch(remote.heartbeat_max_age))
-            for host in remote.hosts
-        ]
-        self.uploads = asyncio.Semaphore(remote.parallel_uploads)
-        self.health_file = Path(config.state_dir) / "hosts.json"
-        self.log = log.get("remote")
-
-    def state(self, name: str | None) -> HostState | None:
-        return next((state for state in self.states if state.name == name), None)
-
-    # health
-
-    def mark_down(self, state: HostState, error: BaseException | str) -> None:
-        """Count a failure of the host: it is not tried again for a doubling back-off."""
-        state.failures += 1
-        delay = backoff(state.failures, self.settings.retry_initial_seconds, self.settings.retry_max_seconds)
-        state.down_until = self.clock() + delay
-        state.last_error = str(error)
-        self.log.warning("host.down", host=state.name, error=str(error), retry_in_s=delay, failures=state.failures,
-                         hint=getattr(error, "hint", None))
-        self._write_health()
-
-    def mark_up(self, state: HostState) -> None:
-        """The host served: forget its failures."""
-        if state.failures or state.last_error:
-            self.log.info("host.up", host=state.name, after_failures=state.failures)
-        state.failures = 0
-        state.down_until = 0.0
-        state.last_error = None
-
-    async def _check(self, state: HostState, cancel: Shutdown | None = None) -> None:
-        """Connect (if needed) and read the runner heartbeats. Raises HostError, or HostUnusable
-        when no runner is alive there (see health.RunnerWatch: the daemon's clock decides)."""
-        now = self.clock()
-        if now - state.checked_at < HEALTH_CACHE_S and state.runners:
-            return
-        await state.host.connect()
-        if not state.spool_ready:
-            await state.host.ensure_spool()
-            state.spool_ready = True
-        state.runners = await live_runners(state.watch, state.host.heartbeats, monotonic=self.monotonic,
-                                           clock=self.clock, sleep=lambda seconds: sleep_unless(cancel, seconds))
-        state.checked_at = self.clock()
-        self._write_health()
-        if not state.runners:
-            raise HostUnusable(f"{state.name}: {state.watch.why_none(self.monotonic())}; "
-                               "start `whisperdrop runner` there")
-
-    async def _healthy_hosts(self, cancel: Shutdown | None = None,
-                             skip: str | None = None) -> tuple[list[HostState], list[str]]:
-        """Check every host not in back-off (but `skip`); (the healthy ones, why each other one is not)."""
-        reasons, healthy = [], []
-        for state in self.states:
-            if state.name == skip:
-                continue
-            if state.down_until > self.clock():
-                reasons.append(f"{state.name}: down ({state.last_error}); next try in "
-                               f"{state.down_until - self.clock():.0f} s")
-                continue
-            try:
-                await self._check(state, cancel)
-            except (HostError, HostUnusable) as error:
-                self.mark_down(state, error)
-                reasons.append(str(error))
-                continue
-            self.mark_up(state)
-            healthy.append(state)
-        return healthy, reasons
-
-    def _write_health(self) -> None:
-        """Snapshot of every host's health for `whisperdrop status` (read by another process)."""
-        snapshot = {
-            "updated_at": self.clock(),
-            "hosts": [
-                {"name": state.name, "up": state.down_until <= self.clock() and state.last_error is None,
-                 "failures": state.failures, "last_error": state.last_error, "down_until": state.down_until,
-                 "in_flight": state.in_flight, "runners": state.runners}
-                for state in self.states
-            ],
-        }
-        try:  # a snapshot for another process to read whole, not a record to survive a power cut
-            write_atomic(self.health_file, json.dumps(snapshot, default=str).encode(), durable=False)
-        except OSError as error:  # a status snapshot must never break a job; say so and go on
-            self.log.warning("host.health_snapshot_failed", error=str(error))
+        self.uploads = asyncio.Semaphore(config.remote.parallel_uploads)
 
     # one job, one step at a time
 
@@ -189,19 +100,23 @@ class RemotePool:
         local under `auto`) and upload there; a host that fails gives way to the next. When none
         serves: an Outcome with the reasons under `auto`, a wait and another try under `remote`.
         `failed` is (host, reason) of a host this job just failed on: not tried again at once."""
-        reasons = [failed[1]] if failed else []
+        def fresh() -> dict[str, str]:  # host -> why it did not serve this job
+            return {failed[0]: failed[1]} if failed else {}
+
+        reasons = fresh()
         skip = failed[0] if failed else None
         waited_since = self.clock()
+        may_probe = self.provider == "auto" and self.settings.hand_back
         while True:
             if cancel.is_set():
                 raise Cancelled()
             healthy, unhealthy = await self._healthy_hosts(cancel, skip=skip)
-            reasons += unhealthy
+            reasons.update(unhealthy)
             names, local_reason = candidates(
                 provider=self.provider, duration=work.duration, local_below=self.settings.local_below_seconds,
                 resumed=None, healthy=[(state.name, load(state.runners, state.in_flight)) for state in healthy])
             if local_reason is not None:
-                return Outcome(None, local_reason)
+                return Outcome(None, local_reason, planned=True)
             for state in [self.state(name) for name in names]:
                 on_host = JobOnHost(self, state, work, cancel=cancel, progress=progress, mark=mark)
                 try:
@@ -210,34 +125,31 @@ class RemotePool:
                     on_host.leave()
                     if isinstance(error, HostError):
                         self.mark_down(state, error)
-                    reasons.append(f"{state.name}: {error}")
+                    reasons[state.name] = f"{state.name}: {error}"
                 except BaseException:
                     on_host.leave()
                     raise
+            if may_probe:  # about to fall back: probe the hosts in back-off once (shared); go to one that is back
+                may_probe = False
+                in_backoff = [state for state in self.states
+                              if state.name != skip and self.is_down(state) and state.down_until > self.clock()]
+                if await self.probe_down(skip, cancel):
+                    reasons = fresh()
+                    continue
+                for state in in_backoff:  # say what the probe found
+                    reasons[state.name] = self._why_down(state)
             next_probe = min((state.down_until for state in self.states), default=None)
             action, value = when_none_served(
-                provider=self.provider, reasons=reasons, retry_max=self.settings.retry_max_seconds,
+                provider=self.provider, reasons=list(reasons.values()), retry_max=self.settings.retry_max_seconds,
                 next_probe_s=None if next_probe is None else next_probe - self.clock())
             if action == "local":
                 self.log.warning("route.fallback", job_id=work.job_id, reason=value)
                 return Outcome(None, value)
-            self.log.warning("route.waiting_for_host", job_id=work.job_id, reason="; ".join(reasons) or
+            self.log.warning("route.waiting_for_host", job_id=work.job_id, reason="; ".join(reasons.values()) or
                              "no GPU host is configured", retry_in_s=round(value, 1),
                              waited_s=round(self.clock() - waited_since, 1))
             await sleep_unless(cancel, value)
-            reasons, skip = [], None  # after a wait, every host is a candidate again
-
-    async def runners_gone(self, state: HostState, cancel: Shutdown) -> str | None:
-        """None while the host has a live runner (re-read every HEALTH_CACHE_S); otherwise why not.
-        A host that cannot be reached now is not judged here: the poll's own errors decide that."""
-        try:
-            await self._check(state, cancel)
-        except HostUnusable:
-            return state.watch.why_none(self.monotonic())
-        except HostError as error:
-            if not error.transient:
-                raise
-        return None
+            reasons, skip = {}, None  # after a wait, every host is a candidate again
 
     async def cleanup(self, host_name: str | None, job_id: str) -> None:
         """Remove a finished job's remote files (after its Result is safely stored here)."""
@@ -250,10 +162,4 @@ class RemotePool:
             self.log.warning("remote.cleanup_failed", job_id=job_id, host=host_name, error=str(error),
                              note="the runner expires leftovers after runner.expire_days")
 
-    async def close(self) -> None:
-        """Close every host's connection."""
-        for state in self.states:
-            try:
-                await state.host.close()
-            except HostError:
-                pass
+

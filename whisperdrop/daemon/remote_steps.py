@@ -107,7 +107,7 @@ class JobOnHost:
         Audio the runner found damaged is uploaded again (-> uploaded).
 
         Raises HostUnusable when the job failed there, when the host's runners stopped or went
-        silent (re-checked every HEALTH_CACHE_S; the job is removed there), or when `job_timeout`
+        silent (re-checked every hosts.HEALTH_CACHE_S; the job is removed there), or when `job_timeout`
         passed (a late result is cleaned up then); HostError when the host cannot be reached at all.
         """
         pool, state, work = self.pool, self.state, self.work

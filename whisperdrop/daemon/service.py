@@ -183,7 +183,7 @@ async def _start_api(config: Any, pipeline: Pipeline, remote: Any | None, logger
 
 
 LOCAL_MODEL_HINT = ("set local.model to bundled:tiny.en or a CTranslate2 model folder, or fetch the model on a "
-                    "machine with network and point local.model at its folder (README, Models); "
+                    "machine with network and point local.model at its folder (docs/models.md); "
                     "`whisperdrop doctor` checks it")
 
 

@@ -256,15 +256,25 @@ class Stages:
             raise
         finally:
             context.last_progress.pop(job.job_id, None)
-        if isinstance(routed, Work):  # one remote step ended: commit the stage it reached
+        if isinstance(routed, Work):  # one remote step ended (or a hand-back from the CPU): commit its stage
             if routed != work:
+                handed_back = len(routed.handbacks) > len(work.handbacks)
                 context.ledger.update_job(job.job_id, stage=routed.stage, host=routed.host, transfer=routed.transfer,
-                                          timings=routed.timings, attempts=0, last_error=None)
+                                          timings=routed.timings, attempts=0, last_error=None,
+                                          fallback_reason=routed.fallback_reason, handbacks=routed.handbacks or None,
+                                          **({"progress": None} if handed_back else {}))
+                if handed_back:
+                    entry = routed.handbacks[-1]
+                    context.log.info("route.handback", job_id=job.job_id, path=context.path_of(job.job_id),
+                                     host=entry["host"], local_s=entry["local_s"], done_s=entry["done_s"],
+                                     duration_s=entry["duration_s"], local_remaining_s=entry["local_remaining_s"],
+                                     estimate_s=entry["estimate_s"], returned_to=results.returned_to([entry]),
+                                     fallback_reason=routed.fallback_reason)
             return
         result = results.transcribed(
             routed.result, job_id=job.job_id, route=routed.route, host=routed.host,
             fallback_reason=routed.fallback_reason, timings={**_figures(job.timings), **routed.timings},
-            transfer={**job.transfer, **routed.transfer},
+            transfer={**job.transfer, **routed.transfer}, handbacks=routed.handbacks,
         )
         await asyncio.get_running_loop().run_in_executor(context.io, write_atomic, cached, _json_bytes(result))
         await self._commit_transcribed(job, result, now)
@@ -287,7 +297,7 @@ class Stages:
         context.ledger.update_job(
             job.job_id, stage="transcribed", route=route, host=host,
             fallback_reason=result.get("fallback_reason"), model=result.get("model"), timings=timings,
-            transfer=transfer, attempts=0, last_error=None, progress=None,
+            transfer=transfer, attempts=0, last_error=None, progress=None, handbacks=result.get("handbacks") or None,
         )
         partial = checkpoints.path_of(context.partial_dir, job.job_id)
         try:  # the Result is safe in the cache now: the finished part is no longer needed
@@ -302,7 +312,7 @@ class Stages:
             model=result.get("model"), duration_s=duration, seconds=seconds,
             rtf=round(seconds / duration, 4) if duration else None, fallback_reason=result.get("fallback_reason"),
             language=result.get("language"), bytes=transfer.get("bytes"), recovered=recovered,
-            language_warning=warning,
+            language_warning=warning, returned_to=result.get("returned_to"),
         )
 
     # deliver
@@ -336,7 +346,7 @@ class Stages:
         if not cached.exists():
             context.log.warning("job.result_missing", job_id=job.job_id, action="transcribing again")
             stage = "new" if not context.audio_path(job.job_id).exists() else "extracted"
-            context.ledger.update_job(job.job_id, stage=stage)
+            context.ledger.update_job(job.job_id, stage=stage, handbacks=None)
             return
         result = await loop.run_in_executor(context.io, _read_json, cached)
         for source in context.ledger.sources_of(job.job_id):

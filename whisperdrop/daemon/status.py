@@ -166,10 +166,38 @@ def job_progress(job: Job) -> dict:
             "duration_s": progress.get("duration_s") or job.duration, "slurm": progress.get("slurm")}
 
 
-def _host_status(name: str, host: dict | None, seen_at: float | None) -> dict:
+def _relative(at: Any, now: float) -> float | None:
+    """Seconds from `now` to the wall-clock time `at` (negative: past); None when `at` is not a time."""
+    return round(at - now, 1) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
+
+
+def _down_status(host: dict, document: dict, now: float) -> dict:
+    """A down host's back-off and probes, as `status` shows them: `backoff_s` (its length now),
+    `retry_in_s` (when any job tries it again), `probed_ago_s` and `probe_ok` (the last probe),
+    `next_probe_in_s` (from when a probe may look again) and `probe_when` (what makes it look)."""
+    watching = document.get("watching") or 0
+    next_in = _relative(host.get("next_probe_at"), now)
+    if next_in is not None:
+        next_in = max(0.0, next_in)
+    if not document.get("hand_back", True):
+        when = "when its back-off ends (remote.hand_back is off)"
+    elif watching:
+        when = f"by the hand-back watch of the {watching} job(s) on the CPU"
+    else:
+        when = "by the next job that would fall back to the CPU, or when its back-off ends"
+    probed = _relative(host.get("probed_at"), now)
+    retry = _relative(host.get("down_until"), now)
+    return {"backoff_s": host.get("backoff_s"), "retry_in_s": max(0.0, retry) if retry is not None else None,
+            "probes": host.get("probes", 0), "probed_ago_s": -probed if probed is not None else None,
+            "probe_ok": host.get("probe_ok"), "next_probe_in_s": next_in, "probe_when": when}
+
+
+def _host_status(name: str, host: dict | None, seen_at: float | None, document: dict | None = None,
+                 now: float | None = None) -> dict:
     """One configured host's entry of `status`, from its entry in the snapshot (None: not in it)
-    written at `seen_at`. A runner's heartbeat age is its age when the daemon read it: the snapshot
-    is as old as the daemon's last look at the host, and the runner has beaten since."""
+    written at `seen_at` (`document`: the whole snapshot). A runner's heartbeat age is its age when
+    the daemon read it: the snapshot is as old as the daemon's last look at the host, and the
+    runner has beaten since. A down host also gets its back-off and probes (see `_down_status`)."""
     if host is None:
         return {"name": name, "up": None, "note": "not contacted yet (no job has needed it)"}
     runners = []
@@ -182,9 +210,12 @@ def _host_status(name: str, host: dict | None, seen_at: float | None) -> dict:
             "current": beat.get("current") or None, "jobs_done": beat.get("jobs_done"),
             "heartbeat_age_s": _round(max(0.0, seen_at - updated), 1) if known else None,
         })
-    return {"name": name, "up": bool(host.get("up")), "failures": host.get("failures", 0),
-            "last_error": host.get("last_error"), "in_flight": host.get("in_flight", 0), "runners": runners,
-            "queue_length": sum(runner["queue_length"] or 0 for runner in runners)}
+    status = {"name": name, "up": bool(host.get("up")), "failures": host.get("failures", 0),
+              "last_error": host.get("last_error"), "in_flight": host.get("in_flight", 0), "runners": runners,
+              "queue_length": sum(runner["queue_length"] or 0 for runner in runners)}
+    if not status["up"]:
+        status.update(_down_status(host, document or {}, time.time() if now is None else now))
+    return status
 
 
 def collect_status(config: Any, now: float | None = None, errors: int = 5) -> dict:
@@ -215,7 +246,8 @@ def collect_status(config: Any, now: float | None = None, errors: int = 5) -> di
     hosts_doc = read_hosts(config.path("state_dir") / "hosts.json") or {}
     snapshot = {host.get("name"): host for host in hosts_doc.get("hosts", [])}
     seen_at = hosts_doc.get("updated_at") if isinstance(hosts_doc.get("updated_at"), (int, float)) else None
-    hosts = [_host_status(host["name"], snapshot.get(host["name"]), seen_at) for host in config.remote.hosts]
+    hosts = [_host_status(host["name"], snapshot.get(host["name"]), seen_at, hosts_doc, now)
+             for host in config.remote.hosts]
     return {
         "now": now, "daemon": daemon, "provider": config.transcription.provider, "stages": stages,
         "queue_length": len(active), "pending_sources": pending_sources, "active": active,
@@ -256,6 +288,10 @@ def collect_stats(config: Any, since_s: float, now: float | None = None) -> dict
         ledger.close()
     done = [job for job in finished if job.stage == "done"]
     failed = [job for job in finished if job.stage == "failed"]
+    handbacks = {"served": 0, "failed": 0}  # fallbacks handed from the CPU to a host that came back
+    for job in done:
+        for entry in job.handbacks or []:
+            handbacks["served" if entry.get("outcome") == "served" else "failed"] += 1
     fallbacks: dict[str, dict] = {}
     for job in done:
         if job.route == "local" and job.fallback_reason:
@@ -281,6 +317,7 @@ def collect_stats(config: Any, since_s: float, now: float | None = None) -> dict
         "since_s": since_s, "now": now, "done": len(done), "failed": len(failed),
         "error_rate": _round(len(failed) / len(finished), 4) if finished else None,
         "fallbacks": fallbacks, "fallbacks_total": sum(entry["count"] for entry in fallbacks.values()),
+        "handbacks": handbacks,
         "stage_times": stage_times, "routes": routes,
         "bytes": {"sent": sent, "source": source, "ratio": _round(sent / source, 4) if source else None},
         "cost": _cost(routes, local_speed, config.local.model),

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy
 
-from whisperdrop.engine import checkpoint, guard
+from whisperdrop.engine import checkpoint, guard, language as languages
 from whisperdrop.engine.chunks import SAMPLE_RATE, Chunk, ChunkSource
 from whisperdrop.engine.guard import LOG_PROB_THRESHOLD, NO_SPEECH_THRESHOLD
 from whisperdrop.engine.segments import assemble
@@ -245,6 +245,8 @@ class _Run:
     total: float
     language: str | None = None
     language_probability: float = 0.0
+    detected: bool = False   # its language is known (asked, or detected on its first chunks: `ahead`)
+    ahead: list[Chunk] = field(default_factory=list)   # chunks read for the detection, not taken yet
     queued: list[tuple[Chunk, int]] = field(default_factory=list)   # missed speech, with its pass number
     segments: list[dict] = field(default_factory=list)
     in_flight: int = 0
@@ -374,7 +376,9 @@ def _take(model: Any, run: _Run, options: TranscribeOptions) -> tuple[Chunk, int
     if run.read_all or run.error is not None:
         return None
     try:
-        chunk = next(run.chunks)
+        if not run.detected:
+            _detect(model, run, options)
+        chunk = run.ahead.pop(0) if run.ahead else next(run.chunks)
     except StopIteration:
         run.read_all = True
         if run.job.checkpoint is not None:  # speech that chunks reused from a checkpoint missed
@@ -386,8 +390,6 @@ def _take(model: Any, run: _Run, options: TranscribeOptions) -> tuple[Chunk, int
         run.error = error
         return None
     run.count += 1
-    if run.language is None:
-        run.language, run.language_probability = _language(model, chunk, options)
     if run.job.checkpoint is not None:
         return _resumed(run, chunk)
     return chunk, 1
@@ -405,15 +407,19 @@ def _resumed(run: _Run, chunk: Chunk) -> tuple[Chunk, int] | None:
     return run.queued.pop(0)
 
 
-def _language(model: Any, chunk: Chunk, options: TranscribeOptions) -> tuple[str, float]:
-    """The job's language: the one asked for, English for an English-only model, else detected on its first chunk."""
-    if options.language:
-        return (options.language if model.model.is_multilingual else "en"), 1.0
-    if not model.model.is_multilingual:
-        return "en", 1.0
-    features = model.feature_extractor(chunk.audio)[..., :-1]
-    language, probability, _ = model.detect_language(features=features)
-    return language, float(probability)
+def _detect(model: Any, run: _Run, options: TranscribeOptions) -> None:
+    """Set the run's language: the one asked for, or detected (`language.detect`) on its first chunks,
+    which are kept in `run.ahead` to be decoded after. Raises what reading the audio raises."""
+    detection = languages.asked(model, options.language)
+    if detection is None:
+        def speech():
+            for chunk in run.chunks:
+                run.ahead.append(chunk)
+                yield chunk.audio
+
+        detection = languages.detect(model, speech())
+    run.detected = True
+    run.language, run.language_probability = detection.code, detection.probability
 
 
 def _transcript(run: _Run, options: TranscribeOptions, model: Any) -> Transcript:

@@ -54,6 +54,7 @@ class Checkpoint:
         self.decoders: dict[str, tuple[int, float]] = {}   # language -> (frames, last_speech) after the last batch
         self.error: OSError | None = None
         self.reused = 0            # chunks and windows taken from the file instead of decoded
+        self.saved = 0             # batch or window lines this object appended (a hand-back waits for the next)
         self._lines = 0            # batch lines read or written (each chunk's order is (line, position))
         self._pending: list[tuple[tuple[int, int, int], Any, int]] = []
         self._load()
@@ -182,14 +183,17 @@ class Checkpoint:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 header = json.dumps({"schema": SCHEMA, "key": self.key}, separators=(",", ":")).encode() + b"\n"
                 self._write_whole(header + line)
-                return
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-            try:
-                write_all(descriptor, line)
-            finally:
-                os.close(descriptor)
+            else:
+                descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+                try:
+                    write_all(descriptor, line)
+                finally:
+                    os.close(descriptor)
         except OSError as error:
             self.error = error
+            return
+        if self.error is None:
+            self.saved += 1
 
     def _write_whole(self, data: bytes) -> None:
         try:

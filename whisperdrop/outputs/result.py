@@ -36,12 +36,15 @@ def executed_on(made: dict, route: str, host: str | None) -> dict:
 
 
 def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallback_reason: str | None,
-                timings: dict, transfer: dict) -> dict:
+                timings: dict, transfer: dict, handbacks: list | None = None) -> dict:
     """The Result of a job once transcribed, from `made` (the engine's or the runner's Result).
 
     `timings` (the daemon's stage figures) go over the ones in `made`; `transfer` replaces its own.
+    `handbacks` (a fallback's hand-backs to a GPU host, see daemon.handback) are kept with their
+    sentence, `returned_to`; both are there only for a job that had one.
     `language_warning` is added when an English-only model seems to have heard another language (see
-    `language_warning`). Returns a new dict; `made` is not changed.
+    `language_warning`), or when a detected language is doubtful (`detection_warning`). Returns a new
+    dict; `made` is not changed.
     """
     document = {
         **made,
@@ -52,10 +55,28 @@ def transcribed(made: dict, *, job_id: str, route: str, host: str | None, fallba
         "timings": {**(made.get("timings") or {}), **timings},
         "transfer": dict(transfer),
     }
-    warning = language_warning(made)
+    if handbacks:
+        document["returned_to"] = returned_to(handbacks)
+        document["handbacks"] = [dict(entry) for entry in handbacks]
+    warning = language_warning(made) or detection_warning(made)
     if warning:
         document["language_warning"] = warning
     return document
+
+
+def returned_to(handbacks: list[dict]) -> str | None:
+    """The `returned_to` sentence of a Result from its hand-back entries (see daemon.handback), e.g.
+    `gpu1 after 340 s local, 18% done`; None for none."""
+    parts = []
+    for entry in handbacks or []:
+        duration = entry.get("duration_s") or 0.0
+        percent = 100.0 * (entry.get("done_s") or 0.0) / duration if duration else 0.0
+        text = f"{entry.get('host')} after {entry.get('local_s') or 0.0:.0f} s local, {percent:.0f}% done"
+        outcome = entry.get("outcome") or ""
+        if outcome.startswith("failed"):
+            text += f"; it failed there, resumed locally from {percent:.0f}% ({outcome.removeprefix('failed: ')})"
+        parts.append(text)
+    return "; then ".join(parts) or None
 
 
 # An English-only model labels every transcript `en` with probability 1: it cannot detect a language.
@@ -156,6 +177,33 @@ def language_warning(made: dict) -> str | None:
     return (f"the speech is likely not English, or too unclear for {made.get('model')}, which understands English "
             f"only ({', '.join(signs)}: {evidence['total']:.1f} points, {WARN_POINTS:.0f} warns): this transcript is "
             f"likely nonsense. For other languages use a multilingual model ({MULTILINGUAL_MODELS}); see docs/models.md")
+
+
+# A detected language whose probability is under this is doubtful: faster-whisper's own threshold for a
+# sure detection (engine.language.DETECTION_THRESHOLD). Measured with bundled:base on espeak-ng speech:
+# German, Spanish and English at 0.89 to 0.98; Portuguese at 0.28 (`en`, from the WAV) and 0.15 (`hu`,
+# from its Opus), a French sentence at 0.34 (`th`).
+DOUBTFUL_PROBABILITY = 0.5
+
+
+def detection_warning(made: dict) -> str | None:
+    """A sentence for the Result and the log when the language was detected (the options asked for
+    none, and the model is multilingual) on speech (segments), with a probability under
+    DOUBTFUL_PROBABILITY (see `doubtful_language`); None otherwise."""
+    if (made.get("options") or {}).get("language") or english_only(made.get("model")) or not made.get("segments"):
+        return None
+    return doubtful_language(made.get("language"), made.get("language_probability"))
+
+
+def doubtful_language(language: str | None, probability: float | None) -> str | None:
+    """The warning for a detected `language` whose `probability` is under DOUBTFUL_PROBABILITY: the
+    language, the probability and the fix (set `language` on the folder's profile); None when sure."""
+    if probability is None or float(probability) >= DOUBTFUL_PROBABILITY:
+        return None
+    return (f"the language was detected as {language!r} with probability {float(probability):.2f} only "
+            f"(under {DOUBTFUL_PROBABILITY}), so this transcript may be in the wrong language or nonsense: if you know "
+            "the language, set `language` (e.g. pt) on the profile of this file's folder, or transcription.language, "
+            "or send it with the request; see docs/models.md, Languages")
 
 
 def for_source(result: dict, *, path: str, size: int, sha256: str, timings: dict,

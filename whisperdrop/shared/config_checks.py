@@ -1,7 +1,7 @@
 """What stops `whisperdrop run` or `whisperdrop runner` from starting with a valid config, found
 without creating anything: folders that cannot be used or made, key and known_hosts files (missing,
-unreadable, a public key given as the private one), profiles that can never apply, an API open to the
-network without a token; and which of the two a config file is for (`role`).
+unreadable, a public key given as the private one), profiles that can never apply, a bundled model
+whose install extra is missing, an API open to the network without a token; and which of the two a config file is for (`role`).
 
 `check` is shared by `check-config` and `run`, so they never disagree; `make_folders` then creates
 the daemon's folders; `insecure_files` warns of files that others could change or read.
@@ -20,7 +20,7 @@ RUNNER_SECTIONS = frozenset({"runner", "logging"})
 
 def role(config: Config) -> str:
     """"runner" when the file configures only the GPU runner (a `runner` section, and nothing but
-    `logging` beside it, like the README's runner.yaml), else "daemon"."""
+    `logging` beside it, like docs/gpu-host.md's runner.yaml), else "daemon"."""
     sections = set(config.sections)
     return "runner" if "runner" in sections and sections <= RUNNER_SECTIONS else "daemon"
 
@@ -114,6 +114,7 @@ def check(config: Config, role_name: str | None = None) -> list[str]:
         problems.append(_folder_problem("logging.file", Path(config.logging.file).parent, "logging"))
     if role_name == "runner":
         problems.append(_folder_problem("runner.spool", Path(config.runner.spool), "the runner"))
+        problems.append(_bundled_problem("runner.model", config.runner.model))
         if config.runner.name is not None:
             from whisperdrop.shared.spool import ProtocolError, check_runner_name
 
@@ -140,6 +141,8 @@ def check(config: Config, role_name: str | None = None) -> list[str]:
             f"At 'inbox': {str(config.inbox)!r} does not exist; create it (mkdir -p) or point 'inbox' at your folder")
     for key in ("outbox", "archive", "failed", "state_dir"):
         problems.append(_folder_problem(key, config.path(key), "the daemon"))
+    if config.transcription.provider != "remote" or not config.remote.hosts:  # a GPU host's model is that host's
+        problems.append(_bundled_problem("local.model", config.local.model))
     if config.transcription.provider == "remote" and not config.remote.hosts:
         problems.append("At 'transcription.provider': 'remote' needs at least one entry in 'remote.hosts'; "
                         "add a GPU host or use provider 'auto' or 'local'")
@@ -150,6 +153,14 @@ def check(config: Config, role_name: str | None = None) -> list[str]:
     problems += profile_problems(config)
     problems.append(_api_problem(config))
     return [problem for problem in problems if problem]
+
+
+def _bundled_problem(key: str, model: str | None) -> str | None:
+    """A bundled model (`bundled:base`) whose packages are not installed here, naming the install extra."""
+    from whisperdrop.shared.model_names import bundled_missing
+
+    missing = bundled_missing(model)
+    return f"At '{key}': {missing}" if missing else None
 
 
 def _api_problem(config: Config) -> str | None:

@@ -180,7 +180,7 @@ SCHEMA: dict[str, Any] = {
             str, "auto", "`auto`: a GPU host, falling back to the local CPU; `remote`: wait for a host; `local`: CPU only.",
             choices=("auto", "remote", "local"),
         ),
-        "model": Option(str, "bundled:tiny.en", "Model asked of the GPU host: a faster-whisper name (large-v3), a CTranslate2 folder, or bundled:tiny.en."),
+        "model": Option(str, "bundled:tiny.en", "Model asked of the GPU host: a faster-whisper name (large-v3), a CTranslate2 folder, or bundled:tiny.en (English only) or bundled:base (every language; the install extra base)."),
         "language": Option(str, None, "Language code (en, de, ...); null detects it.", nullable=True),
         "initial_prompt": Option(str, None, "Text that primes the model with your vocabulary and style.", nullable=True),
         "hotwords": Option(str, None, "Words to favour (names, jargon), space separated.", nullable=True),
@@ -229,6 +229,19 @@ SCHEMA: dict[str, Any] = {
         "local_below_seconds": _seconds(0.0, "Audio shorter than this is transcribed locally (0: off).", zero_ok=True),
         "retry_initial_seconds": _seconds(5.0, "First back-off after a host fails; doubles up to the maximum."),
         "retry_max_seconds": _seconds(300.0, "Longest back-off between probes of a failed host."),
+        "hand_back": Option(
+            bool, True, "Before a job falls back to the CPU, probe the hosts in back-off once; while a job runs on "
+            "the CPU as a fallback, hand it to a host that comes back when that finishes it sooner (docs/gpu-host.md).",
+        ),
+        "probe_interval": _seconds(
+            5.0, "Least seconds between two probes of a host that is down: every job about to fall back, and the "
+            "look for a host's return while a job runs on the CPU, share one probe per host.",
+        ),
+        "hand_back_margin": Option(
+            NUMBER, 1.5, "A fallback goes back to a returning host only when its remaining CPU time exceeds the "
+            "host's estimate (upload, queue, transcription) times this, by 10 s at least; 0: whenever one is back.",
+            check=_not_negative,
+        ),
         "heartbeat_max_age": _seconds(60.0, "A runner heartbeat older than this counts as no runner."),
         "poll_interval": _seconds(0.5, "First interval between result polls; backs off to 5 s."),
     },
@@ -392,7 +405,7 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def render_markdown_reference() -> str:
-    """The configuration reference table for the README, generated from SCHEMA (a test keeps them equal)."""
+    """The configuration reference table of docs/configuration.md, generated from SCHEMA (a test keeps them equal)."""
     rows = ["| key | default | what it does |", "|---|---|---|"]
 
     def emit(schema: dict, prefix: str) -> None:

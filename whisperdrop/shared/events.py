@@ -4,7 +4,7 @@
 `host.*`, `runner.*`...); a job's events carry `job_id` (the full 64-digit hex; a terminal shows 12)
 and, where the daemon knows it, `path` (relative to the inbox). Every structlog level also adds
 `event`, `level`, `ts` and `logger`; a logger may bind `host`. tests/test_events.py checks
-every `log.<level>("<event>", ...)` call in the package against this table, and that the README's
+every `log.<level>("<event>", ...)` call in the package against this table, and that docs/logs.md's
 event table is `markdown()` of the daemon's events: `python -m whisperdrop.shared.events` prints it.
 """
 
@@ -49,7 +49,7 @@ EVENTS: dict[str, Event] = {
     "stage.submit": _daemon("job_id host", "The job document written on the GPU host."),
     "stage.checksum_mismatch": _daemon("job_id host action", "The runner found the uploaded audio damaged; it is sent again."),
     "transcribe.resumed": _daemon("job_id done_s total_s chunks", "A local transcription stopped part way goes on: its first `done_s` s (`chunks` chunks or windows) are taken from its checkpoint, not decoded again."),
-    "stage.transcribe": _daemon("job_id path route host device model duration_s seconds rtf fallback_reason language bytes recovered language_warning", "Transcribed (`rtf`: seconds per audio second); a warning when an English-only model heard another language."),
+    "stage.transcribe": _daemon("job_id path route host device model duration_s seconds rtf fallback_reason language bytes recovered language_warning returned_to", "Transcribed (`rtf`: seconds per audio second); a warning when an English-only model heard another language; `returned_to` for a fallback handed back to a GPU host."),
     "stage.outbox": _daemon("job_id path output formats already_written after_success seconds", "Outputs written for one source."),
     "job.progress": _daemon("job_id path percent done_s duration_s", "Every `logging.progress_seconds` while a longer transcription runs."),
     "job.done": _daemon("job_id path route host duration_s total_s fallback_reason bytes_source bytes_sent timings cached_from api", "One source done (`cached_from`: served from an earlier run; `api`: an HTTP API request's upload)."),
@@ -75,14 +75,17 @@ EVENTS: dict[str, Event] = {
     "api.unavailable": _daemon("listen error", "The HTTP API could not listen (address in use, not allowed); the daemon does not start."),
     "api.request": _daemon("method path status seconds client", "One HTTP request answered (a refused one is `api.rejected`)."),
     "api.error": _daemon("method path error", "A request ended in an unexpected error (500); the traceback follows in the log."),
+    "api.detect_unavailable": _daemon("model error", "`/detect-language` could not load the model that detects (it answers 503; `error` says why)."),
     "api.server": _daemon("message source suppressed", "A warning from the HTTP server itself, each message at most once a minute (`suppressed`: the same ones left out since)."),
     "api.rejected": _daemon("reason status client method path detail count seconds", "What a client did wrong (wrong host or origin, no token, too large, too slow, too many...): the first of a `reason` at once, then one line a minute with the `count` in the last `seconds`; never a traceback."),
     "api.uploads_swept": _daemon("removed reason", "Uploads stored by requests that were cut before they became jobs, removed at start."),
     # routes and hosts
     "route.fallback": _daemon("job_id reason", "A job meant for a GPU host runs locally; `reason` says why."),
     "route.waiting_for_host": _daemon("job_id reason retry_in_s waited_s", "No host usable and no local fallback: waiting."),
+    "route.handback": _daemon("job_id path host local_s done_s duration_s local_remaining_s estimate_s returned_to fallback_reason", "A job on the CPU as a fallback stopped at a checkpoint boundary and goes to a GPU host that came back (`local_remaining_s` against the host's `estimate_s`)."),
     "host.down": _daemon("host failures retry_in_s error hint", "A GPU host failed; backed off."),
-    "host.up": _daemon("host after_failures", "A GPU host answers again."),
+    "host.probe": _daemon("host ok seconds error watching", "A look at a GPU host that is down (shared by every job that needs it; `watching`: fallbacks on the CPU watching for its return)."),
+    "host.up": _daemon("host after_failures found_by", "A GPU host answers again (`found_by`: probe, when a probe found it back)."),
     "host.health_snapshot_failed": _daemon("error", "The hosts' health could not be written for `status`."),
     "remote.poll_failed": _daemon("job_id host error", "Polling a job's state on a host failed; tried again."),
     "remote.abandoned": _daemon("job_id host cleaned error note", "A job given up on a host (fallback or timeout); its remote files removed."),
@@ -165,7 +168,7 @@ ALWAYS = ("exc_info", "stack_info")  # structlog's own keywords, allowed on ever
 
 
 def markdown(log: str = "daemon") -> str:
-    """The table of `log`'s events (daemon or runner) as Markdown, as the README shows it."""
+    """The table of `log`'s events (daemon or runner) as Markdown, as docs/logs.md shows it."""
     lines = ["| event | fields | says |", "|---|---|---|"]
     for name, event in EVENTS.items():
         if event.log == log:

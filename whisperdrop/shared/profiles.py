@@ -189,47 +189,60 @@ def plan(config: Any, *, relpath: str | None = None, profile: str | None = None,
     """The Plan of one job: `transcription`, then the profile named `profile` (else the first whose
     globs match `relpath`, else none), then `overrides` (a request's own options). `planned` is the
     router's `planned_options` (the local model where every job runs here). Raises ProfileError for
-    an unknown profile name, a bad override, or translate with an English-only model."""
+    an unknown profile name, a bad override, or what an English-only model cannot do (translate, a
+    language other than English: `capability_problem`)."""
     chosen = find(config, profile) if profile is not None else (match(config, relpath) if relpath is not None else None)
     options = base_options(config)
     if chosen is not None:
         options = apply(options, {key: chosen.get(key) for key in OVERRIDE_KEYS}, f"profile {chosen['name']!r}")
     options = planned(apply(options, overrides, "options"))
-    problem = translate_problem(options)
+    problem = capability_problem(options)
     if problem:  # the engine would refuse it at job time; a request hears it now
-        raise ProfileError(problem, hint="name a multilingual model, or transcribe instead of translate")
+        raise ProfileError(problem, hint="name a multilingual model, or drop the language or task it cannot do")
     return Plan(options=options, formats=formats_of(config, chosen, overrides),
                 profile=chosen["name"] if chosen is not None else None)
 
 
-# translation needs a multilingual model
+# translation and languages other than English need a multilingual model
 
 
-def translate_problem(options: TranscribeOptions) -> str | None:
-    """Why `options` cannot be done (translate with an English-only model), with the fix; else None."""
-    if options.task == "translate" and english_only(options.model):
+def capability_problem(options: TranscribeOptions, english_only_model: bool | None = None) -> str | None:
+    """Why `options` cannot be done by its model, with the fix: translate, or a `language` other than
+    English, with an English-only model (judged from the model's name unless `english_only_model`
+    says); else None. Such a model would transcribe instead of translating, and write
+    English-sounding nonsense labelled `en` for German."""
+    if not (english_only(options.model) if english_only_model is None else english_only_model):
+        return None
+    if options.task == "translate":
         return (f"model {options.model} is English-only and cannot translate; use a multilingual model "
                 f"({MULTILINGUAL_MODELS}) to translate")
+    if options.language not in (None, "en"):
+        return (f"model {options.model} is English-only and cannot transcribe language {options.language!r}; use a "
+                f"multilingual model ({MULTILINGUAL_MODELS}), or leave language empty (or en) for English speech")
     return None
 
 
 def check(config: Any) -> list[str]:
-    """Problems of the `profiles` section and the translate task that the schema cannot see, each with
-    its key path: a glob that can never match, and `translate` where the model that would do it is
-    English-only (the configured model, a profile's, or `local.model` where every job runs here)."""
+    """Problems of the `profiles` section and of what a model cannot do that the schema cannot see,
+    each with its key path: a glob that can never match, and translate or a language other than
+    English where the model that would do it is English-only (the configured model, a profile's, or
+    `local.model` where every job runs here)."""
     problems = []
     local_only = config.transcription.provider == "local" or not config.remote.hosts
     base = base_options(config)
 
-    def translate_check(where: str, options: TranscribeOptions) -> None:
+    def capability_check(where: str, options: TranscribeOptions) -> None:
         model = config.local.model if local_only else options.model
-        if options.task == "translate" and english_only(model):
+        problem = capability_problem(dataclasses.replace(options, model=model))
+        if problem:
             fix = ("local.model: every job runs on this machine" if local_only
                    else f"{where}.model" if where.startswith("profiles") else "transcription.model")
-            problems.append(f"At '{where}': task translate with {model}, which is English-only and cannot "
-                            f"translate; set a multilingual model ({MULTILINGUAL_MODELS}) in {fix}")
+            asked = "task translate" if options.task == "translate" else f"language {options.language!r}"
+            problems.append(f"At '{where}': {asked} with {model}, which is English-only; set a multilingual model "
+                            f"({MULTILINGUAL_MODELS}) in {fix}" + (
+                                f", or remove {where}.language" if options.task != "translate" else ""))
 
-    translate_check("transcription", base)
+    capability_check("transcription", base)
     for index, profile in enumerate(profiles(config)):
         for number, pattern in enumerate(profile.get("match") or []):
             problem = glob_problem(pattern)
@@ -240,5 +253,5 @@ def check(config: Any) -> list[str]:
         except ProfileError as error:
             problems.append(f"At 'profiles[{index}]': {error}")
             continue
-        translate_check(f"profiles[{index}]", options)
+        capability_check(f"profiles[{index}]", options)
     return problems

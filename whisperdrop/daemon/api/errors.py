@@ -86,15 +86,15 @@ def install(app: FastAPI) -> None:
             problems.append(f"{field}: {message}")
         first = _field(tuple((error.errors() or [{}])[0].get("loc") or ()))
         return response(422, "bad or missing field(s): " + "; ".join(problems) + f" (see {request.url.path} in "
-                        "README, HTTP API)", param=first, code="invalid_field")
+                        "docs/api.md)", param=first, code="invalid_field")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         message = str(error.detail)
         if error.status_code == 404:
-            message = f"no such endpoint: {request.method} {request.url.path}; see README, HTTP API"
+            message = f"no such endpoint: {request.method} {request.url.path}; see docs/api.md"
         elif error.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}; see README, HTTP API"
+            message = f"{request.method} is not allowed on {request.url.path}; see docs/api.md"
         return response(error.status_code, message, code=getattr(error, "code", None),
                         headers=getattr(error, "headers", None))
 

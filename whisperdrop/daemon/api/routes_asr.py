@@ -1,6 +1,7 @@
 """whisper-asr-webservice's `POST /asr` and `POST /detect-language`, as Bazarr's Whisper provider
 calls them: the file as `audio_file`, options as query parameters, and with `encode=false` the audio
-sent as raw 16 kHz mono 16-bit PCM (stored as WAV here)."""
+sent as raw 16 kHz mono 16-bit PCM (stored as WAV here). `/detect-language` makes no job: it reads
+the upload's first speech only (`detect`)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,12 @@ async def asr(
 
 @router.post("/detect-language")
 async def detect_language(request: Request, audio_file: UploadFile = File(...), encode: bool = Query(True)) -> JSONResponse:
-    """{"detected_language": name, "language_code": code}: the language the transcription found (the
-    upload is transcribed as a job with language detection; nothing goes to the outbox)."""
-    service = service_of(request)
-    accepted = await service.accept(audio_file, Asked(language="auto", outbox=False), raw_pcm=not encode)
-    result, extra = await service.finish(accepted)
-    code = result.get("language") or "en"
-    return JSONResponse({"detected_language": formats.language_name(code), "language_code": code,
-                         "language_probability": result.get("language_probability"), "job_id": extra["job_id"]})
+    """{"detected_language": name, "language_code": code} (and its probability, the model that judged
+    it, and `language_warning` when doubtful), from the upload's first speech only (see `detect`):
+    no job is made, nothing goes to the outbox."""
+    answer = await service_of(request).detect_language(audio_file, raw_pcm=not encode)
+    body = {"detected_language": formats.language_name(answer.code), "language_code": answer.code,
+            "language_probability": answer.probability, "model": answer.model}
+    if answer.warning:
+        body["language_warning"] = answer.warning
+    return JSONResponse(body)

@@ -23,7 +23,7 @@ from whisperdrop.daemon.api.errors import ApiError
 from whisperdrop.daemon.api.formats import language_code
 from whisperdrop.daemon.api.overview import host_state
 from whisperdrop.shared import log
-from whisperdrop.shared.profiles import ProfileError, translate_problem
+from whisperdrop.shared.profiles import ProfileError, capability_problem
 
 OPENAI_MODEL_ALIASES = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe", "default")
 
@@ -67,6 +67,7 @@ class ApiService:
         self.limit = int(float(config.api.max_upload_mb) * 1_000_000)
         self.figures: Callable[[], dict] | None = None  # the server's bounds and their use (ApiServer.figures)
         self.log = log.get("api")
+        self._detector: tuple[Any, asyncio.Lock] | None = None   # /detect-language's engine, made on first use
 
     # options
 
@@ -122,15 +123,22 @@ class ApiService:
                 overrides["temperature"] = float(asked.temperature)
         try:
             planned = self.pipeline.plan(profile=asked.profile or None, overrides=overrides)
-        except ProfileError as error:  # an unknown profile, or translate with an English-only model
-            message = str(error)
-            if "translate" in message:
-                raise ApiError(400, message, param="task", code="translate_unsupported") from None
-            raise ApiError(400, message, param="profile" if "profile" in message else None) from None
-        problem = translate_problem(planned.options)
+        except ProfileError as error:  # an unknown profile, or what an English-only model cannot do
+            raise self._refusal(str(error)) from None
+        problem = capability_problem(planned.options)
         if problem:
-            raise ApiError(400, problem, param="task", code="translate_unsupported")
+            raise self._refusal(problem)
         return planned
+
+    @staticmethod
+    def _refusal(message: str) -> ApiError:
+        """The 400 for options that cannot be planned, naming the parameter: `task` for translate and
+        `language` for a language an English-only model cannot do (each with its code), else `profile`."""
+        if "cannot translate" in message:
+            return ApiError(400, message, param="task", code="translate_unsupported")
+        if "cannot transcribe language" in message:
+            return ApiError(400, message, param="language", code="language_unsupported")
+        return ApiError(400, message, param="profile" if "profile" in message else None)
 
     # one upload
 
@@ -232,6 +240,52 @@ class ApiService:
         return {"job_id": result.get("job_id") or job.job_id, "route": executed.get("route") or job.route,
                 "host": executed.get("host"), "fallback_reason": result.get("fallback_reason"),
                 "model": result.get("model"), "duration": result.get("duration"), "profile": result.get("profile")}
+
+    # /detect-language
+
+    async def detect_language(self, upload: Any, *, raw_pcm: bool = False) -> Any:
+        """The language of `upload` from its first speech (`detect.detect_upload`): stored under
+        state_dir, checked as media, extracted and detected in a worker thread (one at a time),
+        removed. No job is made.
+        Raises ApiError: 413, 415, 422 (only an English-only model here and the speech not English),
+        503 (the model that detects cannot load)."""
+        from whisperdrop.daemon.api import detect
+        from whisperdrop.daemon.extract import MediaError
+        from whisperdrop.engine.engine import Engine, EngineError
+
+        if upload is None or not hasattr(upload, "file"):
+            raise ApiError(422, "no file in the request: send the audio as a multipart file field", code="no_file")
+        loop = asyncio.get_running_loop()
+        io = self.pipeline.context.io
+        try:
+            stored = await loop.run_in_executor(io, lambda: uploads.store(
+                upload.file, self.state_dir, upload.filename, self.limit, raw_pcm=raw_pcm, write_outbox=False))
+        except uploads.TooLarge as error:
+            raise ApiError(413, f"{error}; send a smaller file, or raise api.max_upload_mb in config.yaml",
+                           code="too_large") from None
+        try:
+            await loop.run_in_executor(io, uploads.probe, stored.path, upload.filename)
+            if self._detector is None:
+                self._detector = (Engine(max_models=1), asyncio.Lock())
+            engine, lock = self._detector
+            async with lock:
+                return await asyncio.to_thread(detect.detect_upload, engine, stored.path, self.config.local,
+                                               self.config.audio.bitrate_kbps)
+        except uploads.NotMedia as error:
+            raise ApiError(415, str(error), param="file", code="not_media") from None
+        except MediaError as error:
+            shown = upload.filename or "the upload"   # the daemon's own paths stay its own
+            raise ApiError(415, f"{shown}: {error.reason.replace(str(stored.path), shown)}", param="file",
+                           code="not_media") from None
+        except detect.Undetectable as error:
+            raise ApiError(422, str(error), code="language_undetectable") from None
+        except EngineError as error:   # its message may name the daemon's folders: those stay in its log
+            model = detect.detector_model(self.config.local.model) or self.config.local.model
+            self.log.error("api.detect_unavailable", model=model, error=str(error))
+            raise ApiError(503, f"cannot detect the language: the model that detects ({model}) cannot load here; "
+                                "`whisperdrop doctor` on the daemon's machine says why", code="model_unavailable") from None
+        finally:
+            await loop.run_in_executor(io, uploads.remove, self.state_dir, stored.relpath)
 
     # asynchronous jobs and health
 
