@@ -42,7 +42,9 @@ def drop(daemon: Daemon, source: Path, relative: str) -> Path:
 def wait_result(daemon: Daemon, relative_json: str, timeout: float = 90) -> dict:
     path = daemon.outbox / relative_json
     daemon.wait_for(path.exists, timeout=timeout, what=str(path))
-    return json.loads(path.read_text())
+    result = json.loads(path.read_text())
+    assert_segments_in_order(result.get("segments") or [], str(path))  # every route keeps the invariant (issue 30)
+    return result
 
 
 

@@ -26,7 +26,6 @@ from media import JFK, JFK_TEXT, concat_speech, speech_with_pauses
 from transcripts import assert_segments_in_order, missing_words
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
-from transcripts import assert_segments_in_order
 
 from whisperdrop.daemon.extract import extract
 from whisperdrop.engine.engine import Engine, EngineError
