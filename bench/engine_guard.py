@@ -1,9 +1,9 @@
 """Engine (issue 21): what the repetition guard costs, measured by `bench_engine` beside its other rows.
 
-Batched decoding decodes a chunk again, alone, at faster-whisper's fallback temperatures when its
-text loops or is a guess (`whisperdrop.engine.batched.needs_fallback`). This compares whisperdrop's default
-transcription with the guard and without it (`needs_fallback` answering no), in rounds of rotating
-order on one loaded model, on three files:
+Batched decoding decodes a chunk again at faster-whisper's fallback temperatures when its text
+loops or is a guess (`whisperdrop.engine.guard.needs_fallback`; a batch's flagged chunks together).
+This compares whisperdrop's default transcription with the guard and without it (`needs_fallback`
+answering no), in rounds of rotating order on one loaded model, on three files:
 
 - the engine benchmark's long English file (its word error rate with and without);
 - jfk.flac said 25 times with 1 s between (5 minutes; 5 times in quick mode): speech that merely
@@ -28,7 +28,7 @@ from corpus import RATE, Speech, jfk
 from daemon_helpers import write_wav
 
 from whisperdrop.daemon.extract import extract
-from whisperdrop.engine import batched
+from whisperdrop.engine import guard as engine_guard
 
 SECTION = "engine"
 
@@ -37,18 +37,18 @@ SECTION = "engine"
 def guard(enabled: bool, decoded_again: list[int]) -> Iterator[None]:
     """Within it, batched decoding runs with the repetition guard or without; each chunk it decodes
     again appends 1 to `decoded_again`."""
-    check, fallback = batched.needs_fallback, batched.BatchDecoder._fallback
+    check, fallback = engine_guard.needs_fallback, engine_guard.decode_again
 
-    def counted(self, *args):
-        decoded_again.append(1)
-        return fallback(self, *args)
+    def counted(model, tokenizer, options, encoder_output, flagged):
+        decoded_again.extend([1] * len(flagged))
+        return fallback(model, tokenizer, options, encoder_output, flagged)
 
-    batched.needs_fallback = check if enabled else (lambda output, speech_seconds: False)
-    batched.BatchDecoder._fallback = counted
+    engine_guard.needs_fallback = check if enabled else (lambda output, speech_seconds: False)
+    engine_guard.decode_again = counted
     try:
         yield
     finally:
-        batched.needs_fallback, batched.BatchDecoder._fallback = check, fallback
+        engine_guard.needs_fallback, engine_guard.decode_again = check, fallback
 
 
 def repeated_jfk(folder: Path, times: int) -> Speech:

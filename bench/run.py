@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import REPO, Context, Row, markdown, write_json  # noqa: E402
 
 SECTIONS = ["bandwidth", "extraction", "upload", "resume", "end_to_end", "engine", "footprint", "engine_long", "models",
-            "languages", "handback"]
+            "languages", "handback", "pauses"]
 
 
 def main() -> int:

@@ -18,6 +18,7 @@ from openai import OpenAI
 
 from daemon_helpers import Daemon, jfk_pcm, jfk_reference, word_error_rate, write_variant_wav, write_wav
 from media import JFK
+from transcripts import assert_segments_in_order
 
 REQUEST_TIMEOUT_S = 300  # a generous bound: two cores shared by several test runs
 
@@ -83,6 +84,7 @@ def test_transcribe_contract_health_and_one_transcription(daemon):
     assert word_error_rate(jfk_reference(), first["text"]) < 0.2
     assert first["language"] == "en" and first["segments"]
     assert all(set(segment) == {"start", "end", "text"} for segment in first["segments"])
+    assert_segments_in_order(first["segments"])
     assert first["route"] == "local" and first["outbox"] == "api/jfk"
     assert (daemon.outbox / "api" / "jfk.json").exists() and (daemon.outbox / "api" / "jfk.srt").exists()
 
@@ -164,6 +166,7 @@ def test_openai_sdk_json_verbose_words_srt_and_vtt(daemon):
         assert len(verbose.words) >= 20 and verbose.words[0].word.strip() == "And"
         assert all(word.start <= word.end for word in verbose.words)
         assert verbose.segments and verbose.segments[0].id == 0 and verbose.segments[-1].end <= 11.1
+        assert_segments_in_order(verbose.segments, "verbose_json")
         for segment in verbose.segments:
             assert segment.tokens and all(isinstance(token, int) for token in segment.tokens)
             assert segment.temperature == 0.0 and segment.avg_logprob < 0 and segment.compression_ratio > 0

@@ -10,6 +10,7 @@ import httpx
 from daemon_helpers import Daemon, jfk_reference, word_error_rate
 from media import JFK
 from test_api import REQUEST_TIMEOUT_S, free_port
+from transcripts import assert_segments_in_order
 
 
 def dead_host() -> dict:
@@ -45,6 +46,7 @@ def test_async_job_survives_restart(tmp_path):
         view = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
         assert view["route"] == "local" and word_error_rate(jfk_reference(), view["result"]["text"]) < 0.2
         assert view["result"]["segments"][0]["words"]
+        assert_segments_in_order(view["result"]["segments"])
         assert (resumed.outbox / "api" / "talk.json").exists()
     finally:
         assert resumed.stop() == 0

@@ -14,6 +14,7 @@ import threading
 import numpy
 import pytest
 from daemon_helpers import jfk_reference, speech_at, word_error_rate
+from transcripts import assert_segments_in_order
 
 from whisperdrop.engine import checkpoint as checkpoints
 from whisperdrop.engine.chunks import Chunk, ChunkSource
@@ -55,6 +56,8 @@ class StopAfter(checkpoints.Checkpoint):
 
 
 def _times(result: dict) -> list:
+    """The Result's segments and words with their times (after checking the segments keep their order)."""
+    assert_segments_in_order(result["segments"])
     return [(segment["start"], segment["end"], segment["text"],
              [(word["start"], word["end"], word["word"]) for word in segment["words"]])
             for segment in result["segments"]]

@@ -9,12 +9,15 @@ import shutil
 
 import pytest
 from daemon_helpers import Daemon, json_lines, write_speech_wav
+from transcripts import assert_segments_in_order
 
 from whisperdrop.engine.engine import Engine
 from whisperdrop.shared.spool import TranscribeOptions
 
 
 def _times(result: dict) -> list:
+    """The Result's segments and words with their times (after checking the segments keep their order)."""
+    assert_segments_in_order(result["segments"])
     return [(segment["start"], segment["end"], segment["text"],
              [(word["start"], word["end"], word["word"]) for word in segment["words"]])
             for segment in result["segments"]]

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from daemon_helpers import jfk_reference, word_error_rate
-from media import JFK
+from media import JFK, speech_with_pauses
+from transcripts import assert_segments_in_order, missing_words
 
 
 def whisperdrop(*arguments: str, cwd) -> subprocess.CompletedProcess:
@@ -21,8 +22,24 @@ def test_transcribe_writes_outputs_and_leaves_the_source(tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "out" / "jfk.json").read_text())
     assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
+    assert_segments_in_order(result["segments"])
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["jfk.json", "jfk.srt", "jfk.txt", "jfk.vtt"]
     assert JFK.exists() and "jfk.json" in done.stdout  # the result on stdout; progress and messages on stderr
+
+
+def test_transcribe_keeps_the_words_after_pauses(tmp_path):
+    """`transcribe` on speech with mid-sentence pauses (jfk with its pause after "my fellow Americans," a
+    second longer, said twice; espeak-ng sentences broken by a second of silence, the rest fading in):
+    every word said is in the Result, and its segments keep their order (issue 30: batched decoding lost
+    the word after the pause)."""
+    recordings = speech_with_pauses(tmp_path)
+    done = whisperdrop("transcribe", *(str(path) for path, _ in recordings.values()), "-o", str(tmp_path / "out"),
+                       "--format", "json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name, (_, text) in recordings.items():
+        result = json.loads((tmp_path / "out" / f"{name}.json").read_text())
+        assert missing_words(text, result["text"]) == [], (name, result["text"])
+        assert_segments_in_order(result["segments"], name)
 
 
 def test_transcribe_fails_nonzero_on_a_bad_file(tmp_path):

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from daemon_helpers import Daemon, jfk_reference, wait_failed, word_error_rate, write_variant_wav
-from media import JFK, make_clip, make_text_as_mp3, make_truncated_mp4, make_video_without_audio
+from media import JFK, make_clip, make_text_as_mp3, make_truncated_mp4, make_video_without_audio, speech_with_pauses
 from sshd import skip_or_fail
+from transcripts import assert_segments_in_order, missing_words
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,9 @@ def drop(daemon: Daemon, source: Path, relative: str) -> Path:
 def wait_result(daemon: Daemon, relative_json: str, timeout: float = 90) -> dict:
     path = daemon.outbox / relative_json
     daemon.wait_for(path.exists, timeout=timeout, what=str(path))
-    return json.loads(path.read_text())
+    result = json.loads(path.read_text())
+    assert_segments_in_order(result.get("segments") or [], str(path))  # every route keeps the invariant (issue 30)
+    return result
 
 
 
@@ -53,6 +56,7 @@ def test_jfk_flac_gives_all_outputs_and_is_archived(daemon):
     assert result["schema"] == "whisperdrop.result/1"
     assert result["executed_on"]["route"] == "local" and result["language"] == "en"
     assert all(segment["words"] for segment in result["segments"])
+    assert_segments_in_order(result["segments"])
     first_word = result["segments"][0]["words"][0]
     assert 0 <= first_word["start"] < first_word["end"] <= result["duration"] + 0.5
     assert result["source"]["path"] == "jfk.flac" and result["source"]["size"] == JFK.stat().st_size
@@ -65,6 +69,21 @@ def test_jfk_flac_gives_all_outputs_and_is_archived(daemon):
     # A move is link, fsync, unlink: wait until the source has left the inbox too.
     daemon.wait_for(lambda: (daemon.archive / "jfk.flac").exists() and not (daemon.inbox / "jfk.flac").exists(),
                     what="archive/jfk.flac, and the inbox without it")
+
+
+def test_words_after_pauses_are_kept_on_the_daemons_default_path(daemon, tmp_path):
+    """Speech with mid-sentence pauses (jfk with its pause after "my fellow Americans," a second longer,
+    said twice; espeak-ng sentences broken by a second of silence, the rest fading in) dropped in: every
+    word said is in the Result, and its segments keep their order (issue 30: batched decoding lost the
+    word after the pause)."""
+    recordings = speech_with_pauses(tmp_path)
+    for name, (path, _) in recordings.items():
+        drop(daemon, path, f"{name}.wav")
+    for name, (_, text) in recordings.items():
+        result = wait_result(daemon, f"{name}.json")
+        assert result["executed_on"]["route"] == "local"
+        assert missing_words(text, result["text"]) == [], (name, result["text"])
+        assert_segments_in_order(result["segments"], name)
 
 
 @pytest.mark.parametrize("container", ["wav", "mp3", "mp4"])

@@ -8,6 +8,7 @@ import pytest
 
 from daemon_helpers import jfk_reference, word_error_rate
 from media import JFK
+from transcripts import assert_segments_in_order
 from whisperdrop.engine.engine import Cancelled, Engine, EngineError, ModelKey, resolve_model_path
 from whisperdrop.shared.spool import RESULT_SCHEMA, TranscribeOptions
 
@@ -26,6 +27,7 @@ def test_bundled_model_transcribes_jfk_with_words_and_language(engine, batch_siz
                                progress=lambda done, total: progress.append((done, total)))
     assert result["schema"] == RESULT_SCHEMA and result["language"] == "en"
     assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
+    assert_segments_in_order(result["segments"], f"batch_size {batch_size}")
     for segment in result["segments"]:
         assert segment["words"]
         assert segment["start"] - 0.5 <= segment["words"][0]["start"] <= segment["words"][-1]["end"] <= segment["end"] + 0.5
@@ -41,6 +43,7 @@ def test_options_reach_the_model(engine):
     result = engine.transcribe(JFK, options)
     assert word_error_rate(jfk_reference(), result["text"]) <= 0.10
     assert all(segment["words"] == [] for segment in result["segments"])
+    assert_segments_in_order(result["segments"])
     assert result["options"]["initial_prompt"] == "Kennedy inaugural address."
 
 

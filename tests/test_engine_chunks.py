@@ -13,7 +13,7 @@ from faster_whisper.audio import decode_audio
 from faster_whisper.vad import collect_chunks, get_speech_timestamps
 
 from whisperdrop.engine import chunks as chunks_module
-from whisperdrop.engine.chunks import BLOCK_SECONDS, SAMPLE_RATE, ChunkSource, SpeechFinder, vad_options
+from whisperdrop.engine.chunks import BLOCK_SECONDS, ONSET_PAD_SECONDS, SAMPLE_RATE, ChunkSource, SpeechFinder, vad_options
 from whisperdrop.shared.files import Cancelled
 
 RATE = SAMPLE_RATE
@@ -43,18 +43,26 @@ def test_streaming_vad_finds_the_same_spans_as_faster_whisper_on_the_whole_array
         assert spans == whole, f"block of {block} samples"
 
 
-def test_chunks_are_faster_whispers_chunks_and_map_back_to_the_source(sparse_speech):
-    """With the VAD filter, chunks hold what faster-whisper's collect_chunks holds, and each piece is the source's samples."""
+def test_chunks_are_faster_whispers_chunks_with_more_of_each_pause_before_speech(sparse_speech):
+    """With the VAD filter, chunks hold what faster-whisper's collect_chunks holds of the VAD's spans with
+    each span begun ONSET_PAD_SECONDS earlier (never before the span before it ends), and each piece is
+    the source's samples; with no onset pad, exactly faster-whisper's chunks."""
     path, _ = sparse_speech
     audio = decode_audio(str(path))
-    reference, _ = collect_chunks(audio, get_speech_timestamps(audio, vad_options()), max_duration=30)
-    chunks = list(ChunkSource(path))
-    assert [len(chunk.audio) for chunk in chunks] == [len(expected) for expected in reference]
-    for chunk, expected in zip(chunks, reference):
-        assert numpy.array_equal(chunk.audio, expected)
-        assert chunk.duration <= 30.0
-        for position, source, length in chunk.pieces:
-            assert numpy.array_equal(chunk.audio[position:position + length], audio[source:source + length])
+    spans = get_speech_timestamps(audio, vad_options())
+    for pad in (0.0, ONSET_PAD_SECONDS):
+        padded, previous_end = [], 0
+        for span in spans:
+            padded.append({"start": max(span["start"] - int(pad * RATE), previous_end), "end": span["end"]})
+            previous_end = span["end"]
+        reference, _ = collect_chunks(audio, padded, max_duration=30)
+        chunks = list(ChunkSource(path, onset_pad=pad))
+        assert [len(chunk.audio) for chunk in chunks] == [len(expected) for expected in reference], pad
+        for chunk, expected in zip(chunks, reference):
+            assert numpy.array_equal(chunk.audio, expected)
+            assert chunk.duration <= 30.0
+            for position, source, length in chunk.pieces:
+                assert numpy.array_equal(chunk.audio[position:position + length], audio[source:source + length])
 
 
 def test_no_chunk_boundary_falls_inside_speech_even_across_a_block_boundary(sparse_speech):

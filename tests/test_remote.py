@@ -22,6 +22,7 @@ from daemon_helpers import Daemon, jfk_reference, word_error_rate, write_variant
 from media import JFK, concat_speech
 from netns import NetNamespace
 from sshd import keygen, require_root_and_sshd, skip_or_fail
+from transcripts import assert_segments_in_order
 
 TESTS = Path(__file__).resolve().parent
 
@@ -88,7 +89,9 @@ class RunnerProcess:
 def result_of(daemon: Daemon, stem: str, timeout: float = 120) -> dict:
     path = daemon.outbox / f"{stem}.json"
     daemon.wait_for(path.exists, timeout=timeout, what=str(path))
-    return json.loads(path.read_text())
+    result = json.loads(path.read_text())
+    assert_segments_in_order(result.get("segments") or [], str(path))  # every route keeps the invariant (issue 30)
+    return result
 
 
 @pytest.fixture

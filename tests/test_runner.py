@@ -22,13 +22,15 @@ from pathlib import Path
 import jiwer
 import pytest
 from daemon_helpers import json_lines
-from media import JFK, JFK_TEXT, concat_speech
+from media import JFK, JFK_TEXT, concat_speech, speech_with_pauses
+from transcripts import assert_segments_in_order, missing_words
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from whisperdrop.daemon.extract import extract
 from whisperdrop.engine.engine import Engine, EngineError
 from whisperdrop.gpu_runner import Runner
+from whisperdrop.shared import config
 from whisperdrop.shared.spool import RESULT_SCHEMA, TranscribeOptions, dumps, make_job_document
 
 TINY = TranscribeOptions(model="bundled:tiny.en")
@@ -207,6 +209,7 @@ def test_step_transcribes_a_job_and_publishes_its_result(spool, engine, jfk_opus
     assert result["executed_on"]["compute_type"] == "int8" and result["executed_on"]["gpu"] is None
     assert result["timings"]["queue_s"] >= 2 and result["timings"]["transcribe_s"] > 0
     assert result["segments"] and result["segments"][0]["words"]
+    assert_segments_in_order(result["segments"])
     assert progress in recorder.paths
     assert not (spool / "progress" / f"{job}.json").exists()
     assert list((spool / "work").iterdir()) == []
@@ -219,6 +222,24 @@ def test_step_transcribes_a_job_and_publishes_its_result(spool, engine, jfk_opus
     assert 10.5 < beat["audio_seconds_done"] < 11.5 and beat["transcribe_seconds_done"] > 0
     assert beat["pid"] == os.getpid() and beat["device"] == "cpu" and beat["version"]
     assert {"model": "bundled:tiny.en", "device": "cpu", "compute_type": "int8"} in beat["models_loaded"]
+
+
+def test_words_after_pauses_are_kept_on_the_runners_default_path(spool, engine, tmp_path):
+    """Speech with mid-sentence pauses (jfk with its pause after "my fellow Americans," a second longer,
+    said twice; espeak-ng sentences broken by a second of silence, the rest fading in), uploaded as the
+    daemon uploads it and transcribed by a runner with its default batch size: every word said is in the
+    Result, and its segments keep their order (issue 30: batched decoding lost the word after the pause)."""
+    runner = Runner(settings(spool, batch_size=config.defaults()["runner"]["batch_size"]), engine=engine)
+    jobs = {}
+    for name, (path, text) in speech_with_pauses(tmp_path).items():
+        audio = extract(path, path.with_suffix(".opus")).path.read_bytes()
+        jobs[submit(spool, audio, tag=name)] = (name, text)
+    while runner.step():
+        pass
+    for job, (name, text) in jobs.items():
+        result = read(spool / "results" / f"{job}.json")
+        assert missing_words(text, result["text"]) == [], (name, result["text"])
+        assert_segments_in_order(result["segments"], name)
 
 
 def test_a_job_already_done_is_not_transcribed_again(spool, engine, jfk_opus):

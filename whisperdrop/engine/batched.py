@@ -6,30 +6,34 @@ hand so that a short job finishes within a batch or two, asks `more` for further
 jobs than `batch_size` are in hand, and yields each job's outcome as soon as its last chunk is decoded.
 
 Each chunk is decoded exactly as faster-whisper's `BatchedInferencePipeline` decodes it (same features,
-prompt, beam search and word alignment), with three additions. A chunk whose text is a repetition
-loop or a guess (`needs_fallback`) is decoded again, alone, at faster-whisper's fallback temperatures,
-as its sequential decoding does (the batched pipeline decodes at temperature 0 only); unlike
-faster-whisper, text that repeats itself is taken for a loop only when the model is unsure of it or
-it comes faster than speech can, so speech that really repeats is not decoded again.
+prompt, beam search and word alignment), with four additions. A chunk whose text is a repetition
+loop or a guess is decoded again at faster-whisper's fallback temperatures (`guard`), the chunks of a
+batch that need it together. Words that word alignment puts in no time at all (a run of three or
+more, each under one 20 ms frame) are dropped: decoding without timestamps sometimes writes a
+sentence twice where the speech repeats itself (jfk said 25 times), and alignment squeezes the copy
+into an instant (`_squeezed`).
 Speech the model skipped (a run of VAD speech spans that no aligned word touches, 3 s or more: a
 batched pass sometimes stops early or jumps over a sentence) goes back in the queue as a chunk of its
 own for a later batch; and a chunk the model calls silence (no-speech probability over 0.6 with a
 log probability under -1) gives no text.
 Times come back to the source through the chunk's pieces, as `restore_speech_timestamps` does, and
-a segment whose words fall in different pieces is split there.
+a segment whose words fall in different pieces is split there. A job's segments are put together by
+`segments.assemble`: in order, never overlapping, never repeated, however its chunks were decoded.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy
 
-from whisperdrop.engine import checkpoint, language as languages
+from whisperdrop.engine import checkpoint, guard, language as languages
 from whisperdrop.engine.chunks import SAMPLE_RATE, Chunk, ChunkSource
+from whisperdrop.engine.guard import LOG_PROB_THRESHOLD, NO_SPEECH_THRESHOLD
+from whisperdrop.engine.segments import assemble
 from whisperdrop.shared.files import Cancelled
 from whisperdrop.shared.spool import TranscribeOptions
 
@@ -37,15 +41,8 @@ MAX_PASSES = 3                  # a stretch of speech is decoded at most this of
 MISSED_SPEECH = 3 * SAMPLE_RATE  # skipped speech this long (samples) is decoded again: a shorter stretch costs a whole
                                  # 30 s encoder pass and, alone, was decoded wrong (bench/README.md, issue 11 engine)
 COVERED = 0.2                   # a span counts as transcribed when aligned words cover this share of it
-NO_SPEECH_THRESHOLD = 0.6
-LOG_PROB_THRESHOLD = -1.0
-COMPRESSION_RATIO_THRESHOLD = 2.4  # text that zlib shrinks more than this repeats itself (faster-whisper's threshold)
-LOOP_LOG_PROB = -0.5            # ...and is a loop when the model is unsure of it, or when it comes faster than
-LOOP_TOKENS_PER_SECOND = 4.0    # this many tokens a second of the chunk's speech. Measured with tiny.en (docs/models.md):
-                                # jfk 25 times over, ratio 3.3-3.8 at -0.05 to -0.08 and 2.2-2.4 tokens/s, is speech that
-                                # repeats; loops on other languages ran at -0.99 or at 6.5-21 tokens/s
-FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)  # faster-whisper's after 0.0, sampling best_of 5
-
+SQUEEZED_WORDS = 3              # a run of this many words or more that word alignment gives less than
+SQUEEZED_SECONDS = 0.02         # this each (one feature frame) is text written twice: the words hold no audio
 Progress = Callable[[float, float], None]
 
 
@@ -95,7 +92,7 @@ class BatchDecoder:
         self.options = TranscriptionOptions(  # BatchedInferencePipeline.transcribe's
             beam_size=options.beam_size, best_of=5, patience=1, length_penalty=1, repetition_penalty=1,
             no_repeat_ngram_size=0, log_prob_threshold=LOG_PROB_THRESHOLD, no_speech_threshold=NO_SPEECH_THRESHOLD,
-            compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD, temperatures=[0.0],
+            compression_ratio_threshold=guard.COMPRESSION_RATIO_THRESHOLD, temperatures=[0.0],
             initial_prompt=options.initial_prompt, prefix=None,
             suppress_blank=True, suppress_tokens=get_suppressed_tokens(self.tokenizer, [-1]),
             prepend_punctuations="\"'“¿([{-", append_punctuations="\"'.。,，!！?？:：”)]}、", max_new_tokens=None,
@@ -103,7 +100,6 @@ class BatchDecoder:
             condition_on_previous_text=False, clip_timestamps=None, prompt_reset_on_temperature=0.5,
             multilingual=False, without_timestamps=True, max_initial_timestamp=0.0,
         )
-        self.fallback_options = replace(self.options, temperatures=list(FALLBACK_TEMPERATURES))
         self.frames = 0              # the private clock, in feature frames
         self.last_speech = 0.0
 
@@ -117,12 +113,16 @@ class BatchDecoder:
         model, tokenizer = self.model, self.tokenizer
         features = numpy.stack([pad_or_trim(model.feature_extractor(chunk.audio)[..., :-1]) for chunk in chunks])
         encoder_output, outputs = self.pipeline.generate_segment_batched(features, tokenizer, self.options)
+        flagged = {}
         for index, (chunk, output) in enumerate(zip(chunks, outputs)):
             output["temperature"] = 0.0
-            output["compression_ratio"] = compression_ratio(tokenizer.decode(output["tokens"]))
-            speech_seconds = _speech_seconds(chunk)
-            if needs_fallback(output, speech_seconds):
-                outputs[index] = self._fallback(features[index:index + 1], output, speech_seconds)
+            output["compression_ratio"] = guard.compression_ratio(tokenizer.decode(output["tokens"]))
+            seconds = guard.speech_seconds(chunk)
+            if guard.needs_fallback(output, seconds):
+                flagged[index] = (output, seconds)
+        if flagged:
+            for index, output in guard.decode_again(model, tokenizer, self.options, encoder_output, flagged).items():
+                outputs[index] = output
         segmented, sizes, offsets = [], [], []
         for chunk, output in zip(chunks, outputs):
             size = int(math.ceil(chunk.duration) * model.frames_per_second)
@@ -142,27 +142,6 @@ class BatchDecoder:
         return [self._to_source(chunk, output, pieces, offset)
                 for chunk, output, pieces, offset in zip(chunks, outputs, segmented, offsets)]
 
-    def _fallback(self, features: numpy.ndarray, first: dict, speech_seconds: float) -> dict:
-        """Decode one chunk's features again, alone, at FALLBACK_TEMPERATURES (faster-whisper's
-        `generate_with_fallback`: it stops at the first temperature whose text passes its checks).
-        Returns the output that passes, else the best of all tries with `first` (temperature 0)
-        among them: those under the compression ratio threshold first, then the highest average log
-        probability, as faster-whisper chooses. Sampling is random (CTranslate2 seeds each thread once):
-        such a chunk may read differently from one run to the next, as with sequential decoding."""
-        model, tokenizer, initial_prompt = self.model, self.tokenizer, self.options.initial_prompt
-        prompt = model.get_prompt(  # the prompt generate_segment_batched gave the whole batch
-            tokenizer, previous_tokens=tokenizer.encode(initial_prompt) if initial_prompt else [],
-            without_timestamps=True, hotwords=self.options.hotwords)
-        result, avg_logprob, temperature, ratio = model.generate_with_fallback(
-            model.encode(features), prompt, tokenizer, self.fallback_options)
-        again = {"tokens": result.sequences_ids[0], "avg_logprob": avg_logprob, "no_speech_prob": result.no_speech_prob,
-                 "temperature": temperature, "compression_ratio": ratio}
-        if not needs_fallback(again, speech_seconds):
-            return again
-        tries = [first, again]
-        return max([output for output in tries if output["compression_ratio"] <= COMPRESSION_RATIO_THRESHOLD] or tries,
-                   key=lambda output: output["avg_logprob"])
-
     def _to_source(self, chunk: Chunk, output: dict, pieces: list[dict], offset: float) -> _Decoded:
         if output["no_speech_prob"] > NO_SPEECH_THRESHOLD and output["avg_logprob"] < LOG_PROB_THRESHOLD:
             return _Decoded([], [])
@@ -171,12 +150,22 @@ class BatchDecoder:
                 "compression_ratio": round(float(output["compression_ratio"]), 4),
                 "no_speech_prob": round(float(output["no_speech_prob"]), 4)}
         segments, spoken = [], []
+        squeezed = _squeezed([word for piece in pieces for word in piece.get("words") or []])
+        counter = 0
         for piece in pieces:
             text = piece["text"]
+            words = piece.get("words") or []
+            kept = [word for index, word in enumerate(words, start=counter) if index not in squeezed]
+            counter += len(words)
+            if len(kept) < len(words):
+                if not kept:
+                    continue
+                text = "".join(word["word"] for word in kept)
+                piece = dict(piece, tokens=self.tokenizer.encode(text))
             if not text.strip():
                 continue
             runs: list[tuple[int, list[dict]]] = []   # words by the piece of the chunk they fall in
-            for word in piece.get("words") or []:
+            for word in kept:
                 word_start, word_end = word["start"] - offset, word["end"] - offset
                 spoken.append((word_start, word_end))
                 index = chunk.piece_index((word_start + word_end) / 2)
@@ -203,37 +192,31 @@ class BatchDecoder:
                                  "end": round(chunk.source_time(end, is_end=True), 3), "text": text,
                                  "tokens": tokens, **base, "words": []})
         missed = _missed(chunk, spoken) if self.options.word_timestamps else []
+        missed = [(start, end) for start, end in missed if chunk.part(start, end).pieces != chunk.pieces]  # the same audio
+        # at temperature 0 reads the same again: decoding the whole chunk again would only repeat its segments
         return _Decoded(segments, missed)
 
 
-def compression_ratio(text: str) -> float:
-    """How much zlib shrinks `text` (stripped, UTF-8): faster-whisper's measure of a repetition loop."""
-    from faster_whisper.transcribe import get_compression_ratio
-
-    text = text.strip()
-    return float(get_compression_ratio(text)) if text else 0.0
-
-
-def needs_fallback(output: dict, speech_seconds: float) -> bool:
-    """Whether a chunk's decoded `output` (tokens, avg_logprob, no_speech_prob, compression_ratio),
-    from a chunk holding `speech_seconds` of speech, is a guess or a repetition loop to decode again
-    at higher temperatures: an average log probability under LOG_PROB_THRESHOLD (faster-whisper's
-    rule), or a compression ratio over COMPRESSION_RATIO_THRESHOLD with an average log probability
-    under LOOP_LOG_PROB or more than LOOP_TOKENS_PER_SECOND tokens a second of speech. Never what the
-    model calls silence (no-speech probability over NO_SPEECH_THRESHOLD with a low log probability,
-    which gives no text)."""
-    unsure = output["avg_logprob"] < LOG_PROB_THRESHOLD
-    if unsure and output["no_speech_prob"] > NO_SPEECH_THRESHOLD:
-        return False
-    if output["compression_ratio"] <= COMPRESSION_RATIO_THRESHOLD:
-        return unsure
-    too_fast = len(output["tokens"]) > LOOP_TOKENS_PER_SECOND * speech_seconds
-    return unsure or output["avg_logprob"] < LOOP_LOG_PROB or too_fast
+def _squeezed(words: list[dict]) -> set[int]:
+    """Indexes of the `words` in runs of SQUEEZED_WORDS or more that alignment gives under SQUEEZED_SECONDS each."""
+    found: set[int] = set()
+    start = 0
+    while start < len(words):
+        end = start
+        while end < len(words) and words[end]["end"] - words[end]["start"] < SQUEEZED_SECONDS:
+            end += 1
+        if SQUEEZED_WORDS and end - start >= SQUEEZED_WORDS:
+            found.update(range(start, end))
+            if 0 < start and end < len(words) and _bare(words[start - 1]["word"]) == _bare(words[end]["word"]):
+                # the repeated stretch began or ended with a word that kept some time: one of the two goes too
+                before, after = words[start - 1], words[end]
+                found.add(start - 1 if before["end"] - before["start"] < after["end"] - after["start"] else end)
+        start = max(end, start + 1)
+    return found
 
 
-def _speech_seconds(chunk: Chunk) -> float:
-    """Seconds of `chunk` inside the VAD's speech spans (its whole length when it has none)."""
-    return (sum(end - start for start, end in chunk.speech) or len(chunk.audio)) / SAMPLE_RATE
+def _bare(word: str) -> str:
+    return "".join(character for character in word.lower() if character.isalnum())
 
 
 def _missed(chunk: Chunk, spoken: list[tuple[float, float]]) -> list[tuple[int, int]]:
@@ -440,7 +423,7 @@ def _detect(model: Any, run: _Run, options: TranscribeOptions) -> None:
 
 
 def _transcript(run: _Run, options: TranscribeOptions, model: Any) -> Transcript:
-    segments = sorted(run.segments, key=lambda segment: (segment["start"], segment["end"]))
+    segments = assemble(run.segments, lambda text: model.hf_tokenizer.encode(text, add_special_tokens=False).ids)
     for index, segment in enumerate(segments):
         segment["id"] = index + 1
     language, probability = run.language, run.language_probability

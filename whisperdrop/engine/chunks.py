@@ -7,9 +7,17 @@ faster-whisper's own batched pipeline, so the spans are exactly the ones it find
 and yields `Chunk`s of at most `max_seconds`:
 
 - `keep_gap` a number (the VAD filter on): the speech spans, one after another, with pauses up to
-  `keep_gap` seconds kept and longer ones left out; with the default 0 a chunk is what faster-whisper's
-  `collect_chunks` makes, up to 30 s of speech however sparse it is in the file;
+  `keep_gap` seconds kept and longer ones left out, each span begun `onset_pad` seconds early; with
+  the default 0 and no onset pad a chunk is what faster-whisper's `collect_chunks` makes, up to 30 s
+  of speech however sparse it is in the file;
 - `keep_gap` None: every sample, in contiguous windows (the VAD filter off, and the sequential route).
+
+The onset pad (ONSET_PAD_SECONDS, on top of the VAD's own 400 ms) is for the word after a pause that
+the VAD does not hear: Silero's state drifts over a recording, and a quiet onset ("ask" after "my
+fellow Americans," in jfk.flac said 25 times) falls under its threshold from the sixth time on, so
+its span starts at the next word, 0.7 s later, and the pause, that word in it, is cut out of the
+chunk (issue 30; docs/models.md). So a pause left out keeps 0.4 s after the speech before it and
+0.8 s before the speech after it.
 
 A chunk ends only where the VAD finds no speech: at the start of a speech span or inside a silence,
 never inside a span (the VAD itself splits speech longer than 30 s at its last pause of 98 ms or more,
@@ -36,6 +44,7 @@ BLOCK_SECONDS = 30.0        # audio is decoded and searched for speech this much
 GROUP_SECONDS = 10          # decoded frames are resampled this much at a time
 CHUNK_SECONDS = 30.0        # Whisper's input window: the longest chunk
 KEEP_GAP_SECONDS = 0.0      # with the VAD filter, pauses longer than this are left out (0: speech spans only, as faster-whisper's batched pipeline does)
+ONSET_PAD_SECONDS = 0.4     # ...and this much more of a pause is kept before the speech that ends it (module docstring)
 VAD_WINDOW = 512            # Silero's window at 16 kHz, in samples
 VAD_CONTEXT = 64            # samples of the previous window that Silero sees with each window
 VAD_BATCH = 10000           # windows per ONNX run, as in faster-whisper
@@ -389,7 +398,8 @@ class _Buffer:
 class ChunkSource:
     """The chunks of one audio file, produced as they are iterated (see the module's docstring).
 
-    `keep_gap` seconds (None: keep every sample) and `max_seconds` shape the chunks. While and after
+    `keep_gap` seconds (None: keep every sample), `onset_pad` seconds (None: ONSET_PAD_SECONDS; only
+    with `keep_gap` a number) and `max_seconds` shape the chunks. While and after
     iterating, `samples` is the count decoded and `speech_samples` the count inside speech spans;
     `on_block(samples)` is called after each decoded block. Iterating raises PyAV's errors for
     undecodable audio, and Cancelled between blocks once `cancel` is set.
@@ -397,9 +407,12 @@ class ChunkSource:
 
     def __init__(self, audio_path: Any, *, keep_gap: float | None = KEEP_GAP_SECONDS,
                  max_seconds: float = CHUNK_SECONDS, block_seconds: float = BLOCK_SECONDS,
-                 cancel: threading.Event | None = None, on_block: Callable[[int], None] | None = None):
+                 cancel: threading.Event | None = None, on_block: Callable[[int], None] | None = None,
+                 onset_pad: float | None = None):
         self.audio_path = audio_path
         self.keep_gap = keep_gap
+        onset_pad = ONSET_PAD_SECONDS if onset_pad is None else onset_pad
+        self.onset_pad = int(onset_pad * SAMPLE_RATE) if keep_gap is not None else 0
         self.max_seconds = max_seconds
         self.block_seconds = block_seconds
         self.cancel = cancel
@@ -418,7 +431,7 @@ class ChunkSource:
                 raise Cancelled()
             buffer.append(block)
             self.samples += len(block)
-            yield from self._advance(chunker, buffer, finder.feed(block), finder.horizon)
+            yield from self._advance(chunker, buffer, finder.feed(block), finder.horizon - self.onset_pad)
             if self.on_block is not None:
                 self.on_block(self.samples)
         yield from self._advance(chunker, buffer, finder.finish(), self.samples)
@@ -426,7 +439,7 @@ class ChunkSource:
 
     def _advance(self, chunker: _Chunker, buffer: _Buffer, spans: list[tuple[int, int]], horizon: int) -> Iterator[Chunk]:
         for start, end in spans:
-            start = max(start, self._position)
+            start = max(start - self.onset_pad, self._position)
             if start > self._position:
                 yield from chunker.silence(self._position, buffer.read(self._position, start))
             yield from chunker.speech(start, buffer.read(start, end))
