@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from daemon_helpers import jfk_pcm, jfk_reference, word_error_rate
 from media import speech_in_noise
+from transcripts import assert_segments_in_order
 
 HOURS = float(os.environ.get("WHISPERDROP_TEST_LONG_HOURS", "10"))
 PEAK_RSS_LIMIT_MB = 600
@@ -24,7 +25,6 @@ RATE = 16000
 
 CHILD = """
 import json, sys
-from transcripts import assert_segments_in_order
 from whisperdrop.engine.engine import Engine
 from whisperdrop.shared.spool import TranscribeOptions
 result = Engine().transcribe(sys.argv[1], TranscribeOptions(), batch_size=8)
