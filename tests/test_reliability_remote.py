@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
@@ -416,16 +417,21 @@ def test_a_crash_while_archiving_leaves_one_archived_copy(tmp_path, record_prope
 
 
 class Flapper:
-    """A thread that cuts the namespace's link for `down` s every `down + up` s until stopped."""
+    """A thread that cuts the namespace's link for `down` s, then keeps it up at least `up` s, until
+    stopped. Each cut waits for `due()` (with `due` None: none), so a test can land every cut on the
+    state it is about (an upload in flight past its resume margin) however fast the machine is."""
 
-    def __init__(self, namespace, down: float, up: float):
-        self.namespace, self.down, self.up = namespace, down, up
+    def __init__(self, namespace, down: float, up: float, due=None):
+        self.namespace, self.down, self.up, self.due = namespace, down, up, due
         self.cuts = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="link-flapper", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(self.up):
+            while self.due is not None and not self.due():
+                if self._stop.wait(0.005):
+                    return
             self.namespace.cut()
             self.cuts += 1
             try:
@@ -443,30 +449,44 @@ class Flapper:
         self.namespace.restore()
 
 
+def upload_past(spool: Path, size: int) -> bool:
+    """Whether an upload into `spool` is in flight with more than `size` bytes written (its .part)."""
+    for part in (spool / "incoming").glob("*.part"):
+        with contextlib.suppress(FileNotFoundError):
+            if part.stat().st_size > size:
+                return True
+    return False
+
+
 @pytest.mark.needs_root
 @pytest.mark.slow
 def test_link_flaps_resume_uploads_and_lose_nothing(netns_sshd, tmp_path, record_property):
-    """20 files over a 4 Mbit/s link cut for 5 s every 9 s all come back remote, once each, with uploads resumed."""
+    """Files over a 4 Mbit/s link cut for 5 s at a time, each cut landing on an upload past its resume
+    margin, at least 3 cuts: all come back remote, once each, with uploads resumed."""
     namespace, server = netns_sshd
-    count = 20
-    names = [f"flap{index:02d}.wav" for index in range(count)]
+    cuts_wanted, wave, max_files = 3, 10, 100
     namespace.shape(rate="4mbit")
     runner = RunnerProcess(tmp_path, server.spool).start()
     (tmp_path / "daemon").mkdir()
-    # 96 kbit/s Opus makes a 20 s clip ~240 KB: about a second on the wire (two uploads share it),
-    # so a cut often lands past the resume margin (7 blocks of 16 KiB) while the runner's work stays small.
+    # 96 kbit/s Opus makes a 20 s clip ~240 KB: about a second on the wire (two uploads share it). A cut
+    # waits for an upload with 160 KiB written, past the resume margin (7 blocks of 16 KiB), so it resumes.
     daemon = Daemon(tmp_path / "daemon", audio={"bitrate_kbps": 96}, transcription={"provider": "remote"},
                     remote={**FAST_REMOTE, "job_timeout": 900.0, "hosts": [server.host_settings()]})
+    names: list[str] = []
     try:
         daemon.start()
-        for index, name in enumerate(names):
-            write_speech_wav(tmp_path / "staging" / name, index, seconds=20.0)
         started = time.monotonic()
-        with Flapper(namespace, down=5.0, up=4.0) as flapper:
-            for name in names:
-                os.replace(tmp_path / "staging" / name, daemon.inbox / name)
-            daemon.wait_for(lambda: all_done(daemon, count), timeout=420, what=f"{count} results over a flapping link")
+        with Flapper(namespace, down=5.0, up=4.0, due=lambda: upload_past(server.spool, 160 * 1024)) as flapper:
+            while len(names) < max_files:  # a wave at a time, until enough cuts have landed
+                for index in range(len(names), len(names) + wave):
+                    names.append(f"flap{index:03d}.wav")
+                    drop(daemon.inbox, tmp_path / "staging", names[-1], index, 20.0)
+                daemon.wait_for(lambda: all_done(daemon, len(names)), timeout=420,
+                                what=f"{len(names)} results over a flapping link")
+                if flapper.cuts >= cuts_wanted:
+                    break
         elapsed = time.monotonic() - started
+        count = len(names)
         assert stop_daemon(daemon, strict=True) == 0
         figures = check_exactly_once(daemon, runner, names)
         assert all(result["executed_on"]["route"] == "remote" for result in figures["results"].values())
