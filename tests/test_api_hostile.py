@@ -275,31 +275,34 @@ def test_half_open_flood_leaves_the_daemon_serving(tmp_path):
     if not raise_open_file_limit(1400):
         skip_or_fail("needs an open-file hard limit of at least 1400 for the test's own 1,100 sockets")
     daemon = api_daemon(tmp_path, token=TOKEN)
-    daemon.start(open_files=(1024, 1024))
-    port = int(daemon.url.rsplit(":", 1)[1])
-    flood = HalfOpenFlood(("127.0.0.1", port), 1100)
     try:
-        mark = daemon.log_path.stat().st_size
-        connected = flood.open(timeout=120)
-        assert connected >= 1000, f"only {connected} of 1100 connected ({flood.failed} failed)"
-        staged = write_variant_wav(tmp_path / "staging" / "during-flood.wav", 7)
-        os.rename(staged, daemon.inbox / "during-flood.wav")
-        answer = httpx.get(f"{daemon.url}/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
-        assert answer.status_code == 200
-        figures = answer.json()["api"]["connections"]
-        assert figures["max"] == 256 and figures["most"] <= 256
-        sockets = open_sockets(daemon.process.pid)
-        assert len(sockets) <= 256 + 2 * ACCEPT_BATCH + 16, len(sockets)  # the bound, and a turn's accepts and closes
-        daemon.wait_for(lambda: (daemon.outbox / "during-flood.json").exists(), timeout=300,
-                        what="the file dropped during the flood transcribed")
+        daemon.start(open_files=(1024, 1024))
+        port = int(daemon.url.rsplit(":", 1)[1])
+        flood = HalfOpenFlood(("127.0.0.1", port), 1100)
+        try:
+            mark = daemon.log_path.stat().st_size
+            connected = flood.open(timeout=120)
+            assert connected >= 1000, f"only {connected} of 1100 connected ({flood.failed} failed)"
+            staged = write_variant_wav(tmp_path / "staging" / "during-flood.wav", 7)
+            os.rename(staged, daemon.inbox / "during-flood.wav")
+            answer = httpx.get(f"{daemon.url}/health", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+            assert answer.status_code == 200
+            figures = answer.json()["api"]["connections"]
+            assert figures["max"] == 256 and figures["most"] <= 256
+            sockets = open_sockets(daemon.process.pid)
+            assert len(sockets) <= 256 + 2 * ACCEPT_BATCH + 16, len(sockets)  # the bound, and a turn's accepts and closes
+            daemon.wait_for(lambda: (daemon.outbox / "during-flood.json").exists(), timeout=300,
+                            what="the file dropped during the flood transcribed")
+        finally:
+            flood.close()
+        lines = new_lines(daemon, mark)
+        assert len(lines) < 300, len(lines)
+        assert all(line.startswith(b"{") for line in lines)
+        assert rejected(daemon, "connection_evicted")
+        assert not [event for event in daemon.events() if event["event"] == "intake.unreadable"]
+        assert daemon.stop() == 0
     finally:
-        flood.close()
-    lines = new_lines(daemon, mark)
-    assert len(lines) < 300, len(lines)
-    assert all(line.startswith(b"{") for line in lines)
-    assert rejected(daemon, "connection_evicted")
-    assert not [event for event in daemon.events() if event["event"] == "intake.unreadable"]
-    assert daemon.stop() == 0
+        daemon.kill()  # a failed assertion above must not leave the daemon running
 
 
 def test_a_file_that_failed_for_lack_of_file_descriptors_is_taken_at_the_next_rescan(tmp_path):
