@@ -26,9 +26,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import JFK, Context, Row, ratio, root_problem, skipped
+from common import JFK, Context, Row, loopback_gpu_host, ratio, root_problem, section_folders, skipped
 from whisperdrop.daemon.extract import extract
-from whisperdrop.daemon.remote import RUNNING_POLL_S
+from whisperdrop.daemon.remote_steps import RUNNING_POLL_S
 from whisperdrop.engine.engine import resolve_model_path
 from whisperdrop.shared import config
 from whisperdrop.shared.spool import TranscribeOptions
@@ -89,92 +89,81 @@ def run(context: Context) -> list[Row]:
     if problem:
         return [skipped(SECTION, "remote route over loopback", problem)]
     from daemon_helpers import Daemon, write_speech_wav, write_variant_wav
-    from sshd import SSHServer
-    from test_remote import RunnerProcess
 
-    scratch = context.scratch / SECTION
-    scratch.mkdir()
-    staging = scratch / "staging"
-    staging.mkdir()
+    scratch, staging = section_folders(context, SECTION)
     settle = float(config.defaults()["watch"]["settle_seconds"])
     one_minute = 20.0 if context.quick else 60.0
     many, many_seconds = 20, (4.0 if context.quick else 12.0)
-    server = runner = daemon = None
+    daemon = None
     rows: list[Row] = []
-    try:
-        server = SSHServer()
-        server.start()
-        runner = RunnerProcess(scratch, server.spool).start()
-        (scratch / "daemon").mkdir()
-        daemon = Daemon(scratch / "daemon", watch={"settle_seconds": settle},
-                        remote={"hosts": [server.host_settings()]}, transcription={"provider": "remote"})
-        daemon.start()
-        warm = write_variant_wav(staging / "warmup.wav", 1)
-        _drop(daemon, [warm])
-        _wait_results(daemon, ["warmup"], 180)
+    with loopback_gpu_host(scratch) as (server, runner):
+        try:
+            (scratch / "daemon").mkdir()
+            daemon = Daemon(scratch / "daemon", watch={"settle_seconds": settle},
+                            remote={"hosts": [server.host_settings()]}, transcription={"provider": "remote"})
+            daemon.start()
+            warm = write_variant_wav(staging / "warmup.wav", 1)
+            _drop(daemon, [warm])
+            _wait_results(daemon, ["warmup"], 180)
 
-        by_result, by_wall, transcribe, stages = [], [], [], []
-        for run in range(context.repeats):
-            stem = f"minute-{run}"
-            path = write_speech_wav(staging / f"{stem}.wav", run + 1, one_minute)
-            started = _drop(daemon, [path])
-            moment, result = _wait_results(daemon, [stem], 300)[stem]
-            timings = result["timings"]
-            transcribe.append(timings["transcribe_s"])
-            stages.append(timings)
-            by_result.append(timings["total_s"] - timings["settle_s"] - timings["transcribe_s"])
-            by_wall.append(moment - started - settle - timings["transcribe_s"])
-        label = f"{one_minute:.0f} s file"
-        median_transcribe = statistics.median(transcribe)
-        breakdown = ", ".join(
-            f"{key} {statistics.median(float(t.get(key) or 0) for t in stages):.2f}"
-            for key in ("extract_s", "upload_s", "queue_s", "load_s", "fetch_s") if any(key in t for t in stages))
-        for name, values, how in (
-                ("Result total_s - settle_s - transcribe_s", by_result, "the daemon's own clock from the file's mtime"),
-                ("wall clock drop -> outbox .json - settle - transcribe_s", by_wall, "polled every 10 ms")):
-            overhead = statistics.median(values)
+            by_result, by_wall, transcribe, stages = [], [], [], []
+            for run in range(context.repeats):
+                stem = f"minute-{run}"
+                path = write_speech_wav(staging / f"{stem}.wav", run + 1, one_minute)
+                started = _drop(daemon, [path])
+                moment, result = _wait_results(daemon, [stem], 300)[stem]
+                timings = result["timings"]
+                transcribe.append(timings["transcribe_s"])
+                stages.append(timings)
+                by_result.append(timings["total_s"] - timings["settle_s"] - timings["transcribe_s"])
+                by_wall.append(moment - started - settle - timings["transcribe_s"])
+            label = f"{one_minute:.0f} s file"
+            median_transcribe = statistics.median(transcribe)
+            breakdown = ", ".join(
+                f"{key} {statistics.median(float(t.get(key) or 0) for t in stages):.2f}"
+                for key in ("extract_s", "upload_s", "queue_s", "load_s", "fetch_s") if any(key in t for t in stages))
+            for name, values, how in (
+                    ("Result total_s - settle_s - transcribe_s", by_result, "the daemon's own clock from the file's mtime"),
+                    ("wall clock drop -> outbox .json - settle - transcribe_s", by_wall, "polled every 10 ms")):
+                overhead = statistics.median(values)
+                rows.append(Row(
+                    SECTION, f"{label}: overhead, {name}", round(overhead, 3), "s", round(median_transcribe, 2),
+                    "runner transcribe_s", ratio(median_transcribe + overhead, median_transcribe),
+                    "<= 0.5 s beyond settle", overhead <= 0.5,
+                    note=f"(settle {settle:g} s excluded; {how}; includes watch, extract, upload, submit, result "
+                         f"polling every {RUNNING_POLL_S:g} s while the runner works, fetch, outbox write; median stage times in s: {breakdown})",
+                    runs=[round(value, 3) for value in values]))
+
+            from faster_whisper import WhisperModel
+
+            bare = WhisperModel(resolve_model_path(TranscribeOptions().model), device="cpu", compute_type="int8")
+            (scratch / "bare").mkdir()
+            _bare_sequential_sum(bare, [JFK], scratch / "bare")  # loaded and warmed before the clock
+            ratios, walls, sums, batched = [], [], [], []
+            for run in range(context.repeats):
+                stems = [f"batch{run}-{index:02d}" for index in range(many)]
+                paths = [write_speech_wav(staging / f"{stem}.wav", 100 + run * many + index, many_seconds)
+                         for index, stem in enumerate(stems)]
+                sums.append(_bare_sequential_sum(bare, paths, scratch / "bare"))
+                started = _drop(daemon, paths)
+                results = _wait_results(daemon, stems, 900)
+                wall = max(moment for moment, _ in results.values()) - started - settle
+                walls.append(wall)
+                ratios.append(wall / sums[-1])
+                batched.append(max(result["executed_on"].get("jobs_batched", 1) for _, result in results.values()))
             rows.append(Row(
-                SECTION, f"{label}: overhead, {name}", round(overhead, 3), "s", round(median_transcribe, 2),
-                "runner transcribe_s", ratio(median_transcribe + overhead, median_transcribe),
-                "<= 0.5 s beyond settle", overhead <= 0.5,
-                note=f"(settle {settle:g} s excluded; {how}; includes watch, extract, upload, submit, result "
-                     f"polling every {RUNNING_POLL_S:g} s while the runner works, fetch, outbox write; median stage times in s: {breakdown})",
-                runs=[round(value, 3) for value in values]))
-
-        from faster_whisper import WhisperModel
-
-        bare = WhisperModel(resolve_model_path(TranscribeOptions().model), device="cpu", compute_type="int8")
-        (scratch / "bare").mkdir()
-        _bare_sequential_sum(bare, [JFK], scratch / "bare")  # loaded and warmed before the clock
-        ratios, walls, sums, batched = [], [], [], []
-        for run in range(context.repeats):
-            stems = [f"batch{run}-{index:02d}" for index in range(many)]
-            paths = [write_speech_wav(staging / f"{stem}.wav", 100 + run * many + index, many_seconds)
-                     for index, stem in enumerate(stems)]
-            sums.append(_bare_sequential_sum(bare, paths, scratch / "bare"))
-            started = _drop(daemon, paths)
-            results = _wait_results(daemon, stems, 900)
-            wall = max(moment for moment, _ in results.values()) - started - settle
-            walls.append(wall)
-            ratios.append(wall / sums[-1])
-            batched.append(max(result["executed_on"].get("jobs_batched", 1) for _, result in results.values()))
-        rows.append(Row(
-            SECTION, f"{many} distinct files x {many_seconds:.0f} s dropped at once: drop -> last .json, minus settle",
-            round(statistics.median(walls), 2), "s", round(statistics.median(sums), 2), "sum of bare sequential transcribe",
-            statistics.median(ratios), "<= 0.6x", statistics.median(ratios) <= 0.6,
-            note=f"(ratio = median of per-run ratios; bare: WhisperModel.transcribe, tiny.en int8 CPU, word timestamps, "
-                 f"VAD, beam 5, each file's Opus; most jobs in one runner step: {max(batched)}; runner and daemon "
-                 f"share {os.cpu_count()} CPU cores here, so the daemon's extraction competes with the CPU 'GPU' work: "
-                 "pessimistic against a real GPU host)",
-            runs=[round(value, 3) for value in ratios]))
-    finally:
-        if daemon is not None:
-            try:
-                daemon.stop()
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-        if runner is not None:
-            runner.stop()
-        if server is not None:
-            server.cleanup()
+                SECTION, f"{many} distinct files x {many_seconds:.0f} s dropped at once: drop -> last .json, minus settle",
+                round(statistics.median(walls), 2), "s", round(statistics.median(sums), 2), "sum of bare sequential transcribe",
+                statistics.median(ratios), "<= 0.6x", statistics.median(ratios) <= 0.6,
+                note=f"(ratio = median of per-run ratios; bare: WhisperModel.transcribe, tiny.en int8 CPU, word timestamps, "
+                     f"VAD, beam 5, each file's Opus; most jobs in one runner step: {max(batched)}; runner and daemon "
+                     f"share {os.cpu_count()} CPU cores here, so the daemon's extraction competes with the CPU 'GPU' work: "
+                     "pessimistic against a real GPU host)",
+                runs=[round(value, 3) for value in ratios]))
+        finally:
+            if daemon is not None:
+                try:
+                    daemon.stop()
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
     return rows

@@ -34,7 +34,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import Context, Row, ratio, root_problem, skipped
+from common import Context, Row, loopback_gpu_host, ratio, root_problem, section_folders, skipped
 
 SECTION = "handback"
 OUTAGE_S = 30.0
@@ -121,52 +121,40 @@ def run(context: Context) -> list[Row]:
     if problem:
         return [skipped(SECTION, "hand-back to a returning GPU host", problem)]
     from daemon_helpers import Daemon
-    from sshd import SSHServer
-    from test_remote import RunnerProcess
 
-    scratch = context.scratch / SECTION
-    scratch.mkdir()
-    staging = scratch / "staging"
-    staging.mkdir()
+    scratch, staging = section_folders(context, SECTION)
     seconds = 180.0 if context.quick else 600.0
     outage = 15.0 if context.quick else OUTAGE_S
     variants = {"without": {"hand_back": False}, "with": {}, "with, margin 0": {"hand_back_margin": 0}}
     cases = {"after": ("without", "with"), "during": ("without", "with", "with, margin 0")}
     figures: dict[tuple[str, str], list[tuple[float, str, str]]] = {}
-    server = runner = None
     daemons: dict[str, Daemon] = {}
-    try:
-        server = SSHServer()
-        server.start()
-        runner = RunnerProcess(scratch, server.spool).start()
-        for number, (variant, settings) in enumerate(variants.items()):  # idle beside each other
-            root = scratch / f"daemon{number}"
-            root.mkdir()
-            daemons[variant] = Daemon(root, transcription={"provider": "auto"}, local=SLOW_LOCAL,
-                                      remote={"hosts": [server.host_settings()], "retry_initial_seconds": BACKOFF_S,
-                                              **settings}).start()
-            _drop(daemons[variant], staging, "warm.wav", 900 + number, 120.0)
-            _result(daemons[variant], "warm", 600)
-        for repeat in range(context.repeats):
-            for case, names in cases.items():
-                for shift in range(len(names)):  # the variants in an order that rotates from run to run
-                    variant = names[(repeat + shift) % len(names)]
-                    index = 10 * repeat + list(variants).index(variant)
-                    if case == "after":
-                        outcome = _after_return(daemons[variant], server, staging, index, seconds)
-                    else:
-                        outcome = _during_outage(daemons[variant], server, staging, index, seconds, outage)
-                    figures.setdefault((case, variant), []).append(outcome)
-    finally:
-        for daemon in daemons.values():
-            try:
-                daemon.stop(timeout=60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-        if runner is not None:
-            runner.stop()
-        if server is not None:
-            server.cleanup()
+    with loopback_gpu_host(scratch) as (server, _runner):
+        try:
+            for number, (variant, settings) in enumerate(variants.items()):  # idle beside each other
+                root = scratch / f"daemon{number}"
+                root.mkdir()
+                daemons[variant] = Daemon(root, transcription={"provider": "auto"}, local=SLOW_LOCAL,
+                                          remote={"hosts": [server.host_settings()], "retry_initial_seconds": BACKOFF_S,
+                                                  **settings}).start()
+                _drop(daemons[variant], staging, "warm.wav", 900 + number, 120.0)
+                _result(daemons[variant], "warm", 600)
+            for repeat in range(context.repeats):
+                for case, names in cases.items():
+                    for shift in range(len(names)):  # the variants in an order that rotates from run to run
+                        variant = names[(repeat + shift) % len(names)]
+                        index = 10 * repeat + list(variants).index(variant)
+                        if case == "after":
+                            outcome = _after_return(daemons[variant], server, staging, index, seconds)
+                        else:
+                            outcome = _during_outage(daemons[variant], server, staging, index, seconds, outage)
+                        figures.setdefault((case, variant), []).append(outcome)
+        finally:
+            for daemon in daemons.values():
+                try:
+                    daemon.stop(timeout=60)
+                except subprocess.TimeoutExpired:
+                    daemon.kill()
     rows = []
     minutes = f"{seconds / 60:.0f} min file"
     labels = [("after", "with", f"{minutes} arriving right after the host returns (back-off {BACKOFF_S:.0f} s left)"),

@@ -10,6 +10,7 @@ so the GPU check (bench/gpu/check.py) uses it on a machine without PyAV.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
@@ -150,6 +151,35 @@ def root_problem() -> str | None:
     if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
         return "needs OpenSSH sshd"
     return None
+
+
+def section_folders(context: "Context", section: str) -> tuple[Path, Path]:
+    """A section's scratch folder and a `staging` folder in it, where files are written before they
+    are moved into an inbox: (scratch, staging)."""
+    scratch = context.scratch / section
+    scratch.mkdir()
+    staging = scratch / "staging"
+    staging.mkdir()
+    return scratch, staging
+
+
+@contextlib.contextmanager
+def loopback_gpu_host(scratch: Path):
+    """A GPU host on loopback for a section: a real sshd (tests/sshd.py) and a runner working the spool
+    it serves, in `scratch`. Yields (server, runner); both are stopped when the block ends. Needs root
+    (see root_problem)."""
+    from sshd import SSHServer
+    from test_remote import RunnerProcess
+
+    server, runner = SSHServer(), None
+    try:
+        server.start()
+        runner = RunnerProcess(scratch, server.spool).start()
+        yield server, runner
+    finally:
+        if runner is not None:
+            runner.stop()
+        server.cleanup()
 
 
 def cpu_seconds(pid: int) -> float:
